@@ -1,0 +1,24 @@
+"""Shared fixtures: the embedded tokenizer and the offline MTNT copy."""
+
+from pathlib import Path
+
+import pytest
+
+# CI clones the repo with shared/ beside it, as on the dev machines.
+SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
+
+
+@pytest.fixture(scope='session')
+def tokenizer():
+  """Gemma 3 tokenizer rebuilt from the embedded GGUF (cached on disk after the first run)."""
+  from gemma_mt.tokenizer import default_tokenizer
+
+  return default_tokenizer()
+
+
+@pytest.fixture(scope='session')
+def mtnt_dir() -> Path:
+  path = SHARED / 'data' / 'mtnt'
+  if not path.is_dir():
+    pytest.skip(f'offline MTNT copy not found at {path}')
+  return path
