@@ -123,11 +123,15 @@ def tsv_path(mtnt_dir: str | os.PathLike, split: str, lang_pair: str = 'en-fr') 
   return root / split / f'{split}.{lang_pair}.tsv'
 
 
+def _check_tfds_pair(lang_pair: str) -> None:
+  if lang_pair not in TFDS_LANG_PAIRS:
+    raise ValueError(f"TFDS has no mtnt/{lang_pair}; use a local MTNT dir (source='dir')")
+
+
 def _read_tfds(split: str, lang_pair: str, data_dir=None) -> tuple[list[tuple[str, str]], int]:
+  _check_tfds_pair(lang_pair)
   import tensorflow_datasets as tfds  # Lazy: pulls in TensorFlow.
 
-  if lang_pair not in TFDS_LANG_PAIRS:
-    raise ValueError(f'TFDS has no mtnt/{lang_pair}; use a local MTNT dir (source="dir")')
   ds = tfds.load(f'mtnt/{lang_pair}', split=split, data_dir=data_dir, shuffle_files=False)
   pairs, malformed = [], 0
   for i, ex in enumerate(tfds.as_numpy(ds)):
@@ -201,6 +205,8 @@ class MTNTDatasetBuilder:
     self.tokenizer = tokenizer
     self.max_seq_len = max_seq_len
     self.source = _resolve_source(source, mtnt_dir)
+    if self.source == 'tfds':
+      _check_tfds_pair(lang_pair)
     self.mtnt_dir = mtnt_dir
     self.lang_pair = lang_pair
     self.seed = seed
