@@ -1,0 +1,405 @@
+"""The Gemma text decoder (Gemma 1, 2 and 3), in Flax linen.
+
+The parameter tree is name-for-name and shape-for-shape the one of Google's
+official checkpoints (and of `gemma.gm.nn.Gemma3_270M`), so weights load both
+ways. Two call paths share one module:
+
+* training: `tokens, positions, attention_mask [B, L, L]`, no cache;
+* decoding: the same plus a KV `cache`, `attention_mask [B, T, S]` over the
+  cache slots; the new keys/values are written at `cache['end_index']`.
+
+Parameters are stored in `param_dtype`; every weight is cast to `dtype` (the
+compute dtype) where it is used, so float32 master weights with bfloat16
+compute is just `Transformer(cfg, dtype=jnp.bfloat16)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+GLOBAL = 'global'
+LOCAL = 'local'
+_NEG_INF = -2.3819763e38  # The mask value of the official implementation.
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Architecture hyper-parameters; one classmethod per released model."""
+
+  vocab_size: int
+  embed_dim: int
+  hidden_dim: int
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int
+  attention_types: tuple[str, ...]
+  query_pre_attn_scalar: float
+  final_logit_softcap: float | None = None
+  attn_logits_soft_cap: float | None = None
+  sliding_window_size: int | None = None
+  use_post_attn_norm: bool = False
+  use_post_ffw_norm: bool = False
+  use_qk_norm: bool = False
+  transpose_gating_einsum: bool = False
+  local_rope_base: float = 10_000.0
+  global_rope_base: float = 10_000.0
+  local_rope_scale: float = 1.0
+  global_rope_scale: float = 1.0
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.attention_types)
+
+  @property
+  def use_qkv_einsum(self) -> bool:
+    """Official checkpoints fuse q/k/v into one tensor when heads == kv heads."""
+    return self.num_heads == self.num_kv_heads
+
+  def replace(self, **kw) -> 'TransformerConfig':
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    d, f, h = self.embed_dim, self.hidden_dim, self.head_dim
+    attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+    norms = d * (2 + self.use_post_attn_norm + self.use_post_ffw_norm)
+    norms += 2 * h * self.use_qk_norm
+    per_layer = attn + 3 * d * f + norms
+    emb = self.vocab_size * d if include_embedding else 0
+    return self.num_layers * per_layer + emb + d
+
+  # --- Released models -------------------------------------------------------
+  @classmethod
+  def gemma_2b(cls) -> 'TransformerConfig':
+    """Gemma 1 2B (the tutorial's `2b` / `2b-it`)."""
+    return cls(
+        vocab_size=256_128, embed_dim=2048, hidden_dim=16_384, num_heads=8,
+        head_dim=256, num_kv_heads=1, attention_types=(GLOBAL,) * 18,
+        query_pre_attn_scalar=256**-0.5)
+
+  @classmethod
+  def gemma2_2b(cls) -> 'TransformerConfig':
+    return cls(
+        vocab_size=256_128, embed_dim=2304, hidden_dim=9216, num_heads=8,
+        head_dim=256, num_kv_heads=4, attention_types=(LOCAL, GLOBAL) * 13,
+        query_pre_attn_scalar=256**-0.5, final_logit_softcap=30.0,
+        attn_logits_soft_cap=50.0, sliding_window_size=4096,
+        use_post_attn_norm=True, use_post_ffw_norm=True)
+
+  @classmethod
+  def _gemma3(cls, num_layers: int, embed_dim: int, hidden_dim: int,
+              **kw) -> 'TransformerConfig':
+    pattern = (LOCAL,) * 5 + (GLOBAL,)
+    types = (pattern * (num_layers // 6 + 1))[:num_layers]
+    base = dict(
+        vocab_size=262_144, embed_dim=embed_dim, hidden_dim=hidden_dim,
+        num_heads=4, head_dim=256, num_kv_heads=1, attention_types=types,
+        query_pre_attn_scalar=256**-0.5, sliding_window_size=512,
+        use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True,
+        transpose_gating_einsum=True, local_rope_base=10_000.0,
+        global_rope_base=1_000_000.0)
+    return cls(**(base | kw))
+
+  @classmethod
+  def gemma3_270m(cls) -> 'TransformerConfig':
+    return cls._gemma3(18, 640, 2048)
+
+  @classmethod
+  def gemma3_1b(cls) -> 'TransformerConfig':
+    return cls._gemma3(26, 1152, 6 * 1152)
+
+  @classmethod
+  def tiny(cls, vocab_size: int = 262_144, **kw) -> 'TransformerConfig':
+    """A Gemma-3-shaped toy (2 local + 1 global layer) for tests."""
+    base = cls._gemma3(3, 64, 128, vocab_size=vocab_size, num_heads=4,
+                       num_kv_heads=2, head_dim=16, sliding_window_size=4,
+                       query_pre_attn_scalar=16**-0.5,
+                       attention_types=(LOCAL, LOCAL, GLOBAL))
+    return base.replace(**kw)
+
+  @classmethod
+  def from_name(cls, name: str) -> 'TransformerConfig':
+    try:
+      return getattr(cls, _NAMES[name])()
+    except KeyError:
+      raise ValueError(
+          f'unknown model {name!r}; choose one of {sorted(_NAMES)}') from None
+
+
+_NAMES = {'gemma_2b': 'gemma_2b', 'gemma2_2b': 'gemma2_2b',
+          'gemma3_270m': 'gemma3_270m', 'gemma3_1b': 'gemma3_1b',
+          'tiny': 'tiny'}
+
+
+# --- Masks and positions -----------------------------------------------------
+def positions_from_mask(input_mask: Array) -> Array:
+  """Positions 0, 1, ... over the real tokens of each row (pads repeat)."""
+  return jnp.maximum(jnp.cumsum(input_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def causal_mask(input_mask: Array) -> Array:
+  """[B, L, L]: query i sees real key j <= i."""
+  L = input_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_))
+  return causal[None] & input_mask[:, None, :].astype(jnp.bool_)
+
+
+def segment_causal_mask(segment_ids: Array) -> Array:
+  """[B, L, L] for packed rows: causal and within the same segment (0 = pad)."""
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return causal_mask(segment_ids != 0) & same
+
+
+def sliding_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
+  """[B, T, S]: keys less than `window` positions away (official semantics)."""
+  q, k = q_pos[:, :, None], k_pos[:, None, :]
+  return (k > q - window) & (k < q + window)
+
+
+def apply_rope(x: Array, positions: Array, base: float,
+               scale: float = 1.0) -> Array:
+  """Rotary embedding, half-split layout, as in the official implementation."""
+  head_dim = x.shape[-1]
+  exponents = 2.0 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
+  timescale = base**exponents
+  angles = positions[..., None].astype(jnp.float32) / timescale / scale
+  angles = angles[..., None, :]  # [B, T, 1, H/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+# --- Layers --------------------------------------------------------------------
+class Einsum(nn.Module):
+  """A weight `w` of a given shape, applied with an einsum equation."""
+
+  shape: tuple[int, ...]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, eqn: str, x: Array) -> Array:
+    w = self.param('w', nn.initializers.normal(), self.shape, self.param_dtype)
+    return jnp.einsum(eqn, x, w.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with a zero-centred scale (`x * (1 + scale)`), in float32."""
+
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', nn.initializers.zeros_init(), (x.shape[-1],),
+                       self.param_dtype)
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    out = xf * jax.lax.rsqrt(var + 1e-6) * (1 + scale.astype(jnp.float32))
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-/grouped-query attention with optional QK-norm, window, soft-cap."""
+
+  config: TransformerConfig
+  attn_type: str
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               cache: Cache | None, end_index: Array | None):
+    cfg = self.config
+    N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+    ein = lambda shape, name: Einsum(shape, self.dtype, self.param_dtype,
+                                     name=name)
+    if cfg.use_qkv_einsum:
+      q, k, v = ein((3, N, D, H), 'qkv_einsum')('BTD,SNDH->SBTNH', x)
+    else:
+      q = ein((N, D, H), 'q_einsum')('BTD,NDH->BTNH', x)
+      k, v = ein((2, K, D, H), 'kv_einsum')('BSD,CKDH->CBSKH', x)
+    if cfg.use_qk_norm:
+      q = RMSNorm(self.param_dtype, name='_query_norm')(q)
+      k = RMSNorm(self.param_dtype, name='_key_norm')(k)
+    local = self.attn_type == LOCAL
+    base = cfg.local_rope_base if local else cfg.global_rope_base
+    scale = cfg.local_rope_scale if local else cfg.global_rope_scale
+    q = apply_rope(q, positions, base, scale)
+    k = apply_rope(k, positions, base, scale)
+
+    new_cache = None
+    k_pos = positions
+    if cache is not None:
+      start = (0, end_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype),
+                                       start)
+      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype),
+                                       start)
+      new_cache = {'k': k, 'v': v}
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
+      k_pos = cache['positions']
+    if local:
+      mask = mask & sliding_mask(positions, k_pos, cfg.sliding_window_size)
+
+    if (self.attention_impl != 'einsum' and cache is None
+        and cfg.attn_logits_soft_cap is None):
+      # Fused attention (cuDNN flash attention on GPU); no soft-cap support.
+      impl = 'cudnn' if self.attention_impl == 'cudnn' else None
+      encoded = jax.nn.dot_product_attention(
+          q, k, v, mask=mask[:, None], scale=cfg.query_pre_attn_scalar,
+          implementation=impl)
+    else:
+      encoded = _attention_einsum(q * cfg.query_pre_attn_scalar, k, v, mask,
+                               cfg.attn_logits_soft_cap)
+    out = ein((N, H, D), 'attn_vec_einsum')('BTNH,NHD->BTD', encoded)
+    return out, new_cache
+
+
+def _attention_einsum(q: Array, k: Array, v: Array, mask: Array,
+                   soft_cap: float | None) -> Array:
+  """Plain attention; float32 logits and softmax, GQA by head groups."""
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  q = q.reshape(B, T, K, N // K, H)
+  logits = jnp.einsum('BTKGH,BSKH->BTKGS', q, k,
+                      preferred_element_type=jnp.float32)
+  if soft_cap is not None:
+    logits = jnp.tanh(logits / soft_cap) * soft_cap
+  logits = jnp.where(mask[:, :, None, None, :], logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, v)
+  return encoded.reshape(B, T, N, H)
+
+
+class FeedForward(nn.Module):
+  """Gated GeLU MLP; weights named and shaped as in the checkpoints."""
+
+  config: TransformerConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    D, F = cfg.embed_dim, cfg.hidden_dim
+    init = nn.initializers.normal()
+    if cfg.transpose_gating_einsum:
+      w = self.param('gating_einsum', init, (2, F, D), self.param_dtype)
+      gate = jnp.einsum('...D,NFD->...NF', x, w.astype(self.dtype))
+    else:
+      w = self.param('gating_einsum', init, (2, D, F), self.param_dtype)
+      gate = jnp.einsum('...D,NDF->...NF', x, w.astype(self.dtype))
+    h = nn.gelu(gate[..., 0, :]) * gate[..., 1, :]
+    w_out = self.param('linear', init, (F, D), self.param_dtype)
+    return jnp.einsum('...F,FD->...D', h, w_out.astype(self.dtype))
+
+
+class Block(nn.Module):
+  config: TransformerConfig
+  attn_type: str
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache, end_index):
+    cfg, pd = self.config, self.param_dtype
+    h = RMSNorm(pd, name='pre_attention_norm')(x)
+    h, new_cache = Attention(cfg, self.attn_type, self.dtype, pd,
+                             self.attention_impl, name='attn')(
+                                 h, positions, mask, cache, end_index)
+    if cfg.use_post_attn_norm:
+      h = RMSNorm(pd, name='post_attention_norm')(h)
+    x = x + h
+    h = RMSNorm(pd, name='pre_ffw_norm')(x)
+    h = FeedForward(cfg, self.dtype, pd, name='mlp')(h)
+    if cfg.use_post_ffw_norm:
+      h = RMSNorm(pd, name='post_ffw_norm')(h)
+    return x + h, new_cache
+
+
+class Embedder(nn.Module):
+  """Holds the tied token embedding `embedder/input_embedding` [V, D]."""
+
+  vocab_size: int
+  embed_dim: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> Array:
+    return self.param('input_embedding', nn.initializers.normal(),
+                      (self.vocab_size, self.embed_dim), self.param_dtype)
+
+
+class Transformer(nn.Module):
+  """Gemma decoder. `__call__` returns `(logits or hidden, new_cache)`."""
+
+  config: TransformerConfig
+  dtype: Any = jnp.float32        # compute dtype
+  param_dtype: Any = jnp.float32  # storage dtype of freshly initialised params
+  attention_impl: str = 'einsum'  # 'einsum', 'jax' or 'cudnn' (no-cache path)
+  remat: bool = False             # recompute each block in the backward pass
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array, attention_mask: Array,
+               cache: Cache | None = None, *, return_hidden: bool = False):
+    cfg = self.config
+    embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype,
+                        name='embedder')
+    table = embedder()
+    x = table[tokens].astype(self.dtype)
+    x = x * jnp.sqrt(cfg.embed_dim).astype(self.dtype)
+
+    block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
+    end_index = None if cache is None else cache['end_index']
+    if cache is not None:
+      cache = dict(cache)
+      cache['positions'] = jax.lax.dynamic_update_slice(
+          cache['positions'], positions.astype(jnp.int32), (0, end_index))
+    new_cache = None if cache is None else {
+        'end_index': end_index + tokens.shape[1],
+        'positions': cache['positions']}
+    for i, attn_type in enumerate(cfg.attention_types):
+      layer_cache = None
+      if cache is not None:
+        layer_cache = dict(cache[f'layer_{i}'], positions=cache['positions'])
+      x, c = block_cls(cfg, attn_type, self.dtype, self.param_dtype,
+                       self.attention_impl, name=f'layer_{i}')(
+                           x, positions, attention_mask, layer_cache, end_index)
+      if new_cache is not None:
+        new_cache[f'layer_{i}'] = c
+    x = RMSNorm(self.param_dtype, name='final_norm')(x)
+    if return_hidden:
+      return x, new_cache
+    return logits_from_hidden(table, x, cfg.final_logit_softcap), new_cache
+
+
+def logits_from_hidden(table: Array, x: Array,
+                       softcap: float | None) -> Array:
+  """Tied LM head: hidden [..., D] -> logits [..., V], with the soft-cap."""
+  logits = jnp.einsum('...D,VD->...V', x, table.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  return logits
+
+
+def init_cache(config: TransformerConfig, batch_size: int, cache_len: int,
+               dtype=jnp.bfloat16) -> Cache:
+  """An empty KV cache; slots are filled from `end_index` on."""
+  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  cache = {f'layer_{i}': {'k': jnp.zeros(shape, dtype),
+                          'v': jnp.zeros(shape, dtype)}
+           for i in range(config.num_layers)}
+  cache['end_index'] = jnp.zeros((), jnp.int32)
+  cache['positions'] = jnp.zeros((batch_size, cache_len), jnp.int32)
+  return cache

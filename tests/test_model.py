@@ -1,0 +1,193 @@
+"""The decoder equals Google's official `gemma` implementation, and its KV-cache path equals its full forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_mt import model as M
+from reference import gm, gm_transformer
+
+V = 512
+
+
+def small(base: M.TransformerConfig, **kw) -> M.TransformerConfig:
+  return base.replace(vocab_size=V, embed_dim=64, hidden_dim=96, num_heads=4,
+                      head_dim=16, query_pre_attn_scalar=16**-0.5, **kw)
+
+
+CONFIGS = {
+    'gemma3': M.TransformerConfig.tiny(vocab_size=V),
+    'gemma2': small(M.TransformerConfig.gemma2_2b(), num_kv_heads=2,
+                    sliding_window_size=3, attention_types=('local', 'global') * 2),
+    'gemma1_mqa': small(M.TransformerConfig.gemma_2b(), num_kv_heads=1,
+                        attention_types=('global',) * 2),
+    'gemma1_mha': small(M.TransformerConfig.gemma_2b(), num_kv_heads=4,
+                        attention_types=('global',) * 2),
+}
+
+
+def batch(lengths, L, seed=0):
+  rng = np.random.default_rng(seed)
+  mask = np.arange(L)[None] < np.asarray(lengths)[:, None]
+  tokens = np.where(mask, rng.integers(1, V, (len(lengths), L)), 0)
+  return jnp.asarray(tokens, jnp.int32), jnp.asarray(mask)
+
+
+def random_params(cfg, seed=1):
+  tokens, mask = batch([4], 4)
+  m = M.Transformer(cfg)
+  params = m.init(jax.random.key(seed), tokens, M.positions_from_mask(mask),
+                  M.causal_mask(mask))['params']
+  # Non-zero norm scales, so the (1 + scale) convention is exercised.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+def flat_shapes(tree):
+  return {jax.tree_util.keystr(p): x.shape
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize('ours,theirs', [
+    (M.TransformerConfig.gemma3_270m, 'Gemma3_270M'),
+    (M.TransformerConfig.gemma3_1b, 'Gemma3_1B'),
+    (M.TransformerConfig.gemma2_2b, 'Gemma2_2B'),
+])
+def test_param_tree_matches_official(ours, theirs):
+  tokens, mask = batch([4], 4)
+  cfg = ours()
+  mine = jax.eval_shape(lambda: M.Transformer(cfg).init(
+      jax.random.key(0), tokens, M.positions_from_mask(mask),
+      M.causal_mask(mask)))['params']
+  ref = jax.eval_shape(lambda: getattr(gm.nn, theirs)().init(
+      jax.random.key(0), tokens))['params']
+  assert flat_shapes(mine) == flat_shapes(ref)
+  assert cfg.num_params() == sum(np.prod(s) for s in flat_shapes(ref).values())
+
+
+def test_gemma1_2b_layout():
+  """Gemma 1 2B: MQA (`q_einsum` + `kv_einsum`), 18 layers, no post-norms."""
+  cfg = M.TransformerConfig.gemma_2b()
+  tokens, mask = batch([4], 4)
+  shapes = flat_shapes(jax.eval_shape(lambda: M.Transformer(cfg).init(
+      jax.random.key(0), tokens, M.positions_from_mask(mask),
+      M.causal_mask(mask)))['params'])
+  assert shapes["['embedder']['input_embedding']"] == (256128, 2048)
+  assert shapes["['layer_17']['attn']['kv_einsum']['w']"] == (2, 1, 2048, 256)
+  assert shapes["['layer_0']['mlp']['gating_einsum']"] == (2, 2048, 16384)
+  assert not any('post_' in k for k in shapes)
+  # Gemma 1 2B as published (2,506,172,416 with a 256,000 vocabulary); the
+  # Flax checkpoints carry 128 extra embedding rows.
+  assert cfg.num_params() == 2_506_172_416 + 128 * 2048
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_logits_equal_official(name):
+  cfg = CONFIGS[name]
+  params = random_params(cfg)
+  tokens, mask = batch([12, 7, 3], 12)
+  pos, attn = M.positions_from_mask(mask), M.causal_mask(mask)
+  ours, _ = jax.jit(M.Transformer(cfg).apply)({'params': params}, tokens, pos, attn)
+  ref = jax.jit(gm_transformer(cfg).apply)({'params': params}, tokens, positions=pos,
+                                  attention_mask=attn).logits
+  real = np.asarray(mask)[..., None]
+  err = np.max(np.abs(np.asarray(ours) - np.asarray(ref)) * real)
+  assert err < 2e-5, err
+  assert np.max(np.abs(ref)) > 1.0  # a meaningful comparison
+
+
+@pytest.mark.parametrize('name', ['gemma3', 'gemma2'])
+def test_fused_attention_path_equals_einsum(name):
+  cfg = CONFIGS[name].replace(attn_logits_soft_cap=None)
+  params = random_params(cfg)
+  tokens, mask = batch([12, 5], 12)
+  args = (tokens, M.positions_from_mask(mask), M.causal_mask(mask))
+  a, _ = jax.jit(M.Transformer(cfg).apply)({'params': params}, *args)
+  b, _ = jax.jit(M.Transformer(cfg, attention_impl='jax').apply)({'params': params}, *args)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_packed_segments_equal_separate_rows():
+  cfg = CONFIGS['gemma3']
+  params = random_params(cfg)
+  m = M.Transformer(cfg)
+  apply = jax.jit(m.apply)
+  a, _ = batch([5], 5, seed=3)
+  b, _ = batch([6], 6, seed=4)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 2), jnp.int32)], axis=1)
+  seg = jnp.asarray([[1] * 5 + [2] * 6 + [0] * 2])
+  pos = jnp.asarray([list(range(5)) + list(range(6)) + [0, 0]])
+  out, _ = apply({'params': params}, packed, pos, M.segment_causal_mask(seg))
+  for row, sl in ((a, slice(0, 5)), (b, slice(5, 11))):
+    mask = jnp.ones(row.shape, bool)
+    ref, _ = apply({'params': params}, row, M.positions_from_mask(mask),
+                     M.causal_mask(mask))
+    np.testing.assert_allclose(np.asarray(out[0, sl]), np.asarray(ref[0]),
+                               atol=2e-5)
+
+
+@pytest.mark.parametrize('name', ['gemma3', 'gemma2', 'gemma1_mha'])
+def test_kv_cache_decoding_equals_full_forward(name):
+  """Prefill right-padded prompts, then decode one token at a time."""
+  cfg = CONFIGS[name]
+  params = random_params(cfg)
+  apply = jax.jit(M.Transformer(cfg).apply)
+  lengths, P, steps, S = [6, 3], 6, 5, 16
+  prompt, pmask = batch(lengths, P, seed=5)
+  gen = np.random.default_rng(6).integers(1, V, (2, steps))
+  cache = M.init_cache(cfg, 2, S, dtype=jnp.float32)
+  valid = np.zeros((2, S), bool)
+  valid[:, :P] = np.asarray(pmask)
+  attn = jnp.zeros((2, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
+  logits, cache = apply({'params': params}, prompt,
+                          M.positions_from_mask(pmask), attn, cache)
+  step_logits = [logits[np.arange(2), np.asarray(lengths) - 1]]
+  for t in range(steps):
+    valid[:, P + t] = True
+    pos = jnp.asarray(lengths)[:, None] + t
+    logits, cache = apply({'params': params}, jnp.asarray(gen[:, t:t + 1]),
+                            pos, jnp.asarray(valid)[:, None, :], cache)
+    step_logits.append(logits[:, 0])
+  assert int(cache['end_index']) == P + steps
+  for r, n in enumerate(lengths):
+    seq = np.concatenate([np.asarray(prompt[r, :n]), gen[r]])[None]
+    full, _ = apply({'params': params}, jnp.asarray(seq),
+                      jnp.arange(seq.shape[1])[None],
+                      M.causal_mask(jnp.ones(seq.shape, bool)))
+    for t in range(steps + 1):
+      np.testing.assert_allclose(np.asarray(step_logits[t][r]),
+                                 np.asarray(full[0, n - 1 + t]), atol=3e-5)
+
+
+def test_bf16_compute_close_to_float32():
+  cfg = CONFIGS['gemma3']
+  params = random_params(cfg)
+  tokens, mask = batch([12, 9], 12)
+  args = (tokens, M.positions_from_mask(mask), M.causal_mask(mask))
+  f32, _ = jax.jit(M.Transformer(cfg).apply)({'params': params}, *args)
+  bf16, _ = jax.jit(M.Transformer(cfg, dtype=jnp.bfloat16).apply)({'params': params}, *args)
+  rel = np.linalg.norm(np.asarray(bf16) - np.asarray(f32)) / np.linalg.norm(np.asarray(f32))
+  assert bf16.dtype == jnp.float32  # logits are accumulated in float32
+  assert rel < 3e-2, rel
+
+
+def test_remat_same_gradients():
+  cfg = CONFIGS['gemma3']
+  params = random_params(cfg)
+  tokens, mask = batch([12, 9], 12)
+  args = (tokens, M.positions_from_mask(mask), M.causal_mask(mask))
+  def loss(p, remat):
+    out, _ = M.Transformer(cfg, remat=remat).apply({'params': p}, *args)
+    return jnp.mean(out**2)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g0, g1 = grad(params, False), grad(params, True)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_unknown_model_name():
+  with pytest.raises(ValueError, match='gemma3_270m'):
+    M.TransformerConfig.from_name('gemma9')
