@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -79,11 +80,14 @@ def load_params(path: str | os.PathLike, dtype: Any = None,
   or a tree of them matching the returned params (applied after restore).
   """
   path = Path(path).expanduser().absolute()
+  if not path.exists():
+    raise FileNotFoundError(f'params checkpoint not found: {path}')
   if not is_orbax_dir(path):
     raise CheckpointError(f'{path}: not an orbax checkpoint directory '
                           f'(none of {", ".join(_ORBAX_MARKERS)} in it)')
-  leaf_sharding = sharding if isinstance(sharding, jax.sharding.Sharding) \
-      else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  leaf_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(sharding, jax.sharding.Sharding):
+    leaf_sharding = sharding
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
     tree = getattr(meta, 'item_metadata', meta)
@@ -93,7 +97,7 @@ def load_params(path: str | os.PathLike, dtype: Any = None,
 
     def target(m):
       dt = m.dtype
-      if dtype is not None and jax.numpy.issubdtype(dt, jax.numpy.floating):
+      if dtype is not None and jnp.issubdtype(dt, jnp.floating):
         dt = dtype
       return jax.ShapeDtypeStruct(m.shape, dt, sharding=leaf_sharding)
 
