@@ -325,3 +325,32 @@ class MTNTDatasetBuilder:
         yield TrainingInput(tokens, mask)
 
     return batches()
+
+
+def prefetch_to_device(iterator, size: int = 2, sharding=None):
+  """Yields `jax.device_put` batches from a background thread, `size` ahead.
+
+  Host-side batching (numpy, packing) overlaps with the device step, so the
+  accelerator does not wait for data.
+  """
+  import queue
+  import threading
+
+  import jax
+
+  q: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+
+  def produce():
+    try:
+      for batch in iterator:
+        q.put(jax.device_put(batch, sharding))
+    except BaseException as e:  # Re-raised in the consumer.
+      q.put(e)
+    q.put(done)
+
+  threading.Thread(target=produce, daemon=True).start()
+  while (item := q.get()) is not done:
+    if isinstance(item, BaseException):
+      raise item
+    yield item
