@@ -119,10 +119,23 @@ def param_shardings(params_or_shapes: Any, mesh: Mesh,
 
 
 def shard_params(params: Any, mesh: Mesh, shardings: Any = None) -> Any:
-  """Places params on the mesh (host numpy or jax arrays on any devices)."""
+  """Places params on the mesh (host numpy or jax arrays on any devices).
+
+  On several hosts every host must pass the same values (e.g. each loaded
+  the same checkpoint); each then uploads only its own devices' shards.
+  """
   if shardings is None:
     shardings = param_shardings(params, mesh)
-  return jax.device_put(params, shardings)
+  return jax.tree.map(put_global, params, shardings)
+
+
+def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`jax.device_put`, also for a host-local value onto a multi-host mesh."""
+  if jax.process_count() == 1 or (isinstance(x, jax.Array)
+                                  and not x.is_fully_addressable):
+    return jax.device_put(x, sharding)
+  x = np.asarray(jax.device_get(x))
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
 
 def opt_state_shardings(optimizer: Any, params: Any, mesh: Mesh,
@@ -375,4 +388,4 @@ def sampling_params(params: Any, mesh: Mesh, fsdp: bool | None = None) -> Any:
     fsdp = mesh.shape['fsdp'] > 1
   if fsdp:
     return shard_params(params, mesh)
-  return jax.device_put(params, replicated(mesh))
+  return jax.tree.map(lambda x: put_global(x, replicated(mesh)), params)
