@@ -8,6 +8,7 @@ import pytest
 from gemma_mt import loss as loss_lib
 from gemma_mt import steps
 from gemma_mt.model import Transformer, TransformerConfig
+from gemma_mt.train import random_params
 
 V, L, B = 97, 12, 4
 
@@ -18,10 +19,7 @@ def tiny():
   cfg = TransformerConfig.tiny(vocab_size=V, final_logit_softcap=30.0,
                                attention_types=('local', 'global'))
   model = Transformer(cfg)
-  tokens = jnp.zeros((1, L), jnp.int32)
-  mask = jnp.ones((1, L, L), bool)
-  params = jax.jit(model.init)(jax.random.key(0), tokens,
-                               jnp.zeros((1, L), jnp.int32), mask)['params']
+  params = random_params(model, seed=0)
   # Larger weights than the 0.01-std init, so the loss is far from log(V).
   params = jax.tree.map(lambda p: p * 30.0 if p.ndim > 1 else p, params)
   return model, params

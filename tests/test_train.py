@@ -1,0 +1,195 @@
+"""The training loop: resume equality (incl. SIGKILL), NaN stop, CLI, outputs.
+
+Runs the tiny random-init config on the offline MTNT copy for a few steps.
+A persistent XLA cache (per test session) lets the repeated runs, in-process
+and in subprocesses, compile the train step only once.
+"""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_mt import pretrained, steps
+from gemma_mt import train as train_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / 'configs' / 'tiny_test.py'
+# Small and quick: batch 2 x 48 tokens, 4 steps, checkpoints every 2.
+OVERRIDES = dict(batch_size=2, max_seq_len=48, max_steps=4, eval_every_n=2,
+                 eval_max_batches=1, checkpoint_every_n=2, log_every_n=1,
+                 optimizer='adamw', learning_rate=1e-3, progress=False)
+
+
+@pytest.fixture(scope='module')
+def xla_cache(tmp_path_factory):
+  path = tmp_path_factory.mktemp('xla_cache')
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {n: getattr(jax.config, n) for n in names}
+  for n, v in zip(names, (str(path), 0, 0)):
+    jax.config.update(n, v)
+  yield path
+  for n, v in old.items():
+    jax.config.update(n, v)
+
+
+def tiny_config(workdir, mtnt_dir, **kw):
+  cfg = train_lib.load_config_file(TINY)
+  return dataclasses.replace(cfg, workdir=str(workdir), mtnt_dir=str(mtnt_dir),
+                             **(OVERRIDES | kw))
+
+
+def cli_args(workdir, mtnt_dir, **kw):
+  args = ['--config', str(TINY), f'--workdir={workdir}',
+          f'--mtnt_dir={mtnt_dir}']
+  args += [f'--{k}={v}' for k, v in (OVERRIDES | kw).items()]
+  return args
+
+
+def run_cli(args, xla_cache, **popen_kw):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(xla_cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return subprocess.Popen([sys.executable, '-m', 'gemma_mt.train', *args],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen_kw)
+
+
+def assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, mtnt_dir, xla_cache):
+  workdir = tmp_path_factory.mktemp('full')
+  params = train_lib.train_loop(tiny_config(workdir, mtnt_dir))
+  return workdir, jax.device_get(params)
+
+
+def test_uninterrupted_run_outputs(uninterrupted):
+  workdir, params = uninterrupted
+  import json
+  records = [json.loads(l) for l in
+             (workdir / 'metrics.jsonl').read_text().splitlines()]
+  valid = [r['step'] for r in records if r['split'] == 'valid']
+  train = [r for r in records if r['split'] == 'train']
+  assert valid == [0, 2, 4]  # Before the first step, then every 2.
+  assert [r['step'] for r in train] == [1, 2, 3, 4]
+  assert all(np.isfinite(r['loss']) and r['tokens_per_s'] > 0 for r in train)
+  assert (workdir / 'loss.png').stat().st_size > 1000
+  assert list((workdir / 'tensorboard').iterdir())
+  ckpts = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  assert ckpts == [2, 4]
+  # The tuned model loads like any model dir.
+  loaded = pretrained.load_dir(workdir / 'final')
+  assert loaded.arch == 'tiny'
+  assert loaded.tokenizer.vocab_size == 262_144
+  assert_trees_equal(loaded.params, params)
+
+
+def test_sigkill_then_resume_cli(uninterrupted, tmp_path, mtnt_dir,
+                                 xla_cache):
+  """A real kill -9 after the step-2 checkpoint; the resumed run matches."""
+  _, expect = uninterrupted
+  args = cli_args(tmp_path, mtnt_dir)
+  proc = run_cli(args, xla_cache)
+  ckpt = tmp_path / 'checkpoints' / '2'
+  deadline = time.time() + 300
+  while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  out = proc.communicate()[0]
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  assert not (tmp_path / 'final').exists()
+  proc = run_cli(args + ['--resume'], xla_cache)
+  out = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert 'resumed from step 2' in out
+  loaded = pretrained.load_dir(tmp_path / 'final')
+  assert_trees_equal(loaded.params, expect)
+  assert (tmp_path / 'loss.png').exists()
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mtnt_dir,
+                                                  monkeypatch, xla_cache):
+  real = steps.make_train_step
+
+  def poisoned(*a, **kw):
+    step_fn, count = real(*a, **kw), [0]
+
+    def wrapped(params, opt_state, batch):
+      params, opt_state, m = step_fn(params, opt_state, batch)
+      count[0] += 1
+      if count[0] == 3:
+        m = dict(m, loss=jnp.float32(jnp.nan))
+      return params, opt_state, m
+    return wrapped
+
+  monkeypatch.setattr(steps, 'make_train_step', poisoned)
+  cfg = tiny_config(tmp_path, mtnt_dir, eval_every_n=0)
+  with pytest.raises(train_lib.TrainingDivergedError,
+                     match=r'at step 3 .*last good checkpoint: step 2'):
+    train_lib.train_loop(cfg)
+  ckpts = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  assert ckpts == ['2']
+  assert not (tmp_path / 'final').exists()
+  with pytest.raises(ValueError, match='--resume'):
+    train_lib.train_loop(cfg)  # Never silently restarts over checkpoints.
+  # The kept checkpoint restores, finite.
+  module, params, _, _ = train_lib.init_model(cfg)
+  opt_state = steps.make_optimizer(cfg).init(params)
+  mngr = train_lib.checkpoint_manager(cfg)
+  p, _, data_step = train_lib.restore_checkpoint(mngr, 2, params, opt_state)
+  mngr.close()
+  assert data_step == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
+
+
+def test_parse_args_types_and_errors():
+  cfg = train_lib.parse_args(
+      ['--config', str(TINY), '--max_steps', '7', '--learning_rate=0.5',
+       '--grad_clip=none', '--remat', '--packing=false', '--mtnt_dir', '/x'])
+  assert (cfg.max_steps, cfg.learning_rate, cfg.grad_clip, cfg.remat,
+          cfg.packing, cfg.mtnt_dir, cfg.model) == (7, 0.5, None, True, False,
+                                                    '/x', 'tiny')
+  assert train_lib.parse_args(['--max_steps=none']).max_steps is None
+  assert train_lib.parse_args([]).model == 'gemma3_270m'
+  with pytest.raises(ValueError, match=r'unknown option --lr; valid options:.*'
+                     r'--learning_rate'):
+    train_lib.parse_args(['--lr=1'])
+  with pytest.raises(ValueError, match='expects int'):
+    train_lib.parse_args(['--batch_size=four'])
+  with pytest.raises(ValueError, match='true/false'):
+    train_lib.parse_args(['--remat=maybe'])
+
+
+def test_main_reports_bad_options(capsys):
+  assert train_lib.main(['--bogus=1']) == 2
+  assert 'valid options' in capsys.readouterr().err
+  assert train_lib.main(['--config', 'nope.py']) == 2
+
+
+def test_configs_load():
+  for name in ('mtnt_gemma3_270m', 'tutorial_gemma_2b_it', 'tiny_test'):
+    cfg = train_lib.load_config_file(ROOT / 'configs' / f'{name}.py')
+    train_lib.check_config(cfg)
+  tut = train_lib.load_config_file(ROOT / 'configs' / 'tutorial_gemma_2b_it.py')
+  assert (tut.model, tut.optimizer, tut.learning_rate, tut.batch_size,
+          tut.max_seq_len, tut.eval_every_n) == ('gemma_2b_it', 'sgd', 1e-4, 4,
+                                                 128, 20)
+  with pytest.raises(ValueError, match='multiple'):
+    train_lib.check_config(dataclasses.replace(tut, grad_accum_steps=3))
