@@ -1,0 +1,194 @@
+"""JSON requests and responses, shaped like a hosted model API's invoke call.
+
+Request (only `input_text` is required; unknown fields are rejected):
+
+  {"input_text": "Hello" | ["Hello", ...],   non-empty strings
+   "temperature": 0..1,       default 0 (greedy), or 1 if top_k/top_p given
+   "top_p": 0..1,             nucleus mass; 1 = off; needs temperature > 0
+   "top_k": 0..500,           0 = off; needs temperature > 0
+   "max_tokens": 1..1024,     new tokens per input, default 256
+   "stop_sequences": [str],   at most 16 non-empty strings
+   "seed": 0..2**31-1}        default 0
+
+Response: {"status": "SUCCESS", "translations": [str, ...],
+           "usage": {"input_tokens": n, "output_tokens": m}}
+       or {"status": "FAIL", "error": "<what is wrong, naming the field>"}.
+
+`translations` is always a list, one per input. Usage counts prompt tokens
+(BOS and instruction included) and generated tokens (the stop token
+included). Integers must be JSON integers (5.0 is rejected) and booleans are
+never numbers; NaN/Infinity and duplicate keys are rejected.
+
+JSON Lines (`serve_jsonl`): exactly one response line per input line, in
+order, flushed as it is written. A blank line is a request too: it gets a
+FAIL ("empty line"), so responses always pair up with request lines. Errors
+in JSONL mode start with "line N: ". Nothing is ever partially answered: a
+request whose inputs cannot all be translated fails as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any, BinaryIO, TextIO
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS_LIMIT = 1024
+MAX_TOP_K = 500
+MAX_STOP_SEQUENCES = 16
+DEFAULT_MAX_TOKENS = 256
+FIELDS = ('input_text', 'temperature', 'top_p', 'top_k', 'max_tokens',
+          'stop_sequences', 'seed')
+
+
+class RequestError(ValueError):
+  """A bad request; the message names the offending field."""
+
+
+def _reject_constant(name):
+  raise RequestError(f'invalid JSON: {name} is not allowed')
+
+
+def _no_duplicates(pairs):
+  obj = {}
+  for k, v in pairs:
+    if k in obj:
+      raise RequestError(f'invalid JSON: duplicate field {k!r}')
+    obj[k] = v
+  return obj
+
+
+def loads(text: str) -> Any:
+  """Strict JSON: no NaN/Infinity, no duplicate keys."""
+  try:
+    return json.loads(text, parse_constant=_reject_constant,
+                      object_pairs_hook=_no_duplicates)
+  except json.JSONDecodeError as e:
+    raise RequestError(f'invalid JSON: {e}') from None
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) \
+      and math.isfinite(x)
+
+
+def _number(req, name, lo, hi):
+  x = req[name]
+  if not _is_num(x) or not lo <= x <= hi:
+    raise RequestError(f'{name} must be a number in [{lo}, {hi}], got '
+                       f'{json.dumps(x)}')
+  return float(x)
+
+
+def _int(req, name, lo, hi):
+  x = req[name]
+  if not _is_int(x) or not lo <= x <= hi:
+    raise RequestError(f'{name} must be an integer in [{lo}, {hi}], got '
+                       f'{json.dumps(x)}')
+  return x
+
+
+def parse_request(req: Any) -> dict:
+  """Validated `Translator.translate_detailed` kwargs plus 'sources'."""
+  if not isinstance(req, dict):
+    raise RequestError(f'request must be a JSON object, got '
+                       f'{type(req).__name__ if req is not None else "null"}')
+  unknown = [k for k in req if k not in FIELDS]
+  if unknown:
+    raise RequestError(f'unknown field(s) {", ".join(map(repr, unknown))}; '
+                       f'allowed: {", ".join(FIELDS)}')
+  if 'input_text' not in req:
+    raise RequestError('missing required field input_text')
+  text = req['input_text']
+  sources = [text] if isinstance(text, str) else text
+  if not isinstance(sources, list) or not sources:
+    raise RequestError('input_text must be a string or a non-empty list of '
+                       'strings')
+  for i, s in enumerate(sources):
+    where = 'input_text' if isinstance(text, str) else f'input_text[{i}]'
+    if not isinstance(s, str):
+      raise RequestError(f'{where} must be a string, got {json.dumps(s)}')
+    if not s.strip():
+      raise RequestError(f'{where} is empty')
+  out = {'sources': sources}
+  top_k = _int(req, 'top_k', 0, MAX_TOP_K) if 'top_k' in req else 0
+  top_p = _number(req, 'top_p', 0, 1) if 'top_p' in req else 1.0
+  if 'temperature' in req:
+    temperature = _number(req, 'temperature', 0, 1)
+  else:
+    temperature = 1.0 if ('top_k' in req or 'top_p' in req) else 0.0
+  if temperature > 0 and top_p == 0:
+    raise RequestError('top_p must be > 0 when sampling (temperature > 0)')
+  out.update(temperature=temperature, top_k=top_k or None,
+             top_p=None if top_p >= 1 else top_p)
+  out['max_new_tokens'] = (_int(req, 'max_tokens', 1, MAX_TOKENS_LIMIT)
+                           if 'max_tokens' in req else DEFAULT_MAX_TOKENS)
+  out['seed'] = _int(req, 'seed', 0, 2**31 - 1) if 'seed' in req else 0
+  stops = req.get('stop_sequences', [])
+  if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES:
+    raise RequestError(f'stop_sequences must be a list of at most '
+                       f'{MAX_STOP_SEQUENCES} strings')
+  for i, s in enumerate(stops):
+    if not isinstance(s, str) or not s:
+      raise RequestError(f'stop_sequences[{i}] must be a non-empty string, '
+                         f'got {json.dumps(s)}')
+  out['stop_sequences'] = stops
+  return out
+
+
+def fail(error: str) -> dict:
+  return {'status': 'FAIL', 'error': error}
+
+
+def handle_request(translator, request: Any) -> dict:
+  """A response dict for a request (a parsed object or its JSON text)."""
+  from gemma_mt.translate import InputTooLongError
+  try:
+    req = loads(request) if isinstance(request, (str, bytes)) else request
+    kw = parse_request(req)
+    results = translator.translate_detailed(kw.pop('sources'), **kw)
+  except RequestError as e:
+    return fail(str(e))
+  except InputTooLongError as e:
+    where = ('input_text' if isinstance(req['input_text'], str)
+             else f'input_text[{e.index}]')
+    return fail(f'{where} is {e.length} tokens long with the prompt, over '
+                f'the limit of {e.limit}')
+  except ValueError as e:  # Other input problems the translator found.
+    return fail(str(e))
+  except Exception as e:  # Never a traceback in the response stream.
+    log.exception('request failed')
+    return fail(f'internal error: {type(e).__name__}: {e}')
+  return {'status': 'SUCCESS',
+          'translations': [r.text for r in results],
+          'usage': {'input_tokens': sum(r.input_tokens for r in results),
+                    'output_tokens': sum(r.output_tokens for r in results)}}
+
+
+def dumps(response: dict) -> str:
+  return json.dumps(response, ensure_ascii=False)
+
+
+def serve_jsonl(translator, lines: BinaryIO, out: TextIO) -> int:
+  """One response line per request line (bytes in, text out); returns count."""
+  n = 0
+  for n, raw in enumerate(lines, start=1):
+    raw = raw.rstrip(b'\n').removesuffix(b'\r')
+    try:
+      text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      response = fail(f'invalid UTF-8 at byte {e.start}')
+    else:
+      response = (fail('empty line') if not text.strip()
+                  else handle_request(translator, text))
+    if response['status'] == 'FAIL':
+      response['error'] = f'line {n}: {response["error"]}'
+    out.write(dumps(response) + '\n')
+    out.flush()
+  return n

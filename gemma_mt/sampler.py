@@ -1,0 +1,245 @@
+"""Batched decoding with a KV cache: prefill plus a `while_loop`, one jit.
+
+Token level only (no tokenizer): `Sampler.generate` takes prompt token arrays
+and returns the generated ids. Everything per token runs on the device:
+sampling, per-row done flags and the early exit once every row is done, so a
+whole batch costs one dispatch and one transfer back.
+
+Shapes are bucketed so that compiled executables are reused: prompt width and
+the generation budget round up to powers of two, the batch to a power of two
+(at most `batch_size`). Executables live in a small LRU keyed by
+(batch, prompt width, budget, sampling mode); `num_compiles` counts misses.
+
+Cache layout (see `model.init_cache`): right-padded prompts fill slots
+[0, P); generated token j is written at slot P + j with position
+prompt_len + j. Each row sees its own prompt slots and the generated ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_mt import model as M
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 16
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def batch_bucket(n: int, batch_size: int) -> int:
+  """Rows a batch of n is padded to: a power of two, capped at batch_size."""
+  return min(next_pow2(n), batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+  """The static part of sampling (one executable each); values stay traced."""
+
+  greedy: bool = True
+  k_cap: int | None = None  # candidates kept by lax.top_k; None: no top-k
+  top_p: bool = False
+
+  @classmethod
+  def of(cls, temperature: float, top_k: int | None, top_p: float | None,
+         vocab_size: int) -> 'SamplingMode':
+    if temperature == 0:
+      return cls()
+    k_cap = None if top_k is None else min(next_pow2(top_k), vocab_size)
+    return cls(False, k_cap, top_p is not None and top_p < 1)
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k,
+                  top_p, mode: SamplingMode) -> jax.Array:
+  """Next tokens [B] from logits [B, V]: argmax, or temperature/top-k/top-p.
+
+  Order as in common samplers: scale by temperature, keep the top_k, then
+  the smallest prefix of those whose probability reaches top_p (the most
+  likely token is always kept). `keys` holds one PRNG key per row.
+  """
+  if mode.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if mode.k_cap is None and not mode.top_p:
+    cand, idx = logits, None
+  else:
+    cand, idx = jax.lax.top_k(logits, mode.k_cap or logits.shape[-1])
+    rank = jnp.arange(cand.shape[-1])
+    keep = rank < (top_k if mode.k_cap is not None else cand.shape[-1])
+    cand = jnp.where(keep, cand, -jnp.inf)
+    if mode.top_p:
+      probs = jax.nn.softmax(cand, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs  # mass of better tokens
+      cand = jnp.where((before < top_p) | (rank == 0), cand, -jnp.inf)
+  choice = jax.vmap(jax.random.categorical)(keys, cand)
+  if idx is not None:
+    choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+  return choice.astype(jnp.int32)
+
+
+def _row_keys(seed, row_ids, step):
+  """One key per row that depends on (seed, row id, step) only.
+
+  Row ids are input indices, so a sentence's sample does not depend on
+  which other sentences share its batch or on the bucket it landed in.
+  """
+  base = jax.random.key(seed)
+  rows = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids)
+  return jax.vmap(jax.random.fold_in, (0, None))(rows, step)
+
+
+def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
+           top_k, top_p, max_new_tokens, stop_table, *, model: M.Transformer,
+           mode: SamplingMode, budget: int, pad_id: int):
+  """Generates up to `max_new_tokens` (<= budget) tokens per row.
+
+  prompt [B, P] right-padded, prompt_len [B] >= 1, active [B] (False for
+  bucket padding rows), stop_table [V] bool (EOS, newline, ...).
+  Returns (tokens [B, budget] with pad after the end, counts [B]); a row's
+  count includes the stop token it ended on.
+  """
+  B, P = prompt.shape
+  S = P + budget
+  cfg = model.config
+  table = params['embedder']['input_embedding']
+  apply = functools.partial(model.apply, {'params': params},
+                            return_hidden=True)
+
+  def logits_of(hidden):
+    return M.logits_from_hidden(table, hidden, cfg.final_logit_softcap)
+
+  def sample(logits, step):
+    keys = _row_keys(seed, row_ids, step)
+    return sample_logits(logits, keys, temperature, top_k, top_p, mode)
+
+  cache = M.init_cache(cfg, B, S, dtype=model.dtype)
+  pmask = jnp.arange(P)[None] < prompt_len[:, None]
+  attn = jnp.zeros((B, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
+  hidden, cache = apply(prompt, M.positions_from_mask(pmask), attn, cache)
+  last = hidden[jnp.arange(B), prompt_len - 1]
+  tok = jnp.where(active, sample(logits_of(last), 0), pad_id)
+  out = jnp.full((B, budget), pad_id, jnp.int32).at[:, 0].set(tok)
+  done = ~active | stop_table[tok]
+  count = active.astype(jnp.int32)
+  slots = jnp.arange(S)[None]
+  in_prompt = slots < prompt_len[:, None]
+
+  def cond(state):
+    i, _, _, _, done, _ = state
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    i, tok, cache, out, done, count = state
+    # Feed token i-1 (slot P+i-1, position prompt_len+i-1); it sees its own
+    # prompt and the generated slots up to itself.
+    seen = in_prompt | ((slots >= P) & (slots < P + i))
+    pos = (prompt_len + i - 1)[:, None]
+    hidden, cache = apply(tok[:, None], pos, seen[:, None, :], cache)
+    new = jnp.where(done, pad_id, sample(logits_of(hidden[:, 0]), i))
+    out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
+    count = count + (~done).astype(jnp.int32)
+    done = done | stop_table[new]
+    return i + 1, new, cache, out, done, count
+
+  state = (jnp.int32(1), tok, cache, out, done, count)
+  _, _, _, out, _, count = jax.lax.while_loop(cond, body, state)
+  return out, count
+
+
+class Sampler:
+  """Runs `decode` over bucketed batches with a small LRU of executables."""
+
+  def __init__(self, model: M.Transformer, params: Any, *, pad_id: int,
+               stop_ids: Sequence[int], batch_size: int = 32,
+               cache_size: int = 16):
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    self.model = model
+    self.params = params
+    self.pad_id = int(pad_id)
+    self.batch_size = batch_size
+    V = model.config.vocab_size
+    bad = [i for i in stop_ids if not 0 <= i < V]
+    if bad:
+      raise ValueError(f'stop ids {bad} outside the vocabulary [0, {V})')
+    table = np.zeros(V, bool)
+    table[list(stop_ids)] = True
+    self.stop_ids = frozenset(int(i) for i in stop_ids)
+    self._stop_table = jnp.asarray(table)
+    self._cache_size = cache_size
+    self._executables: collections.OrderedDict = collections.OrderedDict()
+    self.num_compiles = 0
+    self.compiled_shapes: list[tuple] = []  # (B, P, budget, mode) per compile
+
+  def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
+               temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int = 0,
+               batch_size: int | None = None) -> list[np.ndarray]:
+    """Generated ids of each prompt (ending with its stop token, if any).
+
+    Prompts are sorted by length and cut into batches, so similar lengths
+    share a prompt bucket; results come back in input order.
+    """
+    batch_size = batch_size or self.batch_size
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError('empty prompt: every prompt needs at least one token')
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[np.ndarray | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+      idx = order[start:start + batch_size]
+      outs = self._run_batch([prompts[i] for i in idx], idx, batch_size,
+                             max_new_tokens, temperature, top_k, top_p, seed)
+      for i, o in zip(idx, outs):
+        results[i] = o
+    return results
+
+  def _run_batch(self, prompts, row_ids, batch_size, max_new_tokens,
+                 temperature, top_k, top_p, seed):
+    n = len(prompts)
+    B = batch_bucket(n, batch_size)
+    P = next_pow2(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+    budget = next_pow2(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    tokens = np.full((B, P), self.pad_id, np.int32)
+    lens = np.ones(B, np.int32)
+    for r, p in enumerate(prompts):
+      tokens[r, :len(p)] = p
+      lens[r] = len(p)
+    active = np.arange(B) < n
+    ids = np.zeros(B, np.int32)
+    ids[:n] = row_ids
+    mode = SamplingMode.of(temperature, top_k, top_p,
+                           self.model.config.vocab_size)
+    args = (self.params, tokens, lens, active, ids, np.int32(seed),
+            np.float32(temperature or 1.0), np.int32(top_k or 0),
+            np.float32(1.0 if top_p is None else top_p),
+            np.int32(max_new_tokens), self._stop_table)
+    exe = self._executable((B, P, budget, mode), args)
+    out, count = jax.device_get(exe(*args))
+    return [out[r, :count[r]] for r in range(n)]
+
+  def _executable(self, key, args):
+    exe = self._executables.get(key)
+    if exe is not None:
+      self._executables.move_to_end(key)
+      return exe
+    B, P, budget, mode = key
+    fn = functools.partial(decode, model=self.model, mode=mode,
+                           budget=budget, pad_id=self.pad_id)
+    exe = jax.jit(fn).lower(*args).compile()
+    self.num_compiles += 1
+    self.compiled_shapes.append(key)
+    self._executables[key] = exe
+    if len(self._executables) > self._cache_size:
+      self._executables.popitem(last=False)
+    return exe

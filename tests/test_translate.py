@@ -1,0 +1,263 @@
+"""Translator (prompt, stop rules, clean-up, limits), the CLI and the JSON request interface."""
+
+import io
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_mt import data, json_api, model as M, translate as T
+
+CFG = M.TransformerConfig.tiny()  # The real tokenizer's 262144-id vocabulary.
+
+
+def tiny_params(seed=0):
+  tokens = jnp.ones((1, 4), jnp.int32)
+  mask = jnp.ones((1, 4), bool)
+  params = M.Transformer(CFG).init(jax.random.key(seed), tokens,
+                                   M.positions_from_mask(mask),
+                                   M.causal_mask(mask))['params']
+  # Larger weights: clear argmax gaps, not near-uniform logits.
+  return jax.tree.map(lambda x: x * 3 if x.ndim > 1 else x, params)
+
+
+def make_tiny_translator(tokenizer, **kw):
+  return T.Translator(CFG, tiny_params(), tokenizer, batch_size=4, **kw)
+
+
+def forcing(params, token: int):
+  """Params under which every step's argmax is `token`, whatever the input.
+
+  Column 0 of the (tied) embedding is large and positive, so the residual
+  stream's dim 0 is too; the final norm keeps only dim 0, so logits are
+  proportional to column 0, where `token` is largest.
+  """
+  table = params['embedder']['input_embedding']
+  table = table.at[:, 0].set(100.0).at[token, 0].set(200.0)
+  scale = jnp.full((CFG.embed_dim,), -1.0).at[0].set(0.0)
+  return {**params, 'embedder': {'input_embedding': table},
+          'final_norm': {'scale': scale}}
+
+
+@pytest.fixture(scope='module')
+def tr(tokenizer):
+  return make_tiny_translator(tokenizer)
+
+
+@pytest.fixture
+def forced(tr, monkeypatch):
+  """Set the sampler's params so the model always emits one token."""
+  base = tr.sampler.params
+  def force(token):
+    monkeypatch.setattr(tr.sampler, 'params', forcing(base, token))
+  return force
+
+
+def word_id(tokenizer, word):
+  ids = tokenizer.tokenize(word, add_bos=False, add_eos=False)
+  assert len(ids) == 1, ids
+  return int(ids[0])
+
+
+# --- Pure functions ----------------------------------------------------------------
+@pytest.mark.parametrize('raw,source,stops,expected,cut', [
+    ("C'est Bonjour.\nC'est Bonjour.", 'Hi', (), "C'est Bonjour.", False),
+    ('Bonjour\r\nencore', 'Hi', (), 'Bonjour', False),
+    ('Here is the translation: Bonjour, Morgane.', 'Hi', (), 'Bonjour, Morgane.', False),
+    ("Sure! Here's the French translation: « Bonjour »", 'Hi', (), 'Bonjour', False),
+    ('Voici la traduction : "Bonjour"', 'Hi', (), 'Bonjour', False),
+    ('Traduction : Bonjour', 'Hi', (), 'Bonjour', False),
+    ('"Bonjour"', '"Hello"', (), '"Bonjour"', False),  # quoted source
+    ('"a" et "b"', 'x', (), '"a" et "b"', False),
+    ('Bonjour ### Salut END x', 'Hi', ('END', '###'), 'Bonjour', True),
+    ('Bonjour', 'Hi', ('zz', ''), 'Bonjour', False),
+    ('', 'Hi', (), '', False),
+])
+def test_clean_translation(raw, source, stops, expected, cut):
+  assert T.clean_translation(raw, source, stops) == (expected, cut)
+
+
+def test_stop_token_ids_come_from_the_tokenizer(tokenizer):
+  ids = T.stop_token_ids(tokenizer)
+  assert {tokenizer.eos_id, 106, 107, 108, 248} <= set(ids)  # 248 = <0x0A>
+  assert tokenizer.processor.EncodeAsIds('\n') == [107]
+  assert word_id(tokenizer, 'Bonjour') not in ids
+
+
+def test_sampling_kwargs_greedy_unless_sampling_options():
+  assert T.sampling_kwargs(None, None, None, 0, 8)['temperature'] == 0.0
+  assert T.sampling_kwargs(None, 40, None, 0, 8)['temperature'] == 1.0
+  assert T.sampling_kwargs(0.3, None, 0.9, 0, 8)['temperature'] == 0.3
+
+
+def test_split_lines_keeps_alignment():
+  assert T.split_lines('a\r\nb\u2028c\n\nd\n') == ['a', 'b\u2028c', '', 'd']
+
+
+# --- Translator ----------------------------------------------------------------------
+def test_prompt_is_the_training_prompt(tr, tokenizer):
+  builder = data.MTNTDatasetBuilder(tokenizer, 64)
+  seq, n = builder.encode_pair('Hello world', 'Bonjour le monde')
+  assert tr.prompt_tokens('  Hello world \n').tolist() == seq[:n].tolist()
+  assert tr.prompt_tokens('x')[0] == tokenizer.bos_id
+
+
+def test_translate_batch_usage_and_blank(tr):
+  src = ['Hello', '', 'I love cats.', 'Good morning!']
+  compiles = tr.num_compiles
+  gen = tr.generate(src, max_new_tokens=5)
+  assert gen.input_tokens[1] == 0 and gen.stop_reasons[1] == 'blank'
+  for i in (0, 2, 3):
+    assert gen.input_tokens[i] == len(tr.prompt_tokens(src[i]))
+    assert 1 <= gen.output_tokens[i] == len(gen.token_ids[i]) <= 5
+  out = tr.translate(src, max_new_tokens=5)
+  assert len(out) == 4 and out[1] == '' and all('\n' not in t for t in out)
+  assert tr.translate(src[2:3], max_new_tokens=5) == out[2:3]  # batch-independent
+  assert tr.num_compiles - compiles <= 2  # (4, 16, 16) and (1, 16, 16)
+
+
+def test_stop_rules_end_to_end(tr, tokenizer, forced):
+  forced(107)  # "\n"
+  [t] = tr.translate_detailed(['Hello'], max_new_tokens=8)
+  assert (t.text, t.output_tokens, t.stop_reason) == ('', 1, 'newline')
+  forced(tokenizer.eos_id)
+  [t] = tr.translate_detailed(['Hello'], max_new_tokens=8)
+  assert (t.text, t.output_tokens, t.stop_reason) == ('', 1, 'eos')
+  forced(word_id(tokenizer, 'Bonjour'))
+  [t] = tr.translate_detailed(['Hello'], max_new_tokens=3)
+  assert (t.text, t.output_tokens, t.stop_reason) == (
+      'BonjourBonjourBonjour', 3, 'max_tokens')
+  [t] = tr.translate_detailed(['Hello'], max_new_tokens=3,
+                              stop_sequences=['jourBon'])
+  assert (t.text, t.output_tokens, t.stop_reason) == ('Bon', 3, 'stop_sequence')
+
+
+def test_over_long_inputs(tr, monkeypatch):
+  monkeypatch.setattr(tr, 'max_input_tokens', 14)
+  long_src = 'one two three four five six seven eight nine ten'
+  with pytest.raises(T.InputTooLongError, match=r'input 1 is \d+ tokens .* limit of 14'):
+    tr.generate(['Hi', long_src], max_new_tokens=2)
+  monkeypatch.setattr(tr, 'truncate', True)
+  gen = tr.generate(['Hi', long_src], max_new_tokens=2)
+  assert gen.truncated == [False, True] and gen.input_tokens[1] == 14
+
+
+@pytest.mark.parametrize('kw,field', [
+    (dict(max_new_tokens=0), 'max_new_tokens'),
+    (dict(max_new_tokens=True), 'max_new_tokens'),
+    (dict(temperature=-1.0), 'temperature'),
+    (dict(temperature=float('nan')), 'temperature'),
+    (dict(top_k=0), 'top_k'),
+    (dict(top_p=0.0), 'top_p'),
+    (dict(top_p=1.5), 'top_p'),
+    (dict(seed=-1), 'seed'),
+])
+def test_option_validation(tr, kw, field):
+  with pytest.raises(ValueError, match=field):
+    tr.generate(['Hi'], **kw)
+
+
+def test_sources_must_be_a_list(tr):
+  with pytest.raises(TypeError):
+    tr.generate('Hello')
+
+
+# --- JSON interface ----------------------------------------------------------------
+@pytest.mark.parametrize('request_text,field', [
+    ('{"input_text": ', 'invalid JSON'),
+    ('[1, 2]', 'JSON object'),
+    ('{"temperature": 0}', 'input_text'),
+    ('{"input_text": "Hi", "foo": 1}', "'foo'"),
+    ('{"input_text": ""}', 'input_text is empty'),
+    ('{"input_text": []}', 'input_text'),
+    ('{"input_text": ["a", 3]}', 'input_text[1]'),
+    ('{"input_text": "Hi", "temperature": "0.5"}', 'temperature'),
+    ('{"input_text": "Hi", "temperature": 1.5}', 'temperature'),
+    ('{"input_text": "Hi", "temperature": true}', 'temperature'),
+    ('{"input_text": "Hi", "temperature": NaN}', 'NaN'),
+    ('{"input_text": "Hi", "top_p": -0.1}', 'top_p'),
+    ('{"input_text": "Hi", "top_k": 501}', 'top_k'),
+    ('{"input_text": "Hi", "top_k": 5.0}', 'top_k'),
+    ('{"input_text": "Hi", "max_tokens": 0}', 'max_tokens'),
+    ('{"input_text": "Hi", "max_tokens": false}', 'max_tokens'),
+    ('{"input_text": "Hi", "max_tokens": 100000}', 'max_tokens'),
+    ('{"input_text": "Hi", "seed": true}', 'seed'),
+    ('{"input_text": "Hi", "stop_sequences": "END"}', 'stop_sequences'),
+    ('{"input_text": "Hi", "stop_sequences": [""]}', 'stop_sequences[0]'),
+    ('{"input_text": "Hi", "seed": 1, "seed": 2}', "duplicate field 'seed'"),
+])
+def test_json_request_errors(request_text, field):
+  # Rejected before the model is touched: no translator needed.
+  response = json_api.handle_request(None, request_text)
+  assert response['status'] == 'FAIL' and field in response['error'], response
+  assert set(response) == {'status', 'error'}
+
+
+def test_json_defaults_and_sampling_implied():
+  kw = json_api.parse_request({'input_text': 'Hi'})
+  assert kw == dict(sources=['Hi'], temperature=0.0, top_k=None, top_p=None,
+                    max_new_tokens=256, seed=0, stop_sequences=[])
+  kw = json_api.parse_request({'input_text': ['a'], 'top_k': 40, 'top_p': 1})
+  assert (kw['temperature'], kw['top_k'], kw['top_p']) == (1.0, 40, None)
+
+
+def test_json_success_and_too_long(tr):
+  response = json_api.handle_request(
+      tr, {'input_text': ['Hello', 'Cats'], 'max_tokens': 4})
+  assert response['status'] == 'SUCCESS' and len(response['translations']) == 2
+  gen = tr.generate(['Hello', 'Cats'], max_new_tokens=4)
+  assert response['usage'] == {'input_tokens': sum(gen.input_tokens),
+                               'output_tokens': sum(gen.output_tokens)}
+  response = json_api.handle_request(
+      tr, {'input_text': ['Hi', 'word ' * 2000], 'max_tokens': 4})
+  assert response['status'] == 'FAIL'
+  assert 'input_text[1] is' in response['error'] and '1024' in response['error']
+
+
+def test_jsonl_one_response_per_line_in_order(tr):
+  lines = [b'{"input_text": "Hello", "max_tokens": 3}',
+           b'{"input_text": ',
+           b'',
+           b'{"input_text": "Hi", "colour": "red"}',
+           b'\xff\xfe',
+           b'{"input_text": ["Hi", "Cats"], "max_tokens": 3}\r']
+  out = io.StringIO()
+  n = json_api.serve_jsonl(tr, io.BytesIO(b'\n'.join(lines) + b'\n'), out)
+  responses = [json.loads(line) for line in out.getvalue().splitlines()]
+  assert n == len(responses) == 6
+  assert [r['status'] for r in responses] == [
+      'SUCCESS', 'FAIL', 'FAIL', 'FAIL', 'FAIL', 'SUCCESS']
+  assert responses[1]['error'].startswith('line 2: invalid JSON')
+  assert responses[2]['error'] == 'line 3: empty line'
+  assert "line 4: unknown field(s) 'colour'" in responses[3]['error']
+  assert responses[4]['error'].startswith('line 5: invalid UTF-8')
+  assert len(responses[5]['translations']) == 2
+
+
+# --- CLI ---------------------------------------------------------------------------
+@pytest.fixture
+def cli(tr, monkeypatch):
+  monkeypatch.setattr(T, 'build_translator', lambda args: tr)
+  def run(argv, stdin=b''):
+    monkeypatch.setattr(sys, 'stdin', io.TextIOWrapper(io.BytesIO(stdin)))
+    return T.main(argv)
+  return run
+
+
+def test_cli_file_args_and_stdin(cli, capfd, tmp_path, tr, tokenizer, forced):
+  forced(word_id(tokenizer, 'Bonjour'))
+  path = tmp_path / 'in.txt'
+  path.write_text('Hello\n\nCats\n', encoding='utf-8')
+  assert cli(['--input', str(path), '--max_new_tokens', '2']) == 0
+  assert capfd.readouterr().out == 'BonjourBonjour\n\nBonjourBonjour\n'
+  assert cli(['Hello', 'Cats', '--max_new_tokens', '1', '--stop', 'jour']) == 0
+  assert capfd.readouterr().out == 'Bon\nBon\n'
+  assert cli(['--max_new_tokens', '1'], stdin=b'Hello\n') == 0
+  assert capfd.readouterr().out == 'Bonjour\n'
+  assert cli(['--jsonl'], stdin=b'{"input_text": "Hi", "max_tokens": 1}\n\n') == 0
+  out = [json.loads(x) for x in capfd.readouterr().out.splitlines()]
+  assert out[0]['translations'] == ['Bonjour'] and out[1]['status'] == 'FAIL'
+  assert cli(['x', '--top_p', '0']) == 2  # A clear error, not a traceback.
