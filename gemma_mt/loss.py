@@ -8,10 +8,10 @@ and `positions` for packed rows (several examples per row, segment 0 = pad).
 The vocabulary is 256K, so full float32 logits for a 4 x 128 batch already
 take 0.5 GB and their gradient as much again. Instead the model returns
 final-normed hidden states and the LM head + log-softmax run over chunks of
-`chunk_size` target rows, each under `jax.checkpoint` so the backward pass
-recomputes a chunk's logits instead of keeping them. Target rows are moved to
-the front first and chunks without any target are skipped, so the prompt and
-the padding cost no LM-head FLOPs.
+about `chunk_size` tokens, each under `jax.checkpoint` so the backward pass
+recomputes a chunk's logits instead of keeping them. Each row's target
+positions are moved to its front first and chunks without any target are
+skipped, so most of the prompt and padding cost no LM-head FLOPs.
 
 The loss is the sum over all target tokens of the batch divided by their
 count (not a mean of per-row means, nor only row 0 as in the tutorial).
@@ -85,29 +85,37 @@ def num_target_tokens(batch: Batch) -> Array:
 def chunked_cross_entropy(hidden: Array, table: Array, labels: Array,
                           weights: Array, softcap: float | None = None,
                           chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
-  """Sum of weighted CE of `hidden [N, D] @ table[V, D].T` vs `labels [N]`.
+  """Sum of weighted CE of `hidden @ table.T` against `labels`.
 
-  Float32 logits exist only for one chunk [chunk_size, V] at a time, in the
-  forward and (recomputed) in the backward pass.
+  hidden [B, T, D] (or [T, D]), table [V, D], labels/weights [B, T]. Float32
+  logits exist for one chunk of about `chunk_size` tokens at a time
+  ([B, chunk_size // B, V]), in the forward and (recomputed) in the
+  backward pass. Rows stay rows: with a batch sharded over devices every
+  device works on its own rows, no gather.
   """
-  n, d = hidden.shape
+  if hidden.ndim == 2:
+    hidden, labels, weights = hidden[None], labels[None], weights[None]
+  B, T, D = hidden.shape
   weights = weights.astype(bool)
-  # Target rows first (stable), so all-padding chunks at the end are skipped.
-  order = jnp.argsort(~weights, stable=True)
-  hidden, labels, weights = hidden[order], labels[order], weights[order]
-  chunk_size = max(1, min(chunk_size, n))
-  num_chunks = -(-n // chunk_size)
-  pad = num_chunks * chunk_size - n
+  # Each row's target positions first (stable): trailing chunks where no
+  # row has a target (prompts, padding) are skipped below.
+  order = jnp.argsort(~weights, axis=1, stable=True)
+  hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+  labels = jnp.take_along_axis(labels, order, axis=1)
+  weights = jnp.take_along_axis(weights, order, axis=1)
+  c = max(1, min(chunk_size // B, T))
+  num_chunks = -(-T // c)
+  pad = num_chunks * c - T
   if pad:
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-    labels = jnp.pad(labels, (0, pad))
-    weights = jnp.pad(weights, (0, pad))
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    labels = jnp.pad(labels, ((0, 0), (0, pad)))
+    weights = jnp.pad(weights, ((0, 0), (0, pad)))
   table = table.astype(hidden.dtype)  # Cast once, not once per chunk.
 
   @jax.checkpoint
   def chunk_loss(table, h, y, w):
-    logits = model_lib.logits_from_hidden(table, h, softcap)  # [C, V] f32
-    label_logit = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+    logits = model_lib.logits_from_hidden(table, h, softcap)  # [B, c, V] f32
+    label_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - label_logit
     return jnp.sum(jnp.where(w, nll, 0.0))
 
@@ -117,10 +125,10 @@ def chunked_cross_entropy(hidden: Array, table: Array, labels: Array,
                         table, h, y, w)
     return total + loss, None
 
-  xs = (hidden.reshape(num_chunks, chunk_size, d),
-        labels.reshape(num_chunks, chunk_size),
-        weights.reshape(num_chunks, chunk_size))
-  total, _ = jax.lax.scan(body, jnp.float32(0), xs)
+  chunks = lambda x: jnp.moveaxis(
+      x.reshape(B, num_chunks, c, *x.shape[2:]), 1, 0)
+  total, _ = jax.lax.scan(body, jnp.float32(0),
+                          (chunks(hidden), chunks(labels), chunks(weights)))
   return total
 
 
@@ -132,12 +140,9 @@ def loss_sum_fn(params, model, batch: Batch, *, pad_id: int = 0,
   hidden, _ = model.apply({'params': params}, tokens, positions,
                           attention_mask, return_hidden=True)
   weights = target_weights(batch)
-  B, L, D = hidden.shape
   loss_sum = chunked_cross_entropy(
-      hidden[:, :-1].reshape(B * (L - 1), D),
-      params['embedder']['input_embedding'],
-      tokens[:, 1:].reshape(-1), weights.reshape(-1),
-      model.config.final_logit_softcap, chunk_size)
+      hidden[:, :-1], params['embedder']['input_embedding'], tokens[:, 1:],
+      weights, model.config.final_logit_softcap, chunk_size)
   aux = {'num_target_tokens': jnp.sum(weights, dtype=jnp.int32),
          'num_tokens': jnp.sum(input_mask, dtype=jnp.int32),
          'loss_sum': loss_sum}

@@ -62,7 +62,7 @@ def naive_ce(hidden, table, labels, weights, softcap):
   from gemma_mt.model import logits_from_hidden
   logits = logits_from_hidden(table, hidden, softcap)
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-      logits, labels[:, None], -1)[:, 0]
+      logits, labels[..., None], -1)[..., 0]
   return jnp.sum(jnp.where(weights, nll, 0.0))
 
 
@@ -119,14 +119,15 @@ def test_labels_outside_mask_do_not_matter(tiny):
 def test_chunked_ce_matches_naive_values_and_grads():
   rng = np.random.default_rng(0)
   n, d, v = 37, 16, 53
-  h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  h = jnp.asarray(rng.normal(size=(3, n, d)), jnp.float32)
   table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, v, n))
-  w = jnp.asarray(rng.random(n) < 0.4)
+  labels = jnp.asarray(rng.integers(0, v, (3, n)))
+  w = jnp.asarray(rng.random((3, n)) < 0.4)
+  w = w.at[2, n // 2:].set(False)  # Rows with different target counts.
   for softcap in (None, 5.0):
     ref_fn = lambda h, t: naive_ce(h, t, labels, w, softcap)
     ref, ref_g = jax.value_and_grad(ref_fn, (0, 1))(h, table)
-    for chunk in (4, 37, 100):
+    for chunk in (12, 111, 1000):  # c = 4, 37, T per row.
       fn = lambda h, t: loss_lib.chunked_cross_entropy(h, t, labels, w,
                                                        softcap, chunk)
       val, g = jax.jit(jax.value_and_grad(fn, (0, 1)))(h, table)
