@@ -51,16 +51,23 @@ def main():
     upd = (-lr * gb).astype(jnp.bfloat16)  # optax.sgd in the params' dtype.
     nz16 = np.asarray(gb != 0)
     lost16 = np.asarray((pb + upd).astype(jnp.bfloat16) == pb) & nz16
-    rows.append((name, nz32.sum(), lost32.sum(), nz16.sum(), lost16.sum()))
+    a32, a16 = np.abs(np.asarray(g32, np.float64)), np.abs(
+        np.asarray(gb, np.float64))
+    rows.append((name, nz32.sum(), lost32.sum(), nz16.sum(), lost16.sum(),
+                 a32.sum(), a32[lost32].sum(), a16.sum(), a16[lost16].sum()))
 
   def report(label, sel):
     n32 = sum(r[1] for r in sel); l32 = sum(r[2] for r in sel)
     n16 = sum(r[3] for r in sel); l16 = sum(r[4] for r in sel)
-    print(f'{label:<22} bf16 lost {l16 / max(n16, 1):7.2%} of {n16:>11,} '
-          f'| f32 lost {l32 / max(n32, 1):9.5%} of {n32:>11,}')
+    m32 = sum(r[6] for r in sel) / sum(r[5] for r in sel)
+    m16 = sum(r[8] for r in sel) / sum(r[7] for r in sel)
+    print(f'{label:<19} bf16: {l16 / max(n16, 1):7.2%} of {n16:>11,} elems, '
+          f'{m16:7.2%} of |update| | f32: {l32 / max(n32, 1):7.3%} elems, '
+          f'{m32:8.4%} of |update|')
 
   print(f'SGD lr={lr}, one MTNT batch ({args.batch_size} x '
-        f'{args.max_seq_len}); updates that round to no change:')
+        f'{args.max_seq_len}); non-zero updates that round to no change '
+        '(share of elements, share of the L1 update mass):')
   report('all params', rows)
   report('embedding', [r for r in rows if 'embedder' in r[0]])
   report('transformer layers', [r for r in rows if 'layer_' in r[0]])
