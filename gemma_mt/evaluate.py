@@ -66,7 +66,8 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
 
 
 def evaluate(translator, pairs: Sequence[tuple[str, str]], *,
-             batch_size: int | None = None, max_new_tokens: int = 256
+             batch_size: int | None = None, max_new_tokens: int = 256,
+             max_length_ratio: float | None = None
              ) -> tuple[list[str], dict]:
   """(hypotheses, summary) of greedy translations of `pairs`."""
   sources = [s for s, _ in pairs]
@@ -74,7 +75,8 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]], *,
   compiles = translator.num_compiles
   t0 = time.perf_counter()
   results = translator.translate_detailed(
-      sources, max_new_tokens=max_new_tokens, batch_size=batch_size)
+      sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
+      max_length_ratio=max_length_ratio)
   seconds = time.perf_counter() - t0
   hyps = [r.text for r in results]
   long_ = [too_long(h, r) for h, r in zip(hyps, refs)]
@@ -92,6 +94,7 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]], *,
       'input_tokens': sum(r.input_tokens for r in results),
       'output_tokens': sum(r.output_tokens for r in results),
       'max_new_tokens': max_new_tokens,
+      'max_length_ratio': max_length_ratio,
   }
   return hyps, summary
 
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
   log.info('translating %d pairs from %s', len(pairs), where)
   try:
     hyps, summary = evaluate(translator, pairs, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens)
+                             max_new_tokens=args.max_new_tokens,
+                             max_length_ratio=args.max_length_ratio or None)
   except ValueError as e:
     log.error('%s', e)
     return 2

@@ -146,13 +146,18 @@ def fail(error: str) -> dict:
   return {'status': 'FAIL', 'error': error}
 
 
-def handle_request(translator, request: Any) -> dict:
-  """A response dict for a request (a parsed object or its JSON text)."""
+def handle_request(translator, request: Any,
+                   max_length_ratio: float | None = None) -> dict:
+  """A response dict for a request (a parsed object or its JSON text).
+
+  `max_length_ratio` is the server's runaway cap (see `Translator.generate`).
+  """
   from gemma_mt.translate import InputTooLongError
   try:
     req = loads(request) if isinstance(request, (str, bytes)) else request
     kw = parse_request(req)
-    results = translator.translate_detailed(kw.pop('sources'), **kw)
+    results = translator.translate_detailed(
+        kw.pop('sources'), max_length_ratio=max_length_ratio, **kw)
   except RequestError as e:
     return fail(str(e))
   except InputTooLongError as e:
@@ -175,7 +180,8 @@ def dumps(response: dict) -> str:
   return json.dumps(response, ensure_ascii=False)
 
 
-def serve_jsonl(translator, lines: BinaryIO, out: TextIO) -> int:
+def serve_jsonl(translator, lines: BinaryIO, out: TextIO,
+                max_length_ratio: float | None = None) -> int:
   """One response line per request line (bytes in, text out); returns count."""
   n = 0
   for n, raw in enumerate(lines, start=1):
@@ -186,7 +192,7 @@ def serve_jsonl(translator, lines: BinaryIO, out: TextIO) -> int:
       response = fail(f'invalid UTF-8 at byte {e.start}')
     else:
       response = (fail('empty line') if not text.strip()
-                  else handle_request(translator, text))
+                  else handle_request(translator, text, max_length_ratio))
     if response['status'] == 'FAIL':
       response['error'] = f'line {n}: {response["error"]}'
     out.write(dumps(response) + '\n')

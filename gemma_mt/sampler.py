@@ -102,10 +102,11 @@ def _row_keys(seed, row_ids, step):
 def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
            top_k, top_p, max_new_tokens, stop_table, *, model: M.Transformer,
            mode: SamplingMode, budget: int, pad_id: int):
-  """Generates up to `max_new_tokens` (<= budget) tokens per row.
+  """Generates up to `max_new_tokens[r]` (1..budget) tokens for row r.
 
   prompt [B, P] right-padded, prompt_len [B] >= 1, active [B] (False for
-  bucket padding rows), stop_table [V] bool (EOS, newline, ...).
+  bucket padding rows), stop_table [V] bool (EOS, newline, ...). The loop
+  ends when every row is done (stop token or its own limit).
   Returns (tokens [B, budget] with pad after the end, counts [B]); a row's
   count includes the stop token it ended on.
   """
@@ -130,14 +131,14 @@ def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
   last = hidden[jnp.arange(B), prompt_len - 1]
   tok = jnp.where(active, sample(logits_of(last), 0), pad_id)
   out = jnp.full((B, budget), pad_id, jnp.int32).at[:, 0].set(tok)
-  done = ~active | stop_table[tok]
   count = active.astype(jnp.int32)
+  done = ~active | stop_table[tok] | (count >= max_new_tokens)
   slots = jnp.arange(S)[None]
   in_prompt = slots < prompt_len[:, None]
 
   def cond(state):
     i, _, _, _, done, _ = state
-    return (i < max_new_tokens) & ~jnp.all(done)
+    return (i < budget) & ~jnp.all(done)
 
   def body(state):
     i, tok, cache, out, done, count = state
@@ -149,7 +150,7 @@ def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
     new = jnp.where(done, pad_id, sample(logits_of(hidden[:, 0]), i))
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
     count = count + (~done).astype(jnp.int32)
-    done = done | stop_table[new]
+    done = done | stop_table[new] | (count >= max_new_tokens)
     return i + 1, new, cache, out, done, count
 
   state = (jnp.int32(1), tok, cache, out, done, count)
@@ -182,24 +183,30 @@ class Sampler:
     self.num_compiles = 0
     self.compiled_shapes: list[tuple] = []  # (B, P, budget, mode) per compile
 
-  def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
+  def generate(self, prompts: Sequence[np.ndarray], *,
+               max_new_tokens: int | Sequence[int],
                temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0,
                batch_size: int | None = None) -> list[np.ndarray]:
     """Generated ids of each prompt (ending with its stop token, if any).
 
-    Prompts are sorted by length and cut into batches, so similar lengths
-    share a prompt bucket; results come back in input order.
+    `max_new_tokens` is one limit for all or one per prompt. Prompts are
+    sorted by length and cut into batches, so similar lengths share a
+    prompt bucket; results come back in input order.
     """
     batch_size = batch_size or self.batch_size
     if any(len(p) == 0 for p in prompts):
       raise ValueError('empty prompt: every prompt needs at least one token')
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64),
+                             (len(prompts),))
+    if len(prompts) and limits.min() < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {limits.min()}')
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[np.ndarray | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
       idx = order[start:start + batch_size]
       outs = self._run_batch([prompts[i] for i in idx], idx, batch_size,
-                             max_new_tokens, temperature, top_k, top_p, seed)
+                             limits[idx], temperature, top_k, top_p, seed)
       for i, o in zip(idx, outs):
         results[i] = o
     return results
@@ -209,7 +216,9 @@ class Sampler:
     n = len(prompts)
     B = batch_bucket(n, batch_size)
     P = next_pow2(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
-    budget = next_pow2(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    budget = next_pow2(int(max_new_tokens.max()), MIN_NEW_TOKENS_BUCKET)
+    limits = np.ones(B, np.int32)
+    limits[:n] = max_new_tokens
     tokens = np.full((B, P), self.pad_id, np.int32)
     lens = np.ones(B, np.int32)
     for r, p in enumerate(prompts):
@@ -223,7 +232,7 @@ class Sampler:
     args = (self.params, tokens, lens, active, ids, np.int32(seed),
             np.float32(temperature or 1.0), np.int32(top_k or 0),
             np.float32(1.0 if top_p is None else top_p),
-            np.int32(max_new_tokens), self._stop_table)
+            limits, self._stop_table)
     exe = self._executable((B, P, budget, mode), args)
     out, count = jax.device_get(exe(*args))
     return [out[r, :count[r]] for r in range(n)]

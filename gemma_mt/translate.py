@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import re
 import sys
 import time
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_MAX_INPUT_TOKENS = 1024
+# CLI default: French runs ~1.2-1.5x the English token count, so 3x the
+# whole prompt never cuts a real translation but bounds a runaway one.
+DEFAULT_MAX_LENGTH_RATIO = 3.0
 
 
 class InputTooLongError(ValueError):
@@ -230,20 +234,30 @@ class Translator:
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0,
-               batch_size: int | None = None) -> Generation:
+               batch_size: int | None = None,
+               max_length_ratio: float | None = None) -> Generation:
     """Token ids and usage counts; greedy unless temperature > 0.
 
     Greedy ignores top_k/top_p. Blank sources are not sent to the model.
-    All inputs are checked before any is decoded.
+    `max_length_ratio` r caps each input at ceil(r * prompt tokens) new
+    tokens (the instruction in the prompt gives short inputs some slack):
+    a runaway row then stops early instead of holding its batch for
+    `max_new_tokens` steps. All inputs are checked before any is decoded.
     """
     if isinstance(sources, str):
       raise TypeError('sources must be a list of strings, not one string')
     _check_options(max_new_tokens, temperature, top_k, top_p, seed)
+    if max_length_ratio is not None and not max_length_ratio > 0:
+      raise ValueError(f'max_length_ratio must be None or > 0, got '
+                       f'{max_length_ratio!r}')
     fitted = [None if not s.strip() else self._fit(i, s)
               for i, s in enumerate(sources)]
     todo = [i for i, f in enumerate(fitted) if f is not None]
+    limits = [max_new_tokens if max_length_ratio is None else
+              min(max_new_tokens, math.ceil(max_length_ratio * len(fitted[i][0])))
+              for i in todo]
     outs = self.sampler.generate(
-        [fitted[i][0] for i in todo], max_new_tokens=max_new_tokens,
+        [fitted[i][0] for i in todo], max_new_tokens=limits,
         temperature=float(temperature), top_k=top_k, top_p=top_p, seed=seed,
         batch_size=batch_size)
     empty = np.zeros(0, np.int32)
@@ -288,12 +302,13 @@ class Translator:
                 temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, seed: int = 0,
                 stop_sequences: Sequence[str] = (),
-                batch_size: int | None = None) -> list[str]:
-    """One line of text per source, in order."""
+                batch_size: int | None = None,
+                max_length_ratio: float | None = None) -> list[str]:
+    """One line of text per source, in order (options as in `generate`)."""
     return [t.text for t in self.translate_detailed(
         sources, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, stop_sequences=stop_sequences,
-        batch_size=batch_size)]
+        batch_size=batch_size, max_length_ratio=max_length_ratio)]
 
 
 # --- CLI -------------------------------------------------------------------------
@@ -309,6 +324,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                  default=DEFAULT_MAX_INPUT_TOKENS)
   p.add_argument('--truncate', action='store_true',
                  help='cut over-long sources instead of failing')
+  p.add_argument('--max_length_ratio', type=float,
+                 default=DEFAULT_MAX_LENGTH_RATIO,
+                 help='at most ceil(R * prompt tokens) new tokens per input '
+                      '(0: only --max_new_tokens)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
                  help='compute dtype (default: float32 on CPU, else bfloat16)')
 
@@ -382,7 +401,8 @@ def main(argv=None) -> int:
   if args.jsonl:
     from gemma_mt import json_api
     translator = build_translator(args)
-    json_api.serve_jsonl(translator, sys.stdin.buffer, sys.stdout)
+    json_api.serve_jsonl(translator, sys.stdin.buffer, sys.stdout,
+                         args.max_length_ratio or None)
     return 0
   sources = _read_lines(args)
   translator = build_translator(args)
@@ -390,7 +410,9 @@ def main(argv=None) -> int:
                        args.max_new_tokens)
   try:
     t0 = time.time()
-    out = translator.translate(sources, stop_sequences=args.stop, **kw)
+    out = translator.translate(sources, stop_sequences=args.stop,
+                               max_length_ratio=args.max_length_ratio or None,
+                               **kw)
   except ValueError as e:
     log.error('%s', e)
     return 2

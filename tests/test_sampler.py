@@ -74,6 +74,9 @@ def test_stop_tokens_end_rows_independently(params, greedy):
 def test_max_new_tokens_and_budget_bucket(sampler, greedy):
   out = sampler.generate(PROMPTS, max_new_tokens=3)  # same 16-token budget
   assert [o.tolist() for o in out] == [g[:3].tolist() for g in greedy]
+  out = sampler.generate(PROMPTS, max_new_tokens=[2, 10, 5])  # per row
+  assert [o.tolist() for o in out] == [g[:n].tolist()
+                                       for g, n in zip(greedy, (2, 10, 5))]
 
 
 def test_bucketing_reuses_compiled_shapes(sampler, greedy):

@@ -133,6 +133,10 @@ def test_stop_rules_end_to_end(tr, tokenizer, forced):
   [t] = tr.translate_detailed(['Hello'], max_new_tokens=3,
                               stop_sequences=['jourBon'])
   assert (t.text, t.output_tokens, t.stop_reason) == ('Bon', 3, 'stop_sequence')
+  n = len(tr.prompt_tokens('Hello'))
+  [t] = tr.translate_detailed(['Hello'], max_new_tokens=8,
+                              max_length_ratio=2.5 / n)  # ceil(2.5) = 3
+  assert (t.output_tokens, t.stop_reason) == (3, 'max_tokens')
 
 
 def test_over_long_inputs(tr, monkeypatch):
@@ -154,6 +158,7 @@ def test_over_long_inputs(tr, monkeypatch):
     (dict(top_p=0.0), 'top_p'),
     (dict(top_p=1.5), 'top_p'),
     (dict(seed=-1), 'seed'),
+    (dict(max_length_ratio=0), 'max_length_ratio'),
 ])
 def test_option_validation(tr, kw, field):
   with pytest.raises(ValueError, match=field):
