@@ -166,7 +166,8 @@ class Translator:
                lang_pair: str = 'en-fr', dtype: Any = None, *,
                batch_size: int = 32,
                max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
-               truncate: bool = False, cache_size: int = 16):
+               truncate: bool = False, cache_size: int = 16,
+               max_pad_ratio: float | None = 4.0):
     if isinstance(model_or_config, M.Transformer):
       model = model_or_config
     else:
@@ -187,7 +188,7 @@ class Translator:
                          or tokenizer.processor.IdToPiece(i) == '<0x0A>'}
     self.sampler = Sampler(model, params, pad_id=tokenizer.pad_id,
                            stop_ids=self._stop_ids, batch_size=batch_size,
-                           cache_size=cache_size)
+                           cache_size=cache_size, max_pad_ratio=max_pad_ratio)
 
   @classmethod
   def from_pretrained(cls, model: str = 'gemma3_270m', checkpoint=None,

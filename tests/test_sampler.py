@@ -25,7 +25,9 @@ def params():
 
 @pytest.fixture(scope='module')
 def sampler(params):
-  return S.Sampler(MODEL, params, pad_id=0, stop_ids=[], batch_size=4)
+  # No pad-ratio splits: these tiny prompts would otherwise split batches.
+  return S.Sampler(MODEL, params, pad_id=0, stop_ids=[], batch_size=4,
+                   max_pad_ratio=None)
 
 
 PROMPTS = [np.random.default_rng(0).integers(2, V, n).astype(np.int32)
@@ -63,7 +65,8 @@ def test_stop_tokens_end_rows_independently(params, greedy):
   # Make the 4th generated token of row 0 a stop token: row 0 ends there,
   # the others end at their own first occurrence of it, or run to the limit.
   stop = int(greedy[0][3])
-  s = S.Sampler(MODEL, params, pad_id=0, stop_ids=[stop], batch_size=4)
+  s = S.Sampler(MODEL, params, pad_id=0, stop_ids=[stop], batch_size=4,
+                max_pad_ratio=None)
   out = s.generate(PROMPTS, max_new_tokens=10)
   for full, got in zip(greedy, out):
     hits = np.flatnonzero(full == stop)
@@ -126,6 +129,17 @@ def test_sample_logits_filters():
 def test_buckets():
   assert [S.next_pow2(n, 16) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
   assert [S.batch_bucket(n, 12) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+
+
+def test_split_batches():
+  # Sorted by length, at most 3 per batch; input order is restored by the caller.
+  assert S.split_batches([5, 1, 4, 2, 3], 3, None) == [[1, 3, 4], [2, 0]]
+  # 31 short prompts and a long one: the long one is not padded together.
+  lengths = [20] * 31 + [250]
+  assert S.split_batches(lengths, 32) == [list(range(31)), [31]]
+  assert S.split_batches(lengths, 32, None) == [list(range(32))]
+  assert S.split_batches([10, 20, 40, 60], 32) == [[0, 1, 2, 3]]
+  assert S.split_batches([], 4) == []
 
 
 def test_bad_inputs(params):
