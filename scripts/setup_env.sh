@@ -7,8 +7,11 @@ command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv>=0.5"
 UV="$(command -v uv || echo "$(python3 -m site --user-base)/bin/uv")"
 PY="${GEMMA_MT_PYTHON:-}"
 if [ -z "$PY" ]; then
-  for c in python3.12 python3.13 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 "$HOME"/.pyenv/versions/3.13*/bin/python3.13; do
-    if command -v "$c" >/dev/null 2>&1; then PY="$(command -v "$c")"; break; fi
+  # pyenv shims exist on PATH even when that version is not selected, so each candidate must run.
+  for c in "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3.12 "$HOME"/.pyenv/versions/3.13*/bin/python3.13 python3.13; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1; then
+      PY="$(command -v "$c")"; break
+    fi
   done
 fi
 [ -n "$PY" ] || { echo "error: need Python >= 3.12 (set GEMMA_MT_PYTHON=/path/to/python3.12)" >&2; exit 1; }
