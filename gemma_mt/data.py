@@ -327,16 +327,14 @@ class MTNTDatasetBuilder:
     return batches()
 
 
-def prefetch_to_device(iterator, size: int = 2, sharding=None):
-  """Yields `jax.device_put` batches from a background thread, `size` ahead.
+def prefetch_to_device(iterator, put, size: int = 2):
+  """Yields `put(batch)` (a host->device copy) from a background thread.
 
-  Host-side batching (numpy, packing) overlaps with the device step, so the
-  accelerator does not wait for data.
+  Host-side batching (numpy, packing) and the copy overlap with the device
+  step, `size` batches ahead, so the accelerator does not wait for data.
   """
   import queue
   import threading
-
-  import jax
 
   q: queue.Queue = queue.Queue(maxsize=size)
   done = object()
@@ -344,7 +342,7 @@ def prefetch_to_device(iterator, size: int = 2, sharding=None):
   def produce():
     try:
       for batch in iterator:
-        q.put(jax.device_put(batch, sharding))
+        q.put(put(batch))
     except BaseException as e:  # Re-raised in the consumer.
       q.put(e)
     q.put(done)

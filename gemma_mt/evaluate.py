@@ -14,6 +14,9 @@ included, their count reported) and runaway outputs, i.e. hypotheses that
 Writes hypotheses (one per line, in input order) and a JSON summary. Default
 paths are `workdir/eval/<timestamp>-<pid>/{hypotheses.txt,summary.json}`;
 they never derive from the data.
+
+`--data_parallel` (as in `gemma_mt.translate`) decodes each batch split over
+all local devices (greedy output as on one device, up to float rounding).
 """
 
 from __future__ import annotations
@@ -177,7 +180,8 @@ def main(argv=None) -> int:
     return 2
   summary = {'data': where, 'lang_pair': args.lang_pair,
              'model': args.model, 'checkpoint': args.checkpoint,
-             'batch_size': args.batch_size, **summary,
+             'batch_size': args.batch_size,
+             'data_parallel': args.data_parallel, **summary,
              'hypotheses': str(output)}
   write_hypotheses(output, hyps)
   summary_path.parent.mkdir(parents=True, exist_ok=True)

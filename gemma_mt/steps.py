@@ -78,17 +78,30 @@ def _split(batch: dict, k: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def full_params(params, frozen=None):
+  """The tree the model applies: `params`, plus the frozen part if any."""
+  if frozen is None:
+    return params
+  from gemma_mt import lora
+  return lora.combine(frozen, params)
+
+
 def make_grad_fn(model, *, grad_accum_steps: int = 1, pad_id: int = 0,
                  chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE):
-  """`grad_fn(params, batch) -> (loss, aux, grads)`, the loss of the batch."""
+  """`grad_fn(params, batch, frozen=None) -> (loss, aux, grads)`.
 
-  def grad_fn(params, batch):
+  The loss of the whole batch and its gradient w.r.t. `params`. `frozen`
+  (LoRA: the base weights, possibly quantized) joins `params` in the forward
+  pass but gets no gradient.
+  """
+
+  def grad_fn(params, batch, frozen=None):
     batch = {k: jnp.asarray(v) for k, v in loss_lib.as_batch(batch).items()}
     denom = jnp.maximum(loss_lib.num_target_tokens(batch), 1)
 
     def micro_loss(p, mb):
-      loss_sum, aux = loss_lib.loss_sum_fn(p, model, mb, pad_id=pad_id,
-                                           chunk_size=chunk_size)
+      loss_sum, aux = loss_lib.loss_sum_fn(full_params(p, frozen), model, mb,
+                                           pad_id=pad_id, chunk_size=chunk_size)
       return loss_sum / denom, aux
 
     vg = jax.value_and_grad(micro_loss, has_aux=True)
@@ -115,16 +128,17 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
                     grad_accum_steps: int = 1, pad_id: int = 0,
                     chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE,
                     in_shardings=None, out_shardings=None, donate: bool = True):
-  """Jitted `train_step(params, opt_state, batch)`; params/opt_state donated.
+  """Jitted `train_step(params, opt_state, batch, frozen=None)`.
 
-  metrics: loss (mean over the batch's target tokens, before the update),
+  params and opt_state are donated. For LoRA, `params` are the adapters and
+  `frozen` the base weights (not donated, never updated). metrics: loss (mean over the batch's target tokens, before the update),
   grad_norm, num_target_tokens, num_tokens.
   """
   grad_fn = make_grad_fn(model, grad_accum_steps=grad_accum_steps,
                          pad_id=pad_id, chunk_size=chunk_size)
 
-  def train_step(params, opt_state, batch):
-    loss, aux, grads = grad_fn(params, batch)
+  def train_step(params, opt_state, batch, frozen=None):
+    loss, aux, grads = grad_fn(params, batch, frozen)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {'loss': loss, 'grad_norm': global_norm(grads),
@@ -139,14 +153,16 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
 def make_validation_step(model, *, pad_id: int = 0,
                          chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE,
                          in_shardings=None, out_shardings=None):
-  """Jitted `validation_step(params, batch) -> aux` (loss_sum and counts).
+  """Jitted `validation_step(params, batch, frozen=None) -> aux`.
+
+  aux holds loss_sum and the token counts.
 
   Sum `loss_sum` and `num_target_tokens` over batches, then divide: the
   validation loss is per target token over the whole split.
   """
 
-  def validation_step(params, batch):
-    return loss_lib.loss_sum_fn(params, model, batch, pad_id=pad_id,
-                                chunk_size=chunk_size)[1]
+  def validation_step(params, batch, frozen=None):
+    return loss_lib.loss_sum_fn(full_params(params, frozen), model, batch,
+                                pad_id=pad_id, chunk_size=chunk_size)[1]
 
   return _jit(validation_step, (), in_shardings, out_shardings)

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt import pretrained, steps
-from gemma_mt.data import MTNTDatasetBuilder
+from gemma_mt import lora as lora_lib
+from gemma_mt import pretrained, sharding, steps
+from gemma_mt.data import MTNTDatasetBuilder, prefetch_to_device
 from gemma_mt.model import Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,14 @@ class TrainingConfig:
   param_dtype: str = 'float32'      # master weights; 'bfloat16' = pure bf16
   attention_impl: str = 'einsum'    # 'einsum', 'jax' or 'cudnn'
   remat: bool = False               # recompute blocks in the backward pass
+  # LoRA / QLoRA (lora_rank > 0): the base is frozen, adapters train.
+  lora_rank: int = 0                # 0 = full fine-tune
+  lora_alpha: float = 16.0
+  lora_targets: str = 'q,kv,o,gate_up,down'  # subset of lora.TARGETS
+  lora_quant: str | None = None     # QLoRA: 'int8' or 'int4' frozen base
+  # Devices: a ('data', 'fsdp') mesh over all devices; -1 = the rest.
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
   # Data.
   source: str | None = None         # 'tfds' or 'dir'; default from mtnt_dir
   mtnt_dir: str | None = None
@@ -80,6 +89,13 @@ class TrainingConfig:
   seed: int = 0
   progress: bool = True
 
+  def lora_config(self) -> lora_lib.LoraConfig | None:
+    if self.lora_rank <= 0:
+      return None
+    targets = tuple(t.strip() for t in self.lora_targets.split(',') if t.strip())
+    return lora_lib.LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha,
+                               targets=targets, quant=self.lora_quant)
+
 
 class TrainingDivergedError(FloatingPointError):
   """A non-finite loss or gradient; the last good checkpoint is kept."""
@@ -88,9 +104,9 @@ class TrainingDivergedError(FloatingPointError):
 # --------------------------------------------------------------- setup
 
 
-def init_model(config: TrainingConfig):
+def init_model(config: TrainingConfig, param_dtype: str | None = None):
   """(module, params, tokenizer, arch) as the config asks."""
-  param_dtype = jnp.dtype(config.param_dtype)
+  param_dtype = jnp.dtype(param_dtype or config.param_dtype)
   if config.init == 'pretrained':
     pre = pretrained.load(config.model, config.checkpoint, dtype=param_dtype)
     cfg, params, tokenizer, arch = (pre.config, pre.params, pre.tokenizer,
@@ -113,6 +129,62 @@ def init_model(config: TrainingConfig):
   if params is None:
     params = random_params(module, config.seed)
   return module, params, tokenizer, arch
+
+
+def lora_base_dir(config: TrainingConfig) -> Path | None:
+  """The base model dir the adapters belong to (None: the named model)."""
+  if config.init == 'random':
+    return Path(config.workdir).absolute() / 'base'
+  return None if config.checkpoint is None else Path(config.checkpoint)
+
+
+@dataclasses.dataclass
+class TrainState:
+  """What the steps need, placed on the mesh.
+
+  Full fine-tune: `params` are all weights and `frozen` is None. LoRA:
+  `model` is the adapted module, `params` the adapters (float32, the only
+  thing in the optimizer state and the checkpoints), `frozen` the base
+  weights in the compute dtype (int8/int4 for QLoRA: never updated, so no
+  float32 master copy).
+  """
+
+  model: Any
+  params: Any
+  frozen: Any
+  optimizer: Any
+  opt_state: Any
+  step_shardings: tuple  # (in_shardings, out_shardings) of train_step
+  tokenizer: Any
+  arch: str
+
+
+def init_state(config: TrainingConfig, mesh) -> TrainState:
+  lcfg = config.lora_config()
+  module, params, tokenizer, arch = init_model(
+      config, param_dtype=config.dtype if lcfg else None)
+  frozen = None
+  if lcfg is not None:
+    if config.init == 'random':  # The adapters' base must be reloadable.
+      base_dir = lora_base_dir(config)
+      if not base_dir.exists():
+        pretrained.save(base_dir, arch, params, tokenizer)
+    module = lora_lib.apply_lora(module, lcfg)
+    frozen = lora_lib.quantize_base(module, params) if lcfg.quant else params
+    params = lora_lib.init_lora_params(module, jax.random.key(config.seed),
+                                       dtype=jnp.dtype(config.param_dtype))
+  optimizer = steps.make_optimizer(config)
+  p_sh = sharding.param_shardings(params, mesh)
+  params = sharding.shard_params(params, mesh, p_sh)
+  o_sh = sharding.opt_state_shardings(optimizer, params, mesh, p_sh)
+  opt_state = sharding.init_opt_state(optimizer, params, mesh, o_sh)
+  in_sh, out_sh = sharding.step_shardings(mesh, p_sh, o_sh)
+  if frozen is not None:
+    f_sh = sharding.param_shardings(frozen, mesh)
+    frozen = sharding.shard_params(frozen, mesh, f_sh)
+    in_sh = (*in_sh, f_sh)
+  return TrainState(module, params, frozen, optimizer, opt_state,
+                    (in_sh, out_sh), tokenizer, arch)
 
 
 def random_params(module: Transformer, seed: int = 0) -> Any:
@@ -165,10 +237,25 @@ def check_config(config: TrainingConfig) -> None:
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f'batch_size={config.batch_size} is not a multiple of '
                      f'grad_accum_steps={config.grad_accum_steps}')
+  if config.lora_quant and config.lora_rank <= 0:
+    raise ValueError('lora_quant needs lora_rank > 0')
+  config.lora_config()  # Raises on bad targets / quant.
   if config.optimizer not in steps.OPTIMIZERS:
     raise ValueError(f'optimizer must be one of {steps.OPTIMIZERS}')
   for name in ('dtype', 'param_dtype'):
     jnp.dtype(getattr(config, name))  # Raises on an unknown dtype name.
+
+
+def check_mesh(config: TrainingConfig, mesh) -> None:
+  """Every batch (and micro-batch) must split evenly over the devices."""
+  n = sharding.num_batch_shards(mesh)
+  micro = config.batch_size // config.grad_accum_steps
+  eval_bs = config.eval_batch_size or config.batch_size
+  for name, rows in (('batch_size / grad_accum_steps', micro),
+                     ('eval_batch_size', eval_bs)):
+    if rows % n:
+      raise ValueError(f'{name} = {rows} rows does not split over the {n} '
+                       f'devices of mesh {dict(mesh.shape)}')
 
 
 # ---------------------------------------------------------- checkpoints
@@ -265,10 +352,11 @@ def plot_losses(metrics_path: Path, out: Path) -> Path:
 # ----------------------------------------------------------------- loop
 
 
-def evaluate(validation_step, params, batches) -> float:
+def evaluate(validation_step, params, batches, frozen=None) -> float:
   loss_sum, count = 0.0, 0
+  frozen_arg = () if frozen is None else (frozen,)
   for batch in batches:
-    aux = jax.device_get(validation_step(params, batch))
+    aux = jax.device_get(validation_step(params, batch, *frozen_arg))
     loss_sum += float(aux['loss_sum'])
     count += int(aux['num_target_tokens'])
   return loss_sum / max(count, 1)
@@ -294,9 +382,12 @@ def train_loop(config: TrainingConfig) -> Any:
   (workdir / 'config.json').write_text(
       json.dumps(dataclasses.asdict(config), indent=2) + '\n')
 
-  module, params, tokenizer, arch = init_model(config)
-  optimizer = steps.make_optimizer(config)
-  opt_state = optimizer.init(params)
+  mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh_data,
+                                                 config.mesh_fsdp))
+  check_mesh(config, mesh)
+  state = init_state(config, mesh)
+  params, opt_state, frozen = state.params, state.opt_state, state.frozen
+  tokenizer, arch = state.tokenizer, state.arch
   mngr = checkpoint_manager(config)
   ckpt_dir = workdir / 'checkpoints'
   start = 0
@@ -315,15 +406,23 @@ def train_loop(config: TrainingConfig) -> Any:
   valid = list(_take(builder.get_validation_dataset(eval_bs),
                      config.eval_max_batches))
   kw = dict(pad_id=tokenizer.pad_id, chunk_size=config.loss_chunk_size)
+  in_sh, out_sh = state.step_shardings
   train_step = steps.make_train_step(
-      module, optimizer, grad_accum_steps=config.grad_accum_steps, **kw)
-  validation_step = steps.make_validation_step(module, **kw)
+      state.model, state.optimizer, grad_accum_steps=config.grad_accum_steps,
+      in_shardings=in_sh, out_shardings=out_sh, **kw)
+  validation_step = steps.make_validation_step(state.model, **kw)
+  frozen_arg = () if frozen is None else (frozen,)  # LoRA's 4th argument.
+  put = lambda batch: sharding.shard_batch(batch, mesh)
+  valid = [put(b) for b in sharding.host_local_batches(valid)]
   writer = MetricsWriter(workdir)
-  log.info('training %s (%s, %.0fM params) for %d steps from step %d',
-           config.model, arch, module.config.num_params() / 1e6, total, start)
+  what = (f'LoRA adapters ({lora_lib.count_params(params) / 1e6:.2f}M '
+          f'params)' if frozen is not None else 'all params')
+  log.info('training %s (%s) on %d device(s), mesh %s: %s, %d steps from '
+           'step %d', config.model, arch, mesh.size, dict(mesh.shape), what,
+           total, start)
 
   def run_eval(step):
-    loss = evaluate(validation_step, params, valid)
+    loss = evaluate(validation_step, params, valid, frozen)
     writer.write('valid', step, loss=loss)
     log.info('step %d: validation loss %.4f', step, loss)
     return loss
@@ -360,10 +459,12 @@ def train_loop(config: TrainingConfig) -> Any:
       pending = None
 
   try:
-    it = train_data(start)
+    it = prefetch_to_device(
+        sharding.host_local_batches(train_data(start)), put)
     for step in range(start + 1, total + 1):
       batch = next(it)
-      params, opt_state, metrics = train_step(params, opt_state, batch)
+      params, opt_state, metrics = train_step(params, opt_state, batch,
+                                              *frozen_arg)
       flush()  # The previous step's metrics, while this one runs.
       pending = (step, metrics)
       if step % config.checkpoint_every_n == 0 or step == total:
@@ -380,6 +481,14 @@ def train_loop(config: TrainingConfig) -> Any:
     writer.close()
     mngr.close()
 
+  if frozen is not None:
+    lcfg = config.lora_config()
+    adapters = pretrained.save_adapters(
+        workdir / 'adapters', arch, params, lcfg,
+        base_model=config.model, base_checkpoint=lora_base_dir(config),
+        overwrite=True)
+    log.info('adapters in %s', adapters)
+    params = lora_lib.merge_lora(lora_lib.combine(frozen, params), lcfg)
   final = pretrained.save(workdir / 'final', arch, params, tokenizer,
                           overwrite=True)
   plot_losses(writer.path, workdir / 'loss.png')
@@ -481,9 +590,10 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  sharding.maybe_initialize_distributed()  # Before anything touches devices.
   try:
     train_loop(config)
-  except TrainingDivergedError as e:
+  except (TrainingDivergedError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   return 0

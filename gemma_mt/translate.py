@@ -20,6 +20,7 @@ CLI (`python -m gemma_mt.translate` or scripts/translate.py): sentences from
 the arguments, `--input FILE` or stdin, one per line; one translation per
 line on stdout (a blank input line gives a blank output line), logs on
 stderr. `--jsonl` switches to the JSON request interface (`json_api`).
+`--data_parallel` decodes each batch split over all local devices.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt import data, model as M
+from gemma_mt import data, model as M, sharding
 from gemma_mt.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,11 @@ class Translator:
   `model_or_config` is a `Transformer` (used as is) or a `TransformerConfig`
   (built with `dtype`, default `default_dtype()`). Floating params are cast
   to the compute dtype once, so each decode step reads them at that width.
+
+  `mesh` (a `sharding.make_mesh` mesh): decode data-parallel over its
+  devices, params replicated (FSDP-sharded if the mesh has fsdp > 1) and
+  each batch split by rows; a `batch_size` divisible by the device count
+  keeps full batches split. None: one device.
   """
 
   def __init__(self, model_or_config, params: Any, tokenizer,
@@ -167,7 +173,8 @@ class Translator:
                batch_size: int = 32,
                max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
                truncate: bool = False, cache_size: int = 16,
-               max_pad_ratio: float | None = 4.0):
+               max_pad_ratio: float | None = 4.0,
+               mesh: jax.sharding.Mesh | None = None):
     if isinstance(model_or_config, M.Transformer):
       model = model_or_config
     else:
@@ -181,22 +188,31 @@ class Translator:
     self.truncate = truncate
     cast = lambda p: (p.astype(model.dtype)
                       if jnp.issubdtype(p.dtype, jnp.floating) else p)
-    params = jax.device_put(jax.tree.map(cast, params))
+    params = jax.tree.map(cast, params)
+    if mesh is None:  # Else the sampler places them on the mesh.
+      params = jax.device_put(params)
     self._stop_ids = stop_token_ids(tokenizer)
     self._newline_ids = {i for i in self._stop_ids
                          if '\n' in tokenizer.processor.IdToPiece(i)
                          or tokenizer.processor.IdToPiece(i) == '<0x0A>'}
     self.sampler = Sampler(model, params, pad_id=tokenizer.pad_id,
                            stop_ids=self._stop_ids, batch_size=batch_size,
-                           cache_size=cache_size, max_pad_ratio=max_pad_ratio)
+                           cache_size=cache_size, max_pad_ratio=max_pad_ratio,
+                           mesh=mesh)
 
   @classmethod
-  def from_pretrained(cls, model: str = 'gemma3_270m', checkpoint=None,
+  def from_pretrained(cls, model: str = 'gemma3_270m', checkpoint=None, *,
+                      mesh: jax.sharding.Mesh | None = None,
                       **kw) -> 'Translator':
-    """The embedded base model, a released one, or a training checkpoint."""
+    """The embedded base model, a released one, or a training checkpoint.
+
+    With a data-only `mesh`, params are restored straight onto its devices.
+    """
     from gemma_mt import pretrained  # Lazy: loading pulls in orbax.
-    p = pretrained.load(model, checkpoint)
-    return cls(p.config, p.params, p.tokenizer, **kw)
+    on_mesh = mesh is not None and mesh.shape['fsdp'] == 1
+    p = pretrained.load(model, checkpoint,
+                        sharding=sharding.replicated(mesh) if on_mesh else None)
+    return cls(p.config, p.params, p.tokenizer, mesh=mesh, **kw)
 
   @property
   def num_compiles(self) -> int:
@@ -331,15 +347,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                       '(0: only --max_new_tokens)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
                  help='compute dtype (default: float32 on CPU, else bfloat16)')
+  p.add_argument('--data_parallel', action='store_true',
+                 help='split each batch over all local devices (params '
+                      'replicated); --batch_size should be a multiple of '
+                      'the device count')
+
+
+def data_parallel_mesh() -> jax.sharding.Mesh:
+  """A data-only mesh over this host's devices."""
+  return sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1),
+                            devices=jax.local_devices())
 
 
 def build_translator(args) -> Translator:
   t0 = time.time()
   dtype = None if args.dtype is None else jnp.dtype(args.dtype)
+  mesh = None
+  if getattr(args, 'data_parallel', False):
+    mesh = data_parallel_mesh()
+    n = mesh.devices.size
+    log.info('data parallel over %d devices', n)
+    if args.batch_size % n:
+      log.warning('--batch_size %d is not a multiple of %d devices: batches '
+                  'that do not split run replicated', args.batch_size, n)
   translator = Translator.from_pretrained(
       args.model, args.checkpoint, lang_pair=args.lang_pair, dtype=dtype,
       batch_size=args.batch_size, max_input_tokens=args.max_input_tokens,
-      truncate=args.truncate)
+      truncate=args.truncate, mesh=mesh)
   log.info('loaded %s in %.1fs', args.checkpoint or args.model,
            time.time() - t0)
   return translator

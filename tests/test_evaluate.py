@@ -45,6 +45,7 @@ def test_evaluate_cli_end_to_end(mtnt_dir, tokenizer, tmp_path, monkeypatch, cap
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary == json.loads(capsys.readouterr().out)
   assert summary['num_sentences'] == 3 and summary['hypotheses'] == str(out)
+  assert summary['data_parallel'] is False
   assert summary['data'].endswith('valid/valid.en-fr.tsv')
   for key in ('bleu', 'bleu_intl', 'chrf'):
     assert 0 <= summary[key] <= 100
@@ -61,6 +62,7 @@ def test_evaluate_cli_end_to_end(mtnt_dir, tokenizer, tmp_path, monkeypatch, cap
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):
+  assert E.parse_args(['--tfds', '--data_parallel']).data_parallel
   with pytest.raises(SystemExit):
     E.main(['--limit', '3'])  # no data source
   assert '--mtnt_dir' in capsys.readouterr().err

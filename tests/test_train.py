@@ -55,8 +55,8 @@ def cli_args(workdir, mtnt_dir, **kw):
   return args
 
 
-def run_cli(args, xla_cache, **popen_kw):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
+def run_cli(args, xla_cache, env_extra=None, **popen_kw):
+  env = dict(os.environ, **(env_extra or {}), JAX_PLATFORMS='cpu',
              JAX_COMPILATION_CACHE_DIR=str(xla_cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
@@ -131,8 +131,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mtnt_dir,
   def poisoned(*a, **kw):
     step_fn, count = real(*a, **kw), [0]
 
-    def wrapped(params, opt_state, batch):
-      params, opt_state, m = step_fn(params, opt_state, batch)
+    def wrapped(params, opt_state, batch, *frozen):
+      params, opt_state, m = step_fn(params, opt_state, batch, *frozen)
       count[0] += 1
       if count[0] == 3:
         m = dict(m, loss=jnp.float32(jnp.nan))
@@ -193,3 +193,100 @@ def test_configs_load():
                                                  128, 20)
   with pytest.raises(ValueError, match='multiple'):
     train_lib.check_config(dataclasses.replace(tut, grad_accum_steps=3))
+
+
+# ------------------------------------------------------------------ LoRA
+
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory, mtnt_dir, xla_cache):
+  workdir = tmp_path_factory.mktemp('lora')
+  cfg = tiny_config(workdir, mtnt_dir, lora_rank=4, lora_alpha=8.0)
+  merged = train_lib.train_loop(cfg)
+  return cfg, workdir, jax.device_get(merged)
+
+
+def test_lora_trains_adapters_only(lora_run):
+  cfg, workdir, merged = lora_run
+  base = pretrained.load_dir(workdir / 'base')
+  # Checkpoints hold the adapters and their optimizer state, nothing else.
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(workdir / 'checkpoints' / '4' / 'state')
+  meta = getattr(meta, 'item_metadata', meta)
+  keys = [jax.tree_util.keystr(k) for k, _ in
+          jax.tree_util.tree_leaves_with_path(dict(meta)['params'])]
+  assert keys and all(k.endswith(("_lora_a']", "_lora_b']")) for k in keys)
+  # Merged = base + alpha/rank * A @ B; the adapters dir reloads to it.
+  from gemma_mt import lora
+  adapters, lcfg = lora.load_adapters(workdir / 'adapters')
+  assert (lcfg.rank, lcfg.alpha) == (4, 8.0)
+  assert lora.count_params(adapters) < 0.2 * lora.count_params(base.params)
+  assert_trees_equal(pretrained.load_dir(workdir / 'adapters').params, merged)
+  assert_trees_equal(pretrained.load_dir(workdir / 'final').params, merged)
+  moved = [not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(merged), jax.tree.leaves(base.params))]
+  assert any(moved)
+  # Untargeted weights (embedding, norms) are the base's, bit for bit.
+  np.testing.assert_array_equal(merged['embedder']['input_embedding'],
+                                base.params['embedder']['input_embedding'])
+
+
+def test_lora_resume_equals_uninterrupted(lora_run, tmp_path, mtnt_dir,
+                                          xla_cache):
+  cfg, _, expect = lora_run
+  cfg = dataclasses.replace(cfg, workdir=str(tmp_path))
+  train_lib.train_loop(dataclasses.replace(cfg, max_steps=2))
+  got = train_lib.train_loop(dataclasses.replace(cfg, resume=True))
+  assert_trees_equal(jax.device_get(got), expect)
+
+
+def test_qlora_int4_run_reloads_exactly(tmp_path, mtnt_dir, xla_cache):
+  cfg = tiny_config(tmp_path, mtnt_dir, lora_rank=4, lora_quant='int4',
+                    max_steps=2, eval_every_n=2)
+  merged = jax.device_get(train_lib.train_loop(cfg))
+  # load_dir quantizes the base as training did, then merges.
+  assert_trees_equal(pretrained.load_dir(tmp_path / 'adapters').params, merged)
+  with pytest.raises(ValueError, match='lora_rank'):
+    train_lib.check_config(dataclasses.replace(cfg, lora_rank=0))
+  with pytest.raises(ValueError, match='targets'):
+    train_lib.check_config(dataclasses.replace(cfg, lora_targets='q,ffn'))
+
+
+# ----------------------------------------------- 8 fake devices (subprocess)
+
+
+def test_sharded_run_equals_one_device_and_resumes_on_one(
+    tmp_path, mtnt_dir, xla_cache):
+  """data=2 x fsdp=4 on 8 CPU devices == 1 device; its checkpoint resumes
+  on 1 device (a mesh-changing restore inside the loop)."""
+  kw = dict(batch_size=8, dtype='float32', optimizer='sgd', learning_rate=0.1)
+  ref = jax.device_get(train_lib.train_loop(
+      tiny_config(tmp_path / 'one', mtnt_dir, **kw)))
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  proc = run_cli(cli_args(tmp_path / 'eight', mtnt_dir, mesh_data=2,
+                          mesh_fsdp=4, **kw), xla_cache, env_extra=env)
+  out = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "8 device(s), mesh {'data': 2, 'fsdp': 4}" in out
+  eight = pretrained.load_dir(tmp_path / 'eight' / 'final').params
+  for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+  # Resume the 8-device run's step-2 checkpoint on this single device.
+  import shutil
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(tmp_path / 'eight' / 'checkpoints', resumed / 'checkpoints')
+  shutil.rmtree(resumed / 'checkpoints' / '4')
+  got = train_lib.train_loop(tiny_config(resumed, mtnt_dir, resume=True, **kw))
+  for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_batch_must_split_over_the_mesh(tmp_path, mtnt_dir):
+  cfg = tiny_config(tmp_path, mtnt_dir, batch_size=2, grad_accum_steps=2)
+  mesh = train_lib.sharding.make_mesh(train_lib.sharding.MeshConfig(1, 1))
+  train_lib.check_mesh(cfg, mesh)  # 1 row per micro-batch on 1 device: ok.
+  fake = type('M', (), {'shape': {'data': 2, 'fsdp': 1}})()
+  with pytest.raises(ValueError, match=r'batch_size / grad_accum_steps = 1 '
+                     r'rows does not split over the 2 devices'):
+    train_lib.check_mesh(cfg, fake)

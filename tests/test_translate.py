@@ -266,3 +266,16 @@ def test_cli_file_args_and_stdin(cli, capfd, tmp_path, tr, tokenizer, forced):
   out = [json.loads(x) for x in capfd.readouterr().out.splitlines()]
   assert out[0]['translations'] == ['Bonjour'] and out[1]['status'] == 'FAIL'
   assert cli(['x', '--top_p', '0']) == 2  # A clear error, not a traceback.
+
+
+def test_data_parallel_flag_builds_a_mesh(monkeypatch):
+  """--data_parallel: a data-only mesh over the local devices (the 8-device
+  decode itself is checked by tests/test_sampler_mesh.py)."""
+  seen = []
+  monkeypatch.setattr(T.Translator, 'from_pretrained',
+                      lambda *a, **kw: seen.append(kw['mesh']) or 'tr')
+  assert T.build_translator(T.parse_args(['x'])) == 'tr'
+  assert T.build_translator(T.parse_args(['x', '--data_parallel'])) == 'tr'
+  assert seen[0] is None
+  n = jax.local_device_count()
+  assert dict(seen[1].shape) == {'data': n, 'fsdp': 1}

@@ -1,0 +1,162 @@
+"""Data-parallel decoding (Sampler / Translator with `mesh=`) on 8 fake CPU
+devices. Run by tests/test_sampler_mesh.py in a subprocess, because the
+device count must be fixed before jax is first imported:
+
+  python tests/sampler_mesh_check.py OUT.json [CHECK ...]
+
+Writes {check: 'ok' | traceback} to OUT.json.
+"""
+
+import os
+import sys
+
+# Optimization level 0: compiles faster; every side is compiled alike.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8'
+                           ' --xla_backend_optimization_level=0')
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import json  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from gemma_mt import model as M  # noqa: E402
+from gemma_mt import sampler as SA  # noqa: E402
+from gemma_mt import sharding as SH  # noqa: E402
+
+V = 256
+# One local and one global layer: compile time is the cost.
+CFG = M.TransformerConfig.tiny(vocab_size=V,
+                               attention_types=(M.LOCAL, M.GLOBAL))
+MODEL = M.Transformer(CFG)
+MESHES = {'data=8': SH.MeshConfig(data=8, fsdp=1),
+          'data=4,fsdp=2': SH.MeshConfig(data=4, fsdp=2)}
+NEW_TOKENS = 6
+# 16 prompts of mixed lengths (3..29): one 16-row batch, prompt bucket 32.
+PROMPTS = [np.random.default_rng(0).integers(2, V, n).astype(np.int32)
+           for n in (3, 17, 8, 29, 5, 12, 21, 9, 4, 26, 14, 7, 19, 11, 6, 24)]
+
+
+def init_params():
+  """Random host params (eval_shape: nothing compiles), peaked logits."""
+  tokens = jnp.ones((1, 4), jnp.int32)
+  mask = tokens != 0
+  shapes = jax.eval_shape(MODEL.init, jax.random.key(0), tokens,
+                          M.positions_from_mask(mask), M.causal_mask(mask))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(
+      lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype)
+      if len(s.shape) > 1 else np.full(s.shape, 0.1, s.dtype),
+      shapes['params'])
+
+
+def make_sampler(params, mesh=None):
+  return SA.Sampler(MODEL, params, pad_id=0, stop_ids=[], batch_size=16,
+                    max_pad_ratio=None, mesh=mesh)
+
+
+def check_greedy_equals_single_device():
+  params = init_params()
+  ref_sampler = make_sampler(params)
+  ref = [o.tolist() for o in ref_sampler.generate(
+      PROMPTS, max_new_tokens=NEW_TOKENS)]
+  assert all(len(o) == NEW_TOKENS for o in ref)
+  assert len({tuple(o) for o in ref}) > 8, ref  # Not a degenerate model.
+  ((B, Pw, budget, _),) = ref_sampler.compiled_shapes
+  S = Pw + budget
+  shape = lambda b: f'[{b},{S},{CFG.num_kv_heads},{CFG.head_dim}]'
+  for name, cfg in MESHES.items():
+    mesh = SH.make_mesh(cfg)
+    sampler = make_sampler(params, mesh)
+    got = [o.tolist() for o in sampler.generate(
+        PROMPTS, max_new_tokens=NEW_TOKENS)]
+    assert got == ref, (name, got, ref)
+
+    # Params: replicated, or FSDP-sharded on the fsdp=2 mesh.
+    emb = sampler.params['embedder']['input_embedding']
+    want = P('fsdp', None) if cfg.fsdp > 1 else P()
+    assert emb.sharding.mesh == mesh and emb.sharding.spec == want, (
+        name, emb.sharding)
+    # The executable takes the per-row inputs and returns the tokens split
+    # over the 8 devices.
+    (exe,) = sampler._executables.values()
+    tokens_in = exe.input_shardings[0][1]
+    out, count = exe.output_shardings
+    for s, ndim in ((tokens_in, 2), (out, 2), (count, 1)):
+      assert s.is_equivalent_to(SH.batch_sharding(mesh), ndim), (name, s)
+    rows = SH.shard_decode_inputs(np.zeros((B, Pw), np.int32), mesh)
+    assert {x.data.shape for x in rows.addressable_shards} == {(B // 8, Pw)}
+    # The KV cache, the while loop's carry, is split by rows too: each
+    # device holds [B/8, S, K, H] slabs and never the whole [B, S, K, H].
+    hlo = exe.as_text()
+    assert re.search(r'f32' + re.escape(shape(B // 8)), hlo), name
+    assert not re.search(r'f32' + re.escape(shape(B)), hlo), name
+
+  # A bucket too small to split over 8 devices runs replicated, same tokens.
+  mesh = SH.make_mesh(MESHES['data=8'])
+  few = make_sampler(params, mesh).generate(PROMPTS[:3],
+                                            max_new_tokens=NEW_TOKENS)
+  assert [o.tolist() for o in few] == ref[:3]
+
+
+def check_translator():
+  """Translator(mesh=...) == mesh=None, ids and text (real tokenizer)."""
+  from gemma_mt import translate as T
+  from gemma_mt.tokenizer import default_tokenizer
+
+  tokenizer = default_tokenizer()
+  cfg = M.TransformerConfig.tiny(attention_types=(M.LOCAL, M.GLOBAL))
+  tokens = jnp.ones((1, 4), jnp.int32)
+  mask = tokens != 0
+  params = M.Transformer(cfg).init(jax.random.key(0), tokens,
+                                   M.positions_from_mask(mask),
+                                   M.causal_mask(mask))['params']
+  params = jax.tree.map(lambda x: x * 3 if x.ndim > 1 else x, params)
+  sources = [f'Sentence number {i} is {"quite " * (i % 5)}short.'
+             for i in range(8)]
+  kw = dict(max_new_tokens=4)
+  single = T.Translator(cfg, params, tokenizer, batch_size=8)
+  ref = single.generate(sources, **kw).token_ids
+  ref_text = single.translate(sources, **kw)
+  assert len({tuple(x) for x in ref}) > 1, ref
+  mesh = SH.make_mesh(SH.MeshConfig(data=-1, fsdp=1))
+  tr = T.Translator(cfg, params, tokenizer, batch_size=8, mesh=mesh)
+  assert tr.sampler.mesh is mesh
+  emb = tr.sampler.params['embedder']['input_embedding']
+  assert len(emb.sharding.device_set) == 8
+  got = tr.generate(sources, **kw).token_ids
+  assert [x.tolist() for x in got] == [x.tolist() for x in ref]
+  assert [k[0] for k in tr.compiled_shapes] == [8]  # One 8-row batch, split.
+  assert tr.translate(sources, **kw) == ref_text
+
+
+CHECKS = {'greedy_equals_single_device': check_greedy_equals_single_device,
+          'translator': check_translator}
+
+
+def main(argv):
+  out, names = argv[1], argv[2:] or list(CHECKS)
+  assert len(jax.devices()) == 8, jax.devices()
+  results = {}
+  for name in names:
+    start = time.time()
+    try:
+      CHECKS[name]()
+      results[name] = 'ok'
+    except Exception:  # Reported per check to the test that asked.
+      results[name] = traceback.format_exc()
+    print(f'{name}: {time.time() - start:.1f}s', file=sys.stderr)
+  with open(out, 'w') as f:
+    json.dump(results, f)
+  for name, r in results.items():
+    print(name, 'ok' if r == 'ok' else 'FAILED\n' + r)
+
+
+if __name__ == '__main__':
+  main(sys.argv)
