@@ -434,7 +434,10 @@ def train_loop(config: TrainingConfig) -> Any:
   bar = tqdm(total=total, initial=start, disable=not config.progress,
              unit='step', dynamic_ncols=True)
   pending = None  # (step, device metrics): checked one step late, no stall.
-  window = {'loss_sum': 0.0, 'targets': 0, 'tokens': 0, 't0': time.time()}
+  # wait: seconds the loop blocked on the input pipeline (prefetch keeps it
+  # near zero; if it grows, the accelerator is starved of data).
+  window = {'loss_sum': 0.0, 'targets': 0, 'tokens': 0, 'wait': 0.0,
+            't0': time.time()}
 
   def consume(step, metrics):
     m = jax.device_get(metrics)
@@ -448,9 +451,10 @@ def train_loop(config: TrainingConfig) -> Any:
       loss = window['loss_sum'] / max(window['targets'], 1)
       tps = window['tokens'] / dt
       writer.write('train', step, loss=loss, grad_norm=float(m['grad_norm']),
-                   tokens_per_s=tps)
+                   tokens_per_s=tps, input_wait_frac=window['wait'] / dt)
       bar.set_postfix(loss=f'{loss:.3f}', tok_s=f'{tps:.0f}')
-      window.update(loss_sum=0.0, targets=0, tokens=0, t0=time.time())
+      window.update(loss_sum=0.0, targets=0, tokens=0, wait=0.0,
+                    t0=time.time())
 
   def flush():
     nonlocal pending
@@ -462,7 +466,9 @@ def train_loop(config: TrainingConfig) -> Any:
     it = prefetch_to_device(
         sharding.host_local_batches(train_data(start)), put)
     for step in range(start + 1, total + 1):
+      t_wait = time.perf_counter()
       batch = next(it)
+      window['wait'] += time.perf_counter() - t_wait
       params, opt_state, metrics = train_step(params, opt_state, batch,
                                               *frozen_arg)
       flush()  # The previous step's metrics, while this one runs.
