@@ -1,4 +1,5 @@
-"""Training throughput: gemma_mt vs the tutorial's own code, same GPU, same batches.
+"""Training throughput and memory: gemma_mt vs the tutorial's own code, and
+full fine-tuning vs LoRA / QLoRA, same GPU, same batches.
 
 Each variant runs in its own subprocess (clean peak-memory numbers):
 
@@ -9,31 +10,104 @@ Each variant runs in its own subprocess (clean peak-memory numbers):
                 and its `train_step`, loss made batch-wide (it used row 0
                 only), params in bfloat16 as in the Kaggle checkpoints
   tutorial_f32  the same with float32 params
+  full_sgd      = ours_packed (the name used in the LoRA memory table)
+  full_adamw    ours_packed with AdamW (two float32 moments per weight)
+  lora          frozen base in bfloat16 (no float32 master copy: it is never
+                updated), float32 rank-`--lora_rank` adapters on all
+                projections (q, kv, o, gate_up, down), `--lora_optimizer`
+  qlora_int8    lora with the frozen projections held as int8 (qwix)
+  qlora_int4    the same in int4
+
+The default `--variants` are the first four (ours vs the tutorial); the
+LoRA memory table is e.g.
+  --variants full_sgd,full_adamw,lora,qlora_int8,qlora_int4
 
 Batches come from the real MTNT train split (../shared/data/mtnt), so the
 length distribution is MTNT's. Weights are random (speed does not depend on
-them). MFU counts the useful model FLOPs of a step (6 x non-embedding params
-per real token, the LM head on target tokens, causal attention over each
-pair's own context) over the H100's 989 TFLOP/s bf16 dense peak; the same
-count is used for every variant, so MFU ratios equal throughput ratios.
+them). `--model tiny` is a toy for CPU smoke tests.
+
+FLOPs. `mfu` counts the model FLOPs of a step (6 x non-embedding params per
+real token, the LM head on target tokens, causal attention over each pair's
+own context) over the H100's 989 TFLOP/s bf16 dense peak; the same count is
+used for every variant, so MFU ratios equal throughput ratios. `mfu_actual`
+counts what the variant has to compute: the same for full fine-tuning; for
+(Q)LoRA the frozen base needs no weight gradients, so 4 (not 6) x params per
+token in the body and LM head, plus 6 x adapter params per token.
+
+Memory (GPU; None where the backend has no stats, e.g. CPU). JAX cannot
+reset the peak counter, so it is read three times: `peak_setup_gb` after
+params / optimizer state / batches are on the device (random init runs under
+jit, directly in the storage dtype, so it adds no float32 copy), and
+`peak_gb` after the steps; `peak_gb` > `peak_setup_gb` means the training
+step sets the peak. `live_setup_gb` is what the state holds, and
+`step_est_gb` XLA's own estimate for the compiled step (arguments + outputs -
+donated + temporaries). `compile_s` is lower + compile (ahead of time).
+
+`--find_max_batch`: for each of `--variants`, run one fresh subprocess per
+batch size of `--max_batch_sizes` (rows of `--seq_len`), increasing, until
+one fails; reports the largest that ran `--find_steps` steps without
+RESOURCE_EXHAUSTED. Subprocesses get XLA_PYTHON_CLIENT_MEM_FRACTION=
+`--mem_fraction` (unless it is set already), so the limit is the GPU's
+memory, not JAX's default 75% pool.
+
+`--out` is rewritten after every variant / batch size, so a run cut short
+still leaves its results; `--time_budget` (seconds) stops starting new
+subprocesses when spent, and a running one stops timing steps at it.
 
   python scripts/benchmark_train.py --model gemma3_270m --batch_size 16
+  python scripts/benchmark_train.py --model gemma_2b \\
+      --variants full_sgd,full_adamw,lora,qlora_int8,qlora_int4 --out lora.json
+  python scripts/benchmark_train.py --model gemma_2b --variants full_sgd \\
+      --find_max_batch --out max_batch.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402  (scripts/)
+
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense
-VARIANTS = ('ours_packed', 'ours_padded', 'tutorial', 'tutorial_f32')
+OOM_MARKERS = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory')
+FLOPS_CONVENTION = (
+    'mfu: 6N/token model FLOPs (+LM head on targets, causal attention), the '
+    'same for every variant; mfu_actual: FLOPs the variant must compute '
+    '((Q)LoRA: 4N/token, no base weight grads, + 6 x adapter params/token)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  kind: str = 'ours'          # 'ours' (gemma_mt) or 'tutorial' (gemma 2.0.8)
+  packed: bool = True         # packed rows, else one padded pair per row
+  optimizer: str = 'sgd'      # full fine-tunes; LoRA uses --lora_optimizer
+  lora: bool = False
+  quant: str | None = None    # QLoRA base: 'int8' / 'int4'
+  param_dtype: str = 'float32'  # trained / tutorial params
+
+
+VARIANTS = {
+    'ours_packed': Variant(),
+    'ours_padded': Variant(packed=False),
+    'tutorial': Variant('tutorial', packed=False, param_dtype='bfloat16'),
+    'tutorial_f32': Variant('tutorial', packed=False),
+    'full_sgd': Variant(),
+    'full_adamw': Variant(optimizer='adamw'),
+    'lora': Variant(lora=True),
+    'qlora_int8': Variant(lora=True, quant='int8'),
+    'qlora_int4': Variant(lora=True, quant='int4'),
+}
+DEFAULT_VARIANTS = ('ours_packed', 'ours_padded', 'tutorial', 'tutorial_f32')
 
 
 def mtnt_batches(args, vocab_size: int, packed: bool, n: int):
@@ -58,8 +132,14 @@ def mtnt_batches(args, vocab_size: int, packed: bool, n: int):
   return out
 
 
-def useful_flops(cfg, batch) -> float:
-  """Model FLOPs of one training step (forward + backward) on `batch`."""
+def step_flops(cfg, batch, frozen_base: bool = False,
+               adapter_params: int = 0) -> float:
+  """FLOPs of one training step (forward + backward) on `batch`.
+
+  Full fine-tuning: 6 x params per token (2 forward, 4 backward). With a
+  frozen base (LoRA) the backward skips the weight gradients: 4 x params,
+  plus 6 x the adapter params.
+  """
   tokens = batch['input_tokens']
   seg = batch.get('segment_ids')
   seg = (tokens != 0).astype(np.int32) if seg is None else seg
@@ -69,8 +149,9 @@ def useful_flops(cfg, batch) -> float:
   real = seg != 0
   n_real = real.sum()
   n_target = (np.asarray(batch['target_mask'])[:, 1:] & real[:, 1:]).sum()
-  body = 6 * cfg.num_params(include_embedding=False) * n_real
-  head = 6 * cfg.vocab_size * cfg.embed_dim * n_target
+  f = 4 if frozen_base else 6
+  body = (f * cfg.num_params(include_embedding=False) + 6 * adapter_params) * n_real
+  head = f * cfg.vocab_size * cfg.embed_dim * n_target
   ctx = pos[real] + 1
   attn = 0
   for t in cfg.attention_types:
@@ -79,60 +160,107 @@ def useful_flops(cfg, batch) -> float:
   return float(body + head + attn)
 
 
-def gpu_peak_bytes() -> int:
+def useful_flops(cfg, batch) -> float:
+  """Model FLOPs of one step (the 6N convention used for every variant)."""
+  return step_flops(cfg, batch)
+
+
+def mem_gb(key: str = 'peak_bytes_in_use') -> float | None:
+  """A device memory stat in GiB; None where the backend has none (CPU)."""
   import jax
-  stats = jax.devices()[0].memory_stats() or {}
-  return int(stats.get('peak_bytes_in_use', 0))
+  stats = jax.devices()[0].memory_stats()
+  if not stats or key not in stats:
+    return None
+  return stats[key] / 2**30
 
 
-def run_ours(args, cfg, batches):
+def tree_gb(tree) -> float:
+  """Bytes held by a pytree's arrays (int4 counted as half a byte)."""
+  import jax
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if not hasattr(x, 'dtype'):
+      continue
+    bits = 4 if str(x.dtype) in ('int4', 'uint4') else np.dtype(x.dtype).itemsize * 8
+    total += int(np.prod(x.shape)) * bits // 8
+  return total / 2**30
+
+
+def count(tree) -> int:
+  import jax
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)
+             if hasattr(x, 'shape'))
+
+
+@dataclasses.dataclass
+class Setup:
+  params: object        # what is trained (LoRA: the adapters)
+  opt_state: object
+  frozen: object        # LoRA: the base (maybe quantized); else None
+  compile: object       # (params, opt_state, batch) -> (compiled, step)
+  info: dict
+
+
+def setup_ours(args, cfg, spec: Variant, b0) -> Setup:
   import jax
   import jax.numpy as jnp
-  import optax
 
+  from gemma_mt import lora
   from gemma_mt import model as model_lib
-  from gemma_mt.steps import make_train_step
+  from gemma_mt.steps import make_optimizer, make_train_step
 
   impl = 'cudnn' if jax.default_backend() == 'gpu' else 'einsum'
-  model = model_lib.Transformer(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+  # LoRA: the frozen base is never updated, so it needs no float32 master
+  # copy; it is created directly in bfloat16 (then quantized for QLoRA).
+  base_dtype = jnp.bfloat16 if spec.lora else jnp.dtype(spec.param_dtype)
+  model = model_lib.Transformer(cfg, dtype=jnp.bfloat16, param_dtype=base_dtype,
                                 attention_impl=impl, remat=args.remat)
-  b0 = {k: jnp.asarray(v) for k, v in batches[0].items()}
-  init = jax.jit(lambda k: model.init(
-      k, b0['input_tokens'][:1], jnp.zeros_like(b0['input_tokens'][:1]),
-      model_lib.causal_mask(b0['input_tokens'][:1] != 0))['params'])
-  params = init(jax.random.key(0))
-  opt = optax.sgd(args.learning_rate)
+  tok = jnp.asarray(b0['input_tokens'][:1])
+
+  def init(k):
+    return model.init(k, tok, jnp.zeros_like(tok),
+                      model_lib.causal_mask(tok != 0))['params']
+
+  opt_name = args.lora_optimizer if spec.lora else spec.optimizer
+  opt = make_optimizer(types.SimpleNamespace(
+      optimizer=opt_name, learning_rate=args.learning_rate))
+  info = {'optimizer': opt_name, 'base_dtype': jnp.dtype(base_dtype).name}
+  if spec.lora:
+    lcfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
+                           quant=spec.quant)
+    train_model = lora.apply_lora(model, lcfg)
+    if spec.quant:  # init + quantize in one jit: no full bf16 tree kept
+      frozen = jax.jit(lambda k: lora.quantize_base(train_model, init(k)))(
+          jax.random.key(0))
+    else:
+      frozen = jax.jit(init)(jax.random.key(0))
+    params = lora.init_lora_params(train_model, jax.random.key(1),
+                                   dtype=jnp.float32)
+    info |= {'lora_rank': lcfg.rank, 'lora_alpha': lcfg.alpha,
+             'lora_targets': ','.join(lcfg.targets), 'quant': spec.quant,
+             'frozen_gb': tree_gb(frozen)}
+  else:
+    train_model, frozen = model, None
+    params = jax.jit(init)(jax.random.key(0))
   opt_state = opt.init(params)
-  step = make_train_step(model, opt)
-  return lambda p, s, b: step(p, s, b), params, opt_state
+  step = make_train_step(train_model, opt)
+  extra = () if frozen is None else (frozen,)
+
+  def compile_step(p, s, b):
+    compiled = step.lower(p, s, b, *extra).compile()
+    return compiled, lambda p, s, b: compiled(p, s, b, *extra)
+
+  return Setup(params, opt_state, frozen, compile_step, info)
 
 
-def run_tutorial(args, cfg, batches, dtype):
+def setup_tutorial(args, cfg, spec: Variant, b0) -> Setup:
   """The tutorial's code path, with gemma 2.0.8's `gemma.transformer`."""
   import jax
   import jax.numpy as jnp
   import optax
-  from gemma import modules as g_modules
   from gemma import transformer as transformer_lib
 
-  types = {'global': g_modules.AttentionType.GLOBAL,
-           'local': g_modules.AttentionType.LOCAL_SLIDING}
-  config = transformer_lib.TransformerConfig(
-      num_layers=cfg.num_layers, num_embed=cfg.vocab_size,
-      embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
-      num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-      num_kv_heads=cfg.num_kv_heads,
-      final_logit_softcap=cfg.final_logit_softcap,
-      use_post_attn_norm=cfg.use_post_attn_norm,
-      use_post_ffw_norm=cfg.use_post_ffw_norm,
-      attention_types=tuple(types[t] for t in cfg.attention_types),
-      max_cache_length=None, attn_logits_soft_cap=cfg.attn_logits_soft_cap,
-      sliding_window_size=cfg.sliding_window_size,
-      transpose_gating_einsum=cfg.transpose_gating_einsum,
-      use_qk_norm=cfg.use_qk_norm,
-      local_base_frequency=int(cfg.local_rope_base),
-      global_base_frequency=int(cfg.global_rope_base))
-  model = transformer_lib.Transformer(config)
+  model = bench_common.tutorial_transformer(cfg)
 
   # --- The tutorial's functions (loss over the whole batch, not row 0). ---
   def forward_and_loss_fn(params, *, model, input_tokens, input_mask,
@@ -166,66 +294,230 @@ def run_tutorial(args, cfg, batches, dtype):
 
   jit_train_step = jax.jit(train_step, static_argnames=['model', 'optimizer'])
   # --------------------------------------------------------------------------
-  b0 = jnp.asarray(batches[0]['input_tokens'][:1])
-  pos, mask = get_attention_mask_and_positions(b0, 0)
-  params = jax.jit(lambda k: model.init(k, b0, pos, None, mask))(
+  tok = jnp.asarray(b0['input_tokens'][:1])
+  pos, mask = get_attention_mask_and_positions(tok, 0)
+  params = jax.jit(lambda k: model.init(k, tok, pos, None, mask))(
       jax.random.key(0))
-  params = jax.tree.map(lambda p: p.astype(dtype), params)
+  params = jax.tree.map(lambda p: p.astype(spec.param_dtype), params)
   opt = optax.sgd(args.learning_rate)
   opt_state = opt.init(params)
 
-  def step(p, s, b):
-    loss, p, s = jit_train_step(model, p, opt, s, 0, b)
-    return p, s, {'loss': loss}
-  return step, params, opt_state
+  def compile_step(p, s, b):
+    compiled = jit_train_step.lower(model, p, opt, s, 0, b).compile()
+
+    def step(p, s, b):
+      loss, p, s = compiled(p, s, 0, b)
+      return p, s, {'loss': loss}
+    return compiled, step
+
+  return Setup(params, opt_state, None, compile_step,
+               {'optimizer': 'sgd', 'base_dtype': spec.param_dtype})
+
+
+def step_memory(compiled) -> dict:
+  """XLA's memory analysis of the compiled step, in GiB (None if absent)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    m = None
+  if m is None:
+    return {'step_est_gb': None, 'step_temp_gb': None}
+  g = lambda k: getattr(m, k, 0) / 2**30  # noqa: E731
+  est = (g('argument_size_in_bytes') + g('output_size_in_bytes')
+         - g('alias_size_in_bytes') + g('temp_size_in_bytes'))
+  return {'step_est_gb': est, 'step_temp_gb': g('temp_size_in_bytes')}
 
 
 def run_variant(args):
   import jax
-  import jax.numpy as jnp
 
   from gemma_mt.model import TransformerConfig
 
+  spec = VARIANTS[args.run_variant]
   cfg = TransformerConfig.from_name(args.model)
-  packed = args.run_variant == 'ours_packed'
-  n = args.warmup + args.steps
-  batches = mtnt_batches(args, cfg.vocab_size, packed, n)
-  if args.run_variant.startswith('ours'):
-    step, params, opt_state = run_ours(args, cfg, batches)
-  else:
-    dtype = jnp.float32 if args.run_variant == 'tutorial_f32' else jnp.bfloat16
-    step, params, opt_state = run_tutorial(args, cfg, batches, dtype)
-  dev = [jax.device_put({k: v for k, v in b.items()}) for b in batches]
+  deadline = args.deadline or float('inf')
+  batches = mtnt_batches(args, cfg.vocab_size, spec.packed,
+                         args.warmup + args.steps)
   t0 = time.perf_counter()
-  params, opt_state, m = step(params, opt_state, dev[0])
-  jax.block_until_ready(m['loss'])
+  setup = (setup_ours if spec.kind == 'ours' else setup_tutorial)(
+      args, cfg, spec, batches[0])
+  params, opt_state = setup.params, setup.opt_state
+  dev = [jax.device_put(b) for b in batches]
+  jax.block_until_ready((params, opt_state, setup.frozen, dev))
+  setup_s = time.perf_counter() - t0
+  mem = {'live_setup_gb': mem_gb('bytes_in_use'),
+         'peak_setup_gb': mem_gb()}
+
+  t0 = time.perf_counter()
+  compiled, step = setup.compile(params, opt_state, dev[0])
   compile_s = time.perf_counter() - t0
-  for b in dev[1:args.warmup]:
+  mem |= step_memory(compiled) | {'peak_compile_gb': mem_gb()}
+
+  m = None
+  for b in dev[:args.warmup]:
     params, opt_state, m = step(params, opt_state, b)
-  jax.block_until_ready(m['loss'])
+  if m is not None:
+    jax.block_until_ready(m['loss'])
   times, losses = [], []
   for b in dev[args.warmup:]:
+    if times and time.time() > deadline:
+      break  # --time_budget: report the steps timed so far
     t = time.perf_counter()
     params, opt_state, m = step(params, opt_state, b)
     losses.append(float(m['loss']))  # Blocks: one step at a time is timed.
     times.append(time.perf_counter() - t)
-  timed = batches[args.warmup:]
+
+  timed = batches[args.warmup:args.warmup + len(times)]
   tgt = sum(int((b['target_mask'][:, 1:] & (b['input_tokens'][:, 1:] != 0)).sum())
             for b in timed)
   real = sum(int((b['input_tokens'] != 0).sum()) for b in timed)
+  n_adapter = count(params) if spec.lora else 0
   flops = sum(useful_flops(cfg, b) for b in timed)
+  actual = sum(step_flops(cfg, b, spec.lora, n_adapter) for b in timed)
   total = sum(times)
   return {
       'variant': args.run_variant, 'model': args.model,
       'batch_size': args.batch_size, 'seq_len': args.seq_len,
+      'packed': spec.packed, 'steps_timed': len(times),
       'step_ms_median': 1e3 * float(np.median(times)),
       'target_tokens_per_s': tgt / total, 'tokens_per_s': real / total,
       'target_tokens_per_step': tgt / len(timed),
       'tokens_per_step': real / len(timed),
-      'mfu': flops / total / PEAK_FLOPS, 'compile_s': compile_s,
-      'peak_gb': gpu_peak_bytes() / 2**30, 'final_loss': losses[-1],
+      'mfu': flops / total / PEAK_FLOPS,
+      'mfu_actual': actual / total / PEAK_FLOPS,
+      'flops_convention': FLOPS_CONVENTION,
+      'compile_s': compile_s, 'setup_s': setup_s,
+      'peak_gb': mem_gb(), **mem,
+      'trainable_params': count(params),
+      'params_gb': tree_gb(params), 'opt_state_gb': tree_gb(opt_state),
+      **setup.info, 'final_loss': losses[-1], 'remat': args.remat,
       'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
   }
+
+
+# --- The driver (parent process) -----------------------------------------------
+def run_child(args, variant: str, extra: list[str],
+              budget: bench_common.Budget) -> dict:
+  """One variant in a fresh subprocess: its result, or an error record with
+  status 'oom' / 'timeout' / 'error'."""
+  cmd = [sys.executable, str(Path(__file__).resolve())] + sys.argv[1:] + [
+      '--run_variant', variant] + extra
+  left = budget.left()
+  if left is not None:  # the child stops timing a little before the end
+    cmd += ['--deadline', str(budget.deadline - min(15.0, 0.1 * left))]
+  env = dict(os.environ)
+  if args.mem_fraction and 'XLA_PYTHON_CLIENT_MEM_FRACTION' not in env:
+    env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = str(args.mem_fraction)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=None if left is None else max(left, 1.0))
+  except subprocess.TimeoutExpired:
+    return {'variant': variant, 'status': 'timeout',
+            'error': f'killed at the time budget ({args.time_budget} s)'}
+  line = next((l for l in proc.stdout.splitlines() if l.startswith('RESULT ')),
+              None)
+  if line is not None:
+    return {**json.loads(line[7:]), 'status': 'ok'}
+  lines = proc.stderr.strip().splitlines() or [f'exit code {proc.returncode}']
+  oom = any(m in proc.stderr for m in OOM_MARKERS)
+  keys = OOM_MARKERS if oom else ('Error',)
+  err = next((l for l in reversed(lines) if any(k in l for k in keys)),
+             lines[-1])
+  print('\n'.join(lines[-15:]), file=sys.stderr)
+  return {'variant': variant, 'status': 'oom' if oom else 'error',
+          'returncode': proc.returncode, 'error': err[:2000]}
+
+
+def run_variants(args, budget):
+  results = []
+  for v in args.variants.split(','):
+    if budget.expired():
+      r = {'variant': v, 'status': 'skipped', 'error': 'time budget spent'}
+    else:
+      r = run_child(args, v, [], budget)
+    results.append(r)
+    report(r)
+    bench_common.write_json(args.out, results)
+  print_table(results)
+
+
+def find_max_batch(args, budget):
+  """Largest batch (rows) of each variant that trains without OOM."""
+  sizes = [int(s) for s in args.max_batch_sizes.split(',')]
+  out = {'seq_len': args.seq_len, 'model': args.model, 'tries': [],
+         'max_batch_size': {}, 'stopped_by': {}}
+  for v in args.variants.split(','):
+    best = None
+    for bs in sizes:
+      if budget.expired():
+        r = {'variant': v, 'status': 'skipped', 'error': 'time budget spent'}
+      else:
+        r = run_child(args, v, ['--batch_size', str(bs), '--steps',
+                                str(args.find_steps), '--warmup', '1'], budget)
+      r['try_batch_size'] = bs
+      out['tries'].append(r)
+      report(r)
+      if r['status'] == 'ok':
+        best = bs
+      out['max_batch_size'][v] = best
+      if r['status'] != 'ok':  # 'oom' is conclusive; timeout/error/skipped not
+        out['stopped_by'][v] = {'batch_size': bs, 'status': r['status']}
+      bench_common.write_json(args.out, out)
+      if r['status'] != 'ok':
+        break  # larger batches need more memory still
+  print(f"\n{'variant':12} {'B':>4} {'status':8} {'step ms':>8} {'tgt tok/s':>10} "
+        f"{'peak GB':>8} {'est GB':>7}")
+  for r in out['tries']:
+    ok = r['status'] == 'ok'
+    print(f"{r['variant']:12} {r['try_batch_size']:4d} {r['status']:8} "
+          + (f"{r['step_ms_median']:8.1f} {r['target_tokens_per_s']:10.0f} "
+             f"{_f(r['peak_gb'], 8)} {_f(r['step_est_gb'], 7)}" if ok
+             else r.get('error', '')[:80]))
+  for v, bs in out['max_batch_size'].items():
+    stop = out['stopped_by'].get(v)
+    why = (f"; {stop['batch_size']}: {stop['status']}" if stop
+           else '; all sizes tried ran')
+    print(f'{v}: max batch size {bs} (L={args.seq_len}{why})')
+
+
+def report(r):
+  """One line per finished subprocess, as it happens."""
+  if r['status'] == 'ok':
+    print(f"[{r['variant']} B{r['batch_size']}] {r['step_ms_median']:.1f} ms/step"
+          f", peak {_f(r['peak_gb'], 0)} GB, compile {r['compile_s']:.1f} s",
+          file=sys.stderr, flush=True)
+  else:
+    print(f"[{r['variant']}] {r['status'].upper()}: {r.get('error', '')[:300]}",
+          file=sys.stderr, flush=True)
+
+
+def _f(x, width: int, prec: int = 2) -> str:
+  return f'{"-":>{width}}' if x is None else f'{x:{width}.{prec}f}'
+
+
+def print_table(results):
+  ok = [r for r in results if r.get('status') == 'ok']
+  base = next((r for r in ok if r['variant'] == 'tutorial'), ok[0] if ok else None)
+  name = base['variant'][:8] if base else '-'
+  print(f"{'variant':13} {'model':12} {'B':>3} {'L':>4} {'step ms':>8} "
+        f"{'tgt tok/s':>10} {'tok/s':>9} {'MFU':>6} {'MFU*':>6} "
+        f"{'setup GB':>8} {'peak GB':>8} {'est GB':>7} {'compile s':>9} "
+        f"{'vs ' + name:>11}")
+  for r in results:
+    if r.get('status') != 'ok':
+      print(f"{r['variant']:13} {r.get('status', '?').upper()}: "
+            f"{r.get('error', '')[:100]}")
+      continue
+    ratio = r['target_tokens_per_s'] / base['target_tokens_per_s']
+    print(f"{r['variant']:13} {r['model']:12} {r['batch_size']:3d} "
+          f"{r['seq_len']:4d} {r['step_ms_median']:8.1f} "
+          f"{r['target_tokens_per_s']:10.0f} {r['tokens_per_s']:9.0f} "
+          f"{100 * r['mfu']:5.1f}% {100 * r['mfu_actual']:5.1f}% "
+          f"{_f(r['peak_setup_gb'], 8)} {_f(r['peak_gb'], 8)} "
+          f"{_f(r['step_est_gb'], 7)} {r['compile_s']:9.1f} {ratio:10.2f}x")
+  print('MFU: 6N model FLOPs; MFU*: FLOPs the variant computes (LoRA: 4N + '
+        'adapters). setup GB: peak after setup; peak GB: after the steps; '
+        'est GB: XLA estimate of the step.')
 
 
 def main():
@@ -238,50 +530,38 @@ def main():
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--learning_rate', type=float, default=1e-4)
   p.add_argument('--remat', action='store_true')
-  p.add_argument('--mtnt_dir', default=str(Path(__file__).resolve().parents[2]
-                                           / 'shared' / 'data' / 'mtnt'))
-  p.add_argument('--variants', default=','.join(VARIANTS))
+  p.add_argument('--lora_rank', type=int, default=8)
+  p.add_argument('--lora_alpha', type=float, default=16.0)
+  p.add_argument('--lora_optimizer', default='adamw',
+                 help='optimizer of the LoRA / QLoRA adapters')
+  p.add_argument('--mtnt_dir', default=bench_common.DEFAULT_MTNT_DIR)
+  p.add_argument('--variants', default=','.join(DEFAULT_VARIANTS),
+                 help=f'comma-separated, of: {", ".join(VARIANTS)}')
+  p.add_argument('--find_max_batch', action='store_true',
+                 help='largest batch size of each variant without OOM')
+  p.add_argument('--max_batch_sizes', default='16,24,32,48,64,96,128')
+  p.add_argument('--find_steps', type=int, default=2,
+                 help='timed steps per --find_max_batch try (after 1 warm-up)')
+  p.add_argument('--mem_fraction', type=float, default=0.95,
+                 help='XLA_PYTHON_CLIENT_MEM_FRACTION for the subprocesses '
+                      '(unless set); 0 = JAX default')
+  p.add_argument('--time_budget', type=float, default=None,
+                 help='seconds for the whole run')
   p.add_argument('--out', default=None, help='JSON results file')
   p.add_argument('--run_variant', default=None, help=argparse.SUPPRESS)
+  p.add_argument('--deadline', type=float, default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.run_variant:
     print('RESULT ' + json.dumps(run_variant(args)), flush=True)
     return
-  results = []
-  for v in args.variants.split(','):
-    cmd = [sys.executable, __file__, '--run_variant', v] + [
-        a for a in sys.argv[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith('RESULT ')), None)
-    if line is None:
-      lines = proc.stderr.strip().splitlines() or ['?']
-      err = next((l for l in reversed(lines) if 'Error' in l), lines[-1])
-      print(f'{v}: FAILED ({err[:300]})', file=sys.stderr)
-      results.append({'variant': v, 'error': err[:2000]})
-      continue
-    results.append(json.loads(line[7:]))
-  print_table(results)
-  if args.out:
-    Path(args.out).write_text(json.dumps(results, indent=1))
-
-
-def print_table(results):
-  base = next((r for r in results if r.get('variant') == 'tutorial'
-               and 'error' not in r), None)
-  print(f"{'variant':14} {'model':12} {'B':>3} {'L':>4} {'step ms':>8} "
-        f"{'tgt tok/s':>10} {'tok/s':>9} {'MFU':>6} {'peak GB':>8} "
-        f"{'compile s':>9} {'vs tutorial':>11}")
-  for r in results:
-    if 'error' in r:
-      print(f"{r['variant']:14} FAILED: {r['error'][:100]}")
-      continue
-    ratio = (r['target_tokens_per_s'] / base['target_tokens_per_s']
-             if base else float('nan'))
-    print(f"{r['variant']:14} {r['model']:12} {r['batch_size']:3d} "
-          f"{r['seq_len']:4d} {r['step_ms_median']:8.1f} "
-          f"{r['target_tokens_per_s']:10.0f} {r['tokens_per_s']:9.0f} "
-          f"{100 * r['mfu']:5.1f}% {r['peak_gb']:8.2f} {r['compile_s']:9.1f} "
-          f"{ratio:10.2f}x")
+  unknown = set(args.variants.split(',')) - set(VARIANTS)
+  if unknown:
+    p.error(f'unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}')
+  budget = bench_common.Budget(args.time_budget)
+  if args.find_max_batch:
+    find_max_batch(args, budget)
+  else:
+    run_variants(args, budget)
 
 
 if __name__ == '__main__':

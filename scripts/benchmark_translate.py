@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402  (scripts/)
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
 
@@ -36,30 +40,29 @@ def load_sources(args) -> list[str]:
 
 
 def tutorial_sampler(cfg, params, tokenizer, cache_length):
-  from gemma import modules as g_modules
   from gemma import sampler as sampler_lib
-  from gemma import transformer as transformer_lib
+  return sampler_lib.Sampler(
+      transformer=bench_common.tutorial_transformer(cfg),
+      vocab=tokenizer.processor, params=params, cache_length=cache_length)
 
-  types = {'global': g_modules.AttentionType.GLOBAL,
-           'local': g_modules.AttentionType.LOCAL_SLIDING}
-  config = transformer_lib.TransformerConfig(
-      num_layers=cfg.num_layers, num_embed=cfg.vocab_size,
-      embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
-      num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-      num_kv_heads=cfg.num_kv_heads,
-      final_logit_softcap=cfg.final_logit_softcap,
-      use_post_attn_norm=cfg.use_post_attn_norm,
-      use_post_ffw_norm=cfg.use_post_ffw_norm,
-      attention_types=tuple(types[t] for t in cfg.attention_types),
-      max_cache_length=None, attn_logits_soft_cap=cfg.attn_logits_soft_cap,
-      sliding_window_size=cfg.sliding_window_size,
-      transpose_gating_einsum=cfg.transpose_gating_einsum,
-      use_qk_norm=cfg.use_qk_norm,
-      local_base_frequency=int(cfg.local_rope_base),
-      global_base_frequency=int(cfg.global_rope_base))
-  return sampler_lib.Sampler(transformer=transformer_lib.Transformer(config),
-                             vocab=tokenizer.processor, params=params,
-                             cache_length=cache_length)
+
+def load_model(args):
+  """(config, params, tokenizer); a `--model` that is an architecture but no
+  released model (e.g. `tiny`) gets random weights, for smoke tests."""
+  from gemma_mt import pretrained
+  if args.checkpoint is None and args.model not in pretrained.MODELS:
+    import jax
+    import jax.numpy as jnp
+
+    from gemma_mt import model as model_lib
+    from gemma_mt.tokenizer import default_tokenizer
+    cfg = model_lib.TransformerConfig.from_name(args.model)
+    tok = jnp.ones((1, 1), jnp.int32)
+    params = jax.jit(model_lib.Transformer(cfg).init)(
+        jax.random.key(0), tok, tok, model_lib.causal_mask(tok != 0))['params']
+    return cfg, params, default_tokenizer()
+  pt = pretrained.load(args.model, args.checkpoint)
+  return pt.config, pt.params, pt.tokenizer
 
 
 def run_ours(translator, sources, bs, max_new_tokens):
@@ -106,8 +109,7 @@ def main():
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--model', default='gemma3_270m')
   p.add_argument('--checkpoint', default=None)
-  p.add_argument('--mtnt_dir', default=str(Path(__file__).resolve().parents[2]
-                                           / 'shared' / 'data' / 'mtnt'))
+  p.add_argument('--mtnt_dir', default=bench_common.DEFAULT_MTNT_DIR)
   p.add_argument('--batch_sizes', default='1,8,64')
   p.add_argument('--bs1_limit', type=int, default=64, help='sentences for batch 1')
   p.add_argument('--limit', type=int, default=None, help='sentences per run')
@@ -118,25 +120,32 @@ def main():
   p.add_argument('--baseline_bs1_limit', type=int, default=16)
   p.add_argument('--check_limit', type=int, default=64,
                  help='sentences for the float32 greedy-equality check')
-  p.add_argument('--out', default=None)
+  p.add_argument('--out', default=None,
+                 help='JSON results, rewritten after each batch size')
+  p.add_argument('--time_budget', type=float, default=None,
+                 help='seconds: no new batch size (or check) starts after it')
   args = p.parse_args()
+  budget = bench_common.Budget(args.time_budget)
 
   import jax
   import jax.numpy as jnp
 
-  from gemma_mt import pretrained
   from gemma_mt.translate import Translator, stop_token_ids
 
-  pt = pretrained.load(args.model, args.checkpoint)
-  cfg, tok = pt.config, pt.tokenizer
+  cfg, params, tok = load_model(args)
+  device = jax.devices()[0].device_kind
   sources = load_sources(args)[:args.limit]
   stop = set(stop_token_ids(tok))
   param_bytes = cfg.num_params() * 2
   rows = []
-  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), pt.params)
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   ours = Translator(cfg, bf16, tok, dtype=jnp.bfloat16,
                     batch_size=max(int(b) for b in args.batch_sizes.split(',')))
+  skipped = []
   for bs in [int(b) for b in args.batch_sizes.split(',')]:
+    if budget.expired():
+      skipped.append(bs)
+      continue
     src = sources[:args.bs1_limit] if bs == 1 else sources
     run_ours(ours, src[:bs * 2], bs, args.max_new_tokens)  # compile buckets
     run_ours(ours, src, bs, args.max_new_tokens)
@@ -162,10 +171,12 @@ def main():
                    'gen_tokens_per_s': sum(len(x) for x in tids) / tdt})
       row['speedup_vs_tutorial'] = row['sentences_per_s'] / rows[-1]['sentences_per_s']
     print(json.dumps(rows[-2:] if args.baseline else rows[-1:]), flush=True)
+    bench_common.write_json(args.out, {'rows': rows, 'check': None,
+                                       'device': device, 'complete': False})
 
   check = None
-  if args.baseline and args.check_limit:
-    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), pt.params)
+  if args.baseline and args.check_limit and not budget.expired():
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     src = sources[:args.check_limit]
     a, _, _ = run_ours(Translator(cfg, f32, tok, dtype=jnp.float32, batch_size=16),
                        src, 16, args.max_new_tokens)
@@ -185,10 +196,11 @@ def main():
   if check:
     print(f"greedy outputs identical (float32, ours a prefix of the tutorial's): "
           f"{check['identical_greedy']}/{check['sentences']}")
-  if args.out:
-    Path(args.out).write_text(json.dumps({'rows': rows, 'check': check,
-                                          'device': jax.devices()[0].device_kind},
-                                         indent=1))
+  if skipped:
+    print(f'time budget spent: batch sizes {skipped} not run')
+  bench_common.write_json(args.out, {'rows': rows, 'check': check,
+                                     'device': device, 'complete': True,
+                                     'skipped_batch_sizes': skipped})
 
 
 if __name__ == '__main__':

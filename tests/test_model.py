@@ -146,11 +146,18 @@ def test_kv_cache_decoding_equals_full_forward(name):
                           M.positions_from_mask(pmask), attn, cache)
   step_logits = [logits[np.arange(2), np.asarray(lengths) - 1]]
   for t in range(steps):
+    # `valid` is mutated each step: jnp.array copies it (jnp.asarray may
+    # alias the numpy buffer on CPU while the async step still reads it).
     valid[:, P + t] = True
     pos = jnp.asarray(lengths)[:, None] + t
     logits, cache = apply({'params': params}, jnp.asarray(gen[:, t:t + 1]),
-                            pos, jnp.asarray(valid)[:, None, :], cache)
+                            pos, jnp.array(valid)[:, None, :], cache)
     step_logits.append(logits[:, 0])
+    # One dispatch at a time: with jax's async CPU dispatch, back-to-back
+    # calls feeding each other the cache gave wrong logits about half the
+    # time on jax 0.10 (not seen with jax_cpu_enable_async_dispatch=False).
+    # The sampler decodes inside one jit (a while_loop), so it is unaffected.
+    jax.block_until_ready(cache)
   assert int(cache['end_index']) == P + steps
   for r, n in enumerate(lengths):
     seq = np.concatenate([np.asarray(prompt[r, :n]), gen[r]])[None]
