@@ -9,6 +9,7 @@ Kaggle releases, stacked layers, or a `transformer` sub-tree).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -48,13 +49,7 @@ def save_params(path: str | os.PathLike, params: Any,
   written to a sibling temp dir and renamed at the end: a killed save never
   leaves a half-written checkpoint behind.
   """
-  path = Path(path).expanduser().absolute()
-  if path.exists() and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with atomic_dir(path, overwrite) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp, params)
       ckptr.wait_until_finished()
@@ -63,12 +58,28 @@ def save_params(path: str | os.PathLike, params: Any,
         (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
       else:
         shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+  return Path(path).expanduser().absolute()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
+  """Yields a sibling temp path to fill; renamed to `path` on success.
+
+  A killed or failed write never leaves a half-written dir at `path`.
+  """
+  path = Path(path).expanduser().absolute()
+  if path.exists() and not overwrite:
+    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    yield tmp
     if overwrite and path.exists():
       shutil.rmtree(path)
     os.rename(tmp, path)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return path
 
 
 def load_params(path: str | os.PathLike, dtype: Any = None,

@@ -24,7 +24,6 @@ import dataclasses
 import itertools
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,8 @@ import qwix
 from qwix._src.providers import lora as qwix_lora
 from qwix._src.providers import ptq as qwix_ptq
 from qwix._src.utils import flax_util as qwix_flax
+
+from gemma_mt.checkpoints import atomic_dir
 
 Params = dict[str, Any]
 
@@ -311,24 +312,13 @@ def apply_adapters(base_params: Params, adapters: Params,
 def save_adapters(path: str | os.PathLike, adapters: Params,
                   lora_config: LoraConfig, overwrite: bool = False) -> Path:
   """`path/adapters` (orbax, adapters only) + `path/lora.json`, atomically."""
-  path = Path(path).expanduser().absolute()
-  if path.exists() and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with atomic_dir(path, overwrite) as tmp:
     tmp.mkdir()
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / ADAPTERS_DIR, adapters)
       ckptr.wait_until_finished()
     (tmp / CONFIG_FILE).write_text(lora_config.to_json())
-    if overwrite and path.exists():
-      shutil.rmtree(path)
-    os.rename(tmp, path)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return path
+  return Path(path).expanduser().absolute()
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:

@@ -66,7 +66,6 @@ def load_model(args):
 
 
 def run_ours(translator, sources, bs, max_new_tokens):
-  from gemma_mt.data import format_prompt  # noqa: F401  (same prompt)
   ids = []
   t0 = time.perf_counter()
   for i in range(0, len(sources), bs):

@@ -4,7 +4,7 @@ device count must be fixed before jax is first imported:
 
   python tests/sampler_mesh_check.py OUT.json [CHECK ...]
 
-Writes {check: 'ok' | traceback} to OUT.json.
+Uses tests/device_checks.py; writes {check: 'ok' | traceback} to OUT.json.
 """
 
 import os
@@ -16,10 +16,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_backend_optimization_level=0')
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
-import json  # noqa: E402
 import re  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -29,6 +26,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from gemma_mt import model as M  # noqa: E402
 from gemma_mt import sampler as SA  # noqa: E402
 from gemma_mt import sharding as SH  # noqa: E402
+from device_checks import run_checks  # noqa: E402
 
 V = 256
 # One local and one global layer: compile time is the cost.
@@ -140,23 +138,5 @@ CHECKS = {'greedy_equals_single_device': check_greedy_equals_single_device,
           'translator': check_translator}
 
 
-def main(argv):
-  out, names = argv[1], argv[2:] or list(CHECKS)
-  assert len(jax.devices()) == 8, jax.devices()
-  results = {}
-  for name in names:
-    start = time.time()
-    try:
-      CHECKS[name]()
-      results[name] = 'ok'
-    except Exception:  # Reported per check to the test that asked.
-      results[name] = traceback.format_exc()
-    print(f'{name}: {time.time() - start:.1f}s', file=sys.stderr)
-  with open(out, 'w') as f:
-    json.dump(results, f)
-  for name, r in results.items():
-    print(name, 'ok' if r == 'ok' else 'FAILED\n' + r)
-
-
 if __name__ == '__main__':
-  main(sys.argv)
+  run_checks(CHECKS, sys.argv)

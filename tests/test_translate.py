@@ -6,7 +6,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from gemma_mt import data, json_api, model as M, translate as T
