@@ -101,19 +101,58 @@ def _strip_quotes(text: str, source: str) -> str:
   return text
 
 
+def _loop_start(words: list[str], min_words: int = 6,
+                max_unit: int = 24) -> int | None:
+  """Index where a phrase starts repeating back to back, or None.
+
+  A loop is a unit of u words repeated at least max(3, ceil(min_words / u))
+  times in a row: "de prise de poids, de prise de poids, de prise de poids,"
+  is one; "très très" or "ha ha ha" is not.
+  """
+  for i in range(len(words)):
+    for u in range(1, max_unit + 1):
+      reps = max(3, -(-min_words // u))
+      if i + u * reps > len(words):
+        break
+      unit = words[i:i + u]
+      if all(words[i + k * u:i + (k + 1) * u] == unit for k in range(1, reps)):
+        return i
+  return None
+
+
+def cut_repetition(text: str, source: str = '') -> str:
+  """Keeps one copy of a phrase the model loops on, and drops the rest.
+
+  Small models sometimes fall into a loop instead of ending the sentence
+  (the line never ends, so no stop rule fires until the token budget).
+  The translation ends where the loop starts. A source that loops itself
+  is left alone.
+  """
+  words = text.split(' ')
+  start = _loop_start(words)
+  if start is None or _loop_start(source.split(' ')) is not None:
+    return text
+  for u in range(1, len(words) - start):
+    if words[start + u:start + 2 * u] == words[start:start + u]:
+      return ' '.join(words[:start + u]).rstrip(' ,;')
+  return text
+
+
 def clean_translation(text: str, source: str = '',
                       stop_sequences: Sequence[str] = ()) -> tuple[str, bool]:
   """(one-line translation, whether a stop sequence cut it).
 
   Keeps the first line, cuts at the earliest stop sequence (on the raw
-  text, before any other clean-up), drops a chatty preamble and quotes
-  around the whole output, and strips whitespace.
+  text, before any other clean-up) and where the text starts looping
+  (`cut_repetition`), drops a chatty preamble and quotes around the whole
+  output, and strips whitespace.
   """
   lines = text.splitlines()  # '\r' and U+2028 end a line too.
   text = lines[0] if lines else ''
   hits = [i for i in (text.find(s) for s in stop_sequences if s) if i >= 0]
   if hits:
     text = text[:min(hits)]
+  text = cut_repetition(text, source)
   for _ in range(2):  # "Sure! Here is the translation: « ... »"
     for pattern in _PREAMBLES:
       text = pattern.sub('', text.strip(), count=1)

@@ -278,3 +278,22 @@ def test_data_parallel_flag_builds_a_mesh(monkeypatch):
   assert seen[0] is None
   n = jax.local_device_count()
   assert dict(seen[1].shape) == {'data': n, 'fsdp': 1}
+
+
+@pytest.mark.parametrize('text, source, expected', [
+    # A real loop from the fine-tuned 270M (valid.en-fr.tsv line 8).
+    ("Des années de bouffe, des problèmes de prise de poids, des problèmes "
+     "de prise de poids, des problèmes de prise de poids, des problèmes de",
+     'Years of food, weight gain issues.',
+     'Des années de bouffe, des problèmes de prise de poids'),
+    ('non non non non non non non non', 'no', 'non'),
+    ('très très bien, ha ha ha', 'very very good, ha ha ha',
+     'très très bien, ha ha ha'),            # short repeats are language
+    ('lol lol lol lol lol lol', 'lol lol lol lol lol lol',
+     'lol lol lol lol lol lol'),             # the source loops too
+    ('Bonjour, je suis Morgane.', 'Hello, I am Morgane.',
+     'Bonjour, je suis Morgane.'),
+])
+def test_cut_repetition(text, source, expected):
+  assert T.cut_repetition(text, source) == expected
+  assert T.clean_translation(text, source)[0] == expected
