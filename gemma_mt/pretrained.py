@@ -80,10 +80,10 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
              dtype: Any = None, sharding: Any = None) -> Pretrained:
   """A local checkpoint dir: ours (with gemma_mt.json) or an official one."""
   path = Path(path).expanduser()
-  meta = path / META_FILE
   from gemma_mt import lora
   if lora.is_adapter_dir(path):
     return _load_with_adapters(path, dtype, sharding)
+  meta = path / META_FILE
   arch = json.loads(meta.read_text())['arch'] if meta.exists() else default_arch
   if arch is None:
     raise ValueError(f'{path}: no {META_FILE}; pass the model name (--model)')

@@ -131,8 +131,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
   """Jitted `train_step(params, opt_state, batch, frozen=None)`.
 
   params and opt_state are donated. For LoRA, `params` are the adapters and
-  `frozen` the base weights (not donated, never updated). metrics: loss (mean over the batch's target tokens, before the update),
-  grad_norm, num_target_tokens, num_tokens.
+  `frozen` the base weights (not donated, never updated). metrics: loss
+  (mean over the batch's target tokens, before the update), grad_norm,
+  num_target_tokens, num_tokens.
   """
   grad_fn = make_grad_fn(model, grad_accum_steps=grad_accum_steps,
                          pad_id=pad_id, chunk_size=chunk_size)

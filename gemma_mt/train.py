@@ -352,11 +352,11 @@ def plot_losses(metrics_path: Path, out: Path) -> Path:
 # ----------------------------------------------------------------- loop
 
 
-def evaluate(validation_step, params, batches, frozen=None) -> float:
+def evaluate(validation_step, params, batches, *frozen) -> float:
+  """Validation loss per target token; `frozen`: LoRA's base weights."""
   loss_sum, count = 0.0, 0
-  frozen_arg = () if frozen is None else (frozen,)
   for batch in batches:
-    aux = jax.device_get(validation_step(params, batch, *frozen_arg))
+    aux = jax.device_get(validation_step(params, batch, *frozen))
     loss_sum += float(aux['loss_sum'])
     count += int(aux['num_target_tokens'])
   return loss_sum / max(count, 1)
@@ -422,7 +422,7 @@ def train_loop(config: TrainingConfig) -> Any:
            total, start)
 
   def run_eval(step):
-    loss = evaluate(validation_step, params, valid, frozen)
+    loss = evaluate(validation_step, params, valid, *frozen_arg)
     writer.write('valid', step, loss=loss)
     log.info('step %d: validation loss %.4f', step, loss)
     return loss

@@ -101,9 +101,9 @@ def _strip_quotes(text: str, source: str) -> str:
   return text
 
 
-def _loop_start(words: list[str], min_words: int = 6,
-                max_unit: int = 24) -> int | None:
-  """Index where a phrase starts repeating back to back, or None.
+def _find_loop(words: list[str], min_words: int = 6,
+               max_unit: int = 24) -> tuple[int, int] | None:
+  """(start, unit length) of a phrase repeating back to back, or None.
 
   A loop is a unit of u words repeated at least max(3, ceil(min_words / u))
   times in a row: "de prise de poids, de prise de poids, de prise de poids,"
@@ -116,7 +116,7 @@ def _loop_start(words: list[str], min_words: int = 6,
         break
       unit = words[i:i + u]
       if all(words[i + k * u:i + (k + 1) * u] == unit for k in range(1, reps)):
-        return i
+        return i, u
   return None
 
 
@@ -129,13 +129,11 @@ def cut_repetition(text: str, source: str = '') -> str:
   is left alone.
   """
   words = text.split(' ')
-  start = _loop_start(words)
-  if start is None or _loop_start(source.split(' ')) is not None:
+  loop = _find_loop(words)
+  if loop is None or _find_loop(source.split(' ')) is not None:
     return text
-  for u in range(1, len(words) - start):
-    if words[start + u:start + 2 * u] == words[start:start + u]:
-      return ' '.join(words[:start + u]).rstrip(' ,;')
-  return text
+  start, unit = loop
+  return ' '.join(words[:start + unit]).rstrip(' ,;')
 
 
 def clean_translation(text: str, source: str = '',

@@ -287,6 +287,8 @@ def test_data_parallel_flag_builds_a_mesh(monkeypatch):
      'Years of food, weight gain issues.',
      'Des années de bouffe, des problèmes de prise de poids'),
     ('non non non non non non non non', 'no', 'non'),
+    # The unit is the loop's, not a shorter repeat inside it.
+    ('oui oui non oui oui non oui oui non', 'yes yes no', 'oui oui non'),
     ('très très bien, ha ha ha', 'very very good, ha ha ha',
      'très très bien, ha ha ha'),            # short repeats are language
     ('lol lol lol lol lol lol', 'lol lol lol lol lol lol',
