@@ -6,6 +6,9 @@
 - `Budget`: a wall-clock budget (`--time_budget`) that runs check.
 - `write_json`: atomic (re)writes, so results written after each part
   survive a timeout.
+- `trace_summary`: where the GPU time of a `jax.profiler` trace went (per
+  kernel category, top kernels, GPU idle fraction): the profile evidence
+  behind the benchmark tables, printed without TensorBoard.
 
 The scripts run as `python scripts/benchmark_*.py`: Python puts scripts/ on
 sys.path, so `import bench_common` works from the repo root.
@@ -13,8 +16,10 @@ sys.path, so `import bench_common` works from the repo root.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -76,3 +81,92 @@ def write_json(path: str | os.PathLike | None, obj) -> None:
   tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
   tmp.write_text(json.dumps(obj, indent=1))
   os.replace(tmp, path)
+
+
+# Kernel name -> category, first match wins (XLA names fusions after their
+# root op; cuBLAS/cuDNN kernels carry the library's names).
+KERNEL_CATEGORIES = (
+    ('attention', re.compile(r'fmha|flash|cudnn|attention', re.I)),
+    ('matmul', re.compile(r'gemm|nvjet|cutlass|xmma|cublas|matmul|dot', re.I)),
+    ('memcpy/memset', re.compile(r'memcpy|memset', re.I)),
+    ('reduce', re.compile(r'reduce|scatter|sort|gather', re.I)),
+    ('elementwise', re.compile(r'.')),
+)
+
+
+def kernel_category(name: str) -> str:
+  return next(c for c, rx in KERNEL_CATEGORIES if rx.search(name))
+
+
+def _busy_ns(intervals) -> int:
+  """Length of the union of [start, end) intervals."""
+  busy, end = 0, None
+  for s, e in sorted(intervals):
+    if end is None or s > end:
+      busy += e - s
+      end = e
+    elif e > end:
+      busy += e - end
+      end = e
+  return busy
+
+
+def trace_summary(trace_dir, steps: int, top: int = 20) -> dict:
+  """GPU kernel time of a `jax.profiler.trace` of `steps` steps, per step.
+
+  Reads the XSpace file with `jax.profiler.ProfileData` (no TensorBoard).
+  Kernels are the events on the GPU planes' stream lines; `gpu_busy_ms` is
+  the union of their intervals and `gpu_idle_frac` the rest of the span
+  from the first kernel to the last.
+  """
+  from jax.profiler import ProfileData
+
+  files = sorted(Path(trace_dir).rglob('*.xplane.pb'), key=os.path.getmtime)
+  if not files:
+    return {'error': f'no .xplane.pb under {trace_dir}'}
+  data = ProfileData.from_file(str(files[-1]))
+  per_kernel = collections.Counter()
+  calls = collections.Counter()
+  intervals = []
+  for plane in data.planes:
+    if not plane.name.startswith('/device:GPU'):
+      continue
+    lines = list(plane.lines)
+    streams = [l for l in lines if l.name.startswith('Stream')] or [
+        l for l in lines if not l.name.startswith(('XLA', 'Steps', 'Launch'))]
+    for line in streams:
+      for e in line.events:
+        per_kernel[e.name] += e.duration_ns
+        calls[e.name] += 1
+        intervals.append((e.start_ns, e.end_ns))
+  if not intervals:
+    return {'error': 'no GPU kernels in the trace'}
+  span = max(e for _, e in intervals) - min(s for s, _ in intervals)
+  busy = _busy_ns(intervals)
+  cats = collections.Counter()
+  for name, ns in per_kernel.items():
+    cats[kernel_category(name)] += ns
+  total = sum(per_kernel.values())
+  ms = lambda ns: ns / 1e6 / steps  # noqa: E731  (per step)
+  return {
+      'steps': steps, 'gpu_span_ms': ms(span), 'gpu_busy_ms': ms(busy),
+      'gpu_idle_frac': 1 - busy / span if span else None,
+      'kernel_ms': ms(total), 'kernels_per_step': sum(calls.values()) / steps,
+      'categories_ms': {c: ms(ns) for c, ns in cats.most_common()},
+      'top_kernels': [{'name': n[:120], 'ms': ms(ns), 'calls': calls[n] / steps,
+                       'category': kernel_category(n)}
+                      for n, ns in per_kernel.most_common(top)],
+  }
+
+
+def print_trace_summary(label: str, s: dict) -> None:
+  if 'error' in s:
+    print(f'[{label}] profile: {s["error"]}')
+    return
+  cats = ', '.join(f'{c} {v:.1f}' for c, v in s['categories_ms'].items())
+  print(f'[{label}] per step: GPU busy {s["gpu_busy_ms"]:.1f} ms of '
+        f'{s["gpu_span_ms"]:.1f} (idle {100 * s["gpu_idle_frac"]:.1f}%), '
+        f'{s["kernels_per_step"]:.0f} kernels; ms by category: {cats}')
+  for k in s['top_kernels'][:12]:
+    print(f'    {k["ms"]:7.2f} ms  x{k["calls"]:<5.0f} {k["category"]:12} '
+          f'{k["name"][:90]}')

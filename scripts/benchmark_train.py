@@ -10,6 +10,8 @@ Each variant runs in its own subprocess (clean peak-memory numbers):
                 and its `train_step`, loss made batch-wide (it used row 0
                 only), params in bfloat16 as in the Kaggle checkpoints
   tutorial_f32  the same with float32 params
+  ours_bf16     ours_packed with bfloat16 params (no float32 master copy;
+                as the tutorial, and as lossy for SGD: an ablation only)
   full_sgd      = ours_packed (the name used in the LoRA memory table)
   full_adamw    ours_packed with AdamW (two float32 moments per weight)
   lora          frozen base in bfloat16 (no float32 master copy: it is never
@@ -49,6 +51,14 @@ one fails; reports the largest that ran `--find_steps` steps without
 RESOURCE_EXHAUSTED. Subprocesses get XLA_PYTHON_CLIENT_MEM_FRACTION=
 `--mem_fraction` (unless it is set already), so the limit is the GPU's
 memory, not JAX's default 75% pool.
+
+Timing: `--steps` steps are dispatched back to back and the clock stops
+when the last one is done (as in training: no host sync per step);
+`step_ms` is the mean. `--profile` then traces 3 more steps with
+`jax.profiler` and adds where the GPU time went (kernel categories, top
+kernels, GPU idle fraction; `bench_common.trace_summary`) to the result.
+`--attention_impl` and `--chunk_size` (the loss's LM-head chunk, in tokens)
+exist for ablations.
 
 `--out` is rewritten after every variant / batch size, so a run cut short
 still leaves its results; `--time_budget` (seconds) stops starting new
@@ -101,6 +111,7 @@ VARIANTS = {
     'ours_padded': Variant(packed=False),
     'tutorial': Variant('tutorial', packed=False, param_dtype='bfloat16'),
     'tutorial_f32': Variant('tutorial', packed=False),
+    'ours_bf16': Variant(param_dtype='bfloat16'),
     'full_sgd': Variant(),
     'full_adamw': Variant(optimizer='adamw'),
     'lora': Variant(lora=True),
@@ -209,7 +220,8 @@ def setup_ours(args, cfg, spec: Variant, b0) -> Setup:
   from gemma_mt import model as model_lib
   from gemma_mt.steps import make_optimizer, make_train_step
 
-  impl = 'cudnn' if jax.default_backend() == 'gpu' else 'einsum'
+  impl = args.attention_impl or (
+      'cudnn' if jax.default_backend() == 'gpu' else 'einsum')
   # LoRA: the frozen base is never updated, so it needs no float32 master
   # copy; it is created directly in bfloat16 (then quantized for QLoRA).
   base_dtype = jnp.bfloat16 if spec.lora else jnp.dtype(spec.param_dtype)
@@ -224,7 +236,8 @@ def setup_ours(args, cfg, spec: Variant, b0) -> Setup:
   opt_name = args.lora_optimizer if spec.lora else spec.optimizer
   opt = make_optimizer(types.SimpleNamespace(
       optimizer=opt_name, learning_rate=args.learning_rate))
-  info = {'optimizer': opt_name, 'base_dtype': jnp.dtype(base_dtype).name}
+  info = {'optimizer': opt_name, 'base_dtype': jnp.dtype(base_dtype).name,
+          'attention_impl': impl, 'chunk_size': args.chunk_size}
   if spec.lora:
     lcfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
                            quant=spec.quant)
@@ -243,7 +256,8 @@ def setup_ours(args, cfg, spec: Variant, b0) -> Setup:
     train_model, frozen = model, None
     params = jax.jit(init)(jax.random.key(0))
   opt_state = opt.init(params)
-  step = make_train_step(train_model, opt)
+  step = make_train_step(train_model, opt, **(
+      {'chunk_size': args.chunk_size} if args.chunk_size else {}))
   extra = () if frozen is None else (frozen,)
 
   def compile_step(p, s, b):
@@ -358,31 +372,39 @@ def run_variant(args):
     params, opt_state, m = step(params, opt_state, b)
   if m is not None:
     jax.block_until_ready(m['loss'])
-  times, losses = [], []
-  for b in dev[args.warmup:]:
-    if times and time.time() > deadline:
-      break  # --time_budget: report the steps timed so far
-    t = time.perf_counter()
+  n = 0
+  t = time.perf_counter()
+  for b in dev[args.warmup:]:  # back to back, one sync at the end
+    if n and time.time() > deadline:
+      break  # --time_budget: report the steps dispatched so far
     params, opt_state, m = step(params, opt_state, b)
-    losses.append(float(m['loss']))  # Blocks: one step at a time is timed.
-    times.append(time.perf_counter() - t)
+    n += 1
+  final_loss = float(m['loss'])
+  total = time.perf_counter() - t
+  profile = None
+  if args.profile:
+    import tempfile
+    with tempfile.TemporaryDirectory() as tdir:
+      with jax.profiler.trace(tdir):
+        for b in dev[args.warmup:args.warmup + 3]:
+          params, opt_state, m = step(params, opt_state, b)
+        jax.block_until_ready(m['loss'])
+      profile = bench_common.trace_summary(tdir, steps=3)
 
-  timed = batches[args.warmup:args.warmup + len(times)]
+  timed = batches[args.warmup:args.warmup + n]
   tgt = sum(int((b['target_mask'][:, 1:] & (b['input_tokens'][:, 1:] != 0)).sum())
             for b in timed)
   real = sum(int((b['input_tokens'] != 0).sum()) for b in timed)
   n_adapter = count(params) if spec.lora else 0
   flops = sum(useful_flops(cfg, b) for b in timed)
   actual = sum(step_flops(cfg, b, spec.lora, n_adapter) for b in timed)
-  total = sum(times)
   return {
       'variant': args.run_variant, 'model': args.model,
       'batch_size': args.batch_size, 'seq_len': args.seq_len,
-      'packed': spec.packed, 'steps_timed': len(times),
-      'step_ms_median': 1e3 * float(np.median(times)),
+      'packed': spec.packed, 'steps_timed': n,
+      'step_ms': 1e3 * total / n,
       'target_tokens_per_s': tgt / total, 'tokens_per_s': real / total,
-      'target_tokens_per_step': tgt / len(timed),
-      'tokens_per_step': real / len(timed),
+      'target_tokens_per_step': tgt / n, 'tokens_per_step': real / n,
       'mfu': flops / total / PEAK_FLOPS,
       'mfu_actual': actual / total / PEAK_FLOPS,
       'flops_convention': FLOPS_CONVENTION,
@@ -390,8 +412,9 @@ def run_variant(args):
       'peak_gb': mem_gb(), **mem,
       'trainable_params': count(params),
       'params_gb': tree_gb(params), 'opt_state_gb': tree_gb(opt_state),
-      **setup.info, 'final_loss': losses[-1], 'remat': args.remat,
+      **setup.info, 'final_loss': final_loss, 'remat': args.remat,
       'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
+      'profile': profile,
   }
 
 
@@ -470,7 +493,7 @@ def find_max_batch(args, budget):
   for r in out['tries']:
     ok = r['status'] == 'ok'
     print(f"{r['variant']:12} {r['try_batch_size']:4d} {r['status']:8} "
-          + (f"{r['step_ms_median']:8.1f} {r['target_tokens_per_s']:10.0f} "
+          + (f"{r['step_ms']:8.1f} {r['target_tokens_per_s']:10.0f} "
              f"{_f(r['peak_gb'], 8)} {_f(r['step_est_gb'], 7)}" if ok
              else r.get('error', '')[:80]))
   for v, bs in out['max_batch_size'].items():
@@ -483,9 +506,12 @@ def find_max_batch(args, budget):
 def report(r):
   """One line per finished subprocess, as it happens."""
   if r['status'] == 'ok':
-    print(f"[{r['variant']} B{r['batch_size']}] {r['step_ms_median']:.1f} ms/step"
+    print(f"[{r['variant']} B{r['batch_size']}] {r['step_ms']:.1f} ms/step"
           f", peak {_f(r['peak_gb'], 0)} GB, compile {r['compile_s']:.1f} s",
           file=sys.stderr, flush=True)
+    if r.get('profile'):
+      bench_common.print_trace_summary(f"{r['variant']} B{r['batch_size']}",
+                                       r['profile'])
   else:
     print(f"[{r['variant']}] {r['status'].upper()}: {r.get('error', '')[:300]}",
           file=sys.stderr, flush=True)
@@ -510,7 +536,7 @@ def print_table(results):
       continue
     ratio = r['target_tokens_per_s'] / base['target_tokens_per_s']
     print(f"{r['variant']:13} {r['model']:12} {r['batch_size']:3d} "
-          f"{r['seq_len']:4d} {r['step_ms_median']:8.1f} "
+          f"{r['seq_len']:4d} {r['step_ms']:8.1f} "
           f"{r['target_tokens_per_s']:10.0f} {r['tokens_per_s']:9.0f} "
           f"{100 * r['mfu']:5.1f}% {100 * r['mfu_actual']:5.1f}% "
           f"{_f(r['peak_setup_gb'], 8)} {_f(r['peak_gb'], 8)} "
@@ -530,6 +556,13 @@ def main():
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--learning_rate', type=float, default=1e-4)
   p.add_argument('--remat', action='store_true')
+  p.add_argument('--attention_impl', default=None,
+                 choices=['cudnn', 'jax', 'einsum'],
+                 help='ours: default cudnn on GPU, einsum elsewhere')
+  p.add_argument('--chunk_size', type=int, default=None,
+                 help='ours: LM-head/CE chunk in tokens (default: the loss\'s)')
+  p.add_argument('--profile', action='store_true',
+                 help='trace 3 steps after timing; add a kernel-time summary')
   p.add_argument('--lora_rank', type=int, default=8)
   p.add_argument('--lora_alpha', type=float, default=16.0)
   p.add_argument('--lora_optimizer', default='adamw',
