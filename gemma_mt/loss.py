@@ -19,11 +19,13 @@ count (not a mean of per-row means, nor only row 0 as in the tutorial).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemma_mt import model as model_lib
 
@@ -89,47 +91,135 @@ def chunked_cross_entropy(hidden: Array, table: Array, labels: Array,
 
   hidden [B, T, D] (or [T, D]), table [V, D], labels/weights [B, T]. Float32
   logits exist for one chunk of about `chunk_size` tokens at a time
-  ([B, chunk_size // B, V]), in the forward and (recomputed) in the
-  backward pass. Rows stay rows: with a batch sharded over devices every
-  device works on its own rows, no gather.
+  ([B, chunk_size // B, V]). Under differentiation the forward pass also
+  computes both gradients chunk by chunk (a custom VJP, as in Liger's fused
+  linear cross-entropy): the logits are made once, not once more in the
+  backward pass, and no autodiff runs through the loop. Rows stay rows: with
+  a batch sharded over devices every device works on its own rows.
   """
   if hidden.ndim == 2:
     hidden, labels, weights = hidden[None], labels[None], weights[None]
-  B, T, D = hidden.shape
-  weights = weights.astype(bool)
-  # Each row's target positions first (stable): trailing chunks where no
-  # row has a target (prompts, padding) are skipped below.
+  return _fused_ce(softcap, chunk_size, hidden, table, labels,
+                   weights.astype(bool))
+
+
+def _sorted_chunks(hidden, labels, weights, chunk_size):
+  """Targets first in every row, padded to whole chunks; (..., order, c, n)."""
+  B, T, _ = hidden.shape
   order = jnp.argsort(~weights, axis=1, stable=True)
-  hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
-  labels = jnp.take_along_axis(labels, order, axis=1)
-  weights = jnp.take_along_axis(weights, order, axis=1)
+  take = lambda x: jnp.take_along_axis(
+      x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+  hidden, labels, weights = take(hidden), take(labels), take(weights)
   c = max(1, min(chunk_size // B, T))
-  num_chunks = -(-T // c)
-  pad = num_chunks * c - T
+  pad = -T % c
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     labels = jnp.pad(labels, ((0, 0), (0, pad)))
     weights = jnp.pad(weights, ((0, 0), (0, pad)))
-  table = table.astype(hidden.dtype)  # Cast once, not once per chunk.
+  # Chunks past every row's last target hold no loss: the loops stop there.
+  active = -(-jnp.max(jnp.sum(weights, axis=1, dtype=jnp.int32)) // c)
+  return hidden, labels, weights, order, c, active
 
-  @jax.checkpoint
-  def chunk_loss(table, h, y, w):
-    logits = model_lib.logits_from_hidden(table, h, softcap)  # [B, c, V] f32
-    label_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - label_logit
-    return jnp.sum(jnp.where(w, nll, 0.0))
 
-  def body(total, xs):
-    h, y, w = xs
-    loss = jax.lax.cond(jnp.any(w), chunk_loss, lambda *_: jnp.float32(0),
-                        table, h, y, w)
-    return total + loss, None
+def _chunk_logits(table, h, softcap):
+  """[B, c, V] float32 logits and the soft-cap's tanh (None without one)."""
+  logits = jnp.einsum('bcd,vd->bcv', h, table,
+                      preferred_element_type=jnp.float32)
+  if softcap is None:
+    return logits, None
+  t = jnp.tanh(logits / softcap)
+  return t * softcap, t
 
-  chunks = lambda x: jnp.moveaxis(
-      x.reshape(B, num_chunks, c, *x.shape[2:]), 1, 0)
-  total, _ = jax.lax.scan(body, jnp.float32(0),
-                          (chunks(hidden), chunks(labels), chunks(weights)))
-  return total
+
+def _chunk_nll(logits, y, w):
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  label_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(w, lse - label_logit, 0.0)), lse
+
+
+def _ce_loss_only(softcap, chunk_size, hidden, table, labels, weights):
+  hidden, labels, weights, _, c, active = _sorted_chunks(
+      hidden, labels, weights, chunk_size)
+  table = table.astype(hidden.dtype)
+
+  def body(i, total):
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+    logits, _ = _chunk_logits(table, sl(hidden), softcap)
+    return total + _chunk_nll(logits, sl(labels), sl(weights))[0]
+
+  return jax.lax.fori_loop(0, active, body, jnp.float32(0))
+
+
+def _ce_loss_and_grads(softcap, chunk_size, hidden, table, labels, weights,
+                       table_grad=True):
+  """(loss, d loss/d hidden, d loss/d table or None), one pass over chunks."""
+  B, T, D = hidden.shape
+  dtype = hidden.dtype
+  hs, ys, ws, order, c, active = _sorted_chunks(hidden, labels, weights,
+                                                chunk_size)
+  table_c = table.astype(dtype)
+
+  def body(i, carry):
+    total, dh, dtable = carry
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+    h, y, w = sl(hs), sl(ys), sl(ws)
+    logits, t = _chunk_logits(table_c, h, softcap)
+    nll, lse = _chunk_nll(logits, y, w)
+    # d nll / d logits = softmax - onehot, zero off-target; then the tanh.
+    dz = jnp.exp(logits - lse[..., None])
+    dz -= jax.nn.one_hot(y, dz.shape[-1], dtype=dz.dtype)
+    dz *= w[..., None]
+    if t is not None:
+      dz *= 1 - t * t
+    dz = dz.astype(dtype)
+    dh_c = jnp.einsum('bcv,vd->bcd', dz, table_c,
+                      preferred_element_type=jnp.float32)
+    dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_c.astype(dtype), i * c,
+                                             axis=1)
+    if dtable is not None:
+      dtable += jnp.einsum('bcv,bcd->vd', dz, h,
+                           preferred_element_type=jnp.float32)
+    return total + nll, dh, dtable
+
+  dtable = jnp.zeros(table.shape, jnp.float32) if table_grad else None
+  total, dh, dtable = jax.lax.fori_loop(
+      0, active, body, (jnp.float32(0), jnp.zeros_like(hs), dtable))
+  inverse = jnp.argsort(order, axis=1)  # Back to the input's positions.
+  dh = jnp.take_along_axis(dh[:, :T], inverse[..., None], axis=1)
+  return total, dh, dtable
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_ce(softcap, chunk_size, hidden, table, labels, weights):
+  return _ce_loss_only(softcap, chunk_size, hidden, table, labels, weights)
+
+
+def _fused_ce_fwd(softcap, chunk_size, hidden, table, labels, weights):
+  # symbolic_zeros: `perturbed` is False for a frozen table (LoRA), whose
+  # gradient is then not computed at all (a third of the LM-head FLOPs).
+  total, dh, dtable = _ce_loss_and_grads(
+      softcap, chunk_size, hidden.value, table.value, labels.value,
+      weights.value, table_grad=table.perturbed)
+  if dtable is not None:
+    dtable = dtable.astype(table.value.dtype)
+  return total, (dh, dtable, labels.value, weights.value)
+
+
+def _fused_ce_bwd(softcap, chunk_size, res, g):
+  del softcap, chunk_size
+  dh, dtable, labels, weights = res
+  g = jnp.asarray(g, jnp.float32)
+  dh = (dh * g).astype(dh.dtype)
+  dtable = None if dtable is None else (dtable * g).astype(dtable.dtype)
+  return dh, dtable, _zero_cotangent(labels), _zero_cotangent(weights)
+
+
+def _zero_cotangent(x):
+  """Integer and bool inputs take float0 cotangents."""
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
 
 
 def loss_sum_fn(params, model, batch: Batch, *, pad_id: int = 0,

@@ -5,16 +5,22 @@ Both translate MTNT `valid.en-fr.tsv` with the same params and prompts
 
   ours      `gemma_mt.translate.Translator`: prefill + on-device while loop,
             bucketed shapes, stops each row at EOS / end of line
-  tutorial  gemma 2.0.8's `gemma.sampler.Sampler`, called as the tutorial
-            does (`total_generation_steps`, default `return_logits=True`):
-            feeds the prompt one token per step, runs to the budget
+  tutorial  gemma 2.0.8's `gemma.sampler.Sampler` with `total_generation_steps`
+            as the tutorial calls it, but `return_logits=False` (its default,
+            True, keeps a [B, steps, vocab] float32 buffer and is far slower;
+            `--tutorial_return_logits` times that): feeds the prompt one token
+            per step, runs to EOS or the budget
 
-Reported: sentences/s and generated tokens/s per batch size, the decode step
-time against the memory-bandwidth floor (params + KV cache read once per
-step), and whether greedy outputs agree (ours must be a prefix of the
-tutorial's, which does not stop at the end of the line), checked in float32.
+Reported per batch size: ours on the whole split, and both on the same
+sentences (the tutorial's first `--baseline_batches` batches; it recompiles
+for every prompt length, so it cannot afford the whole split): sentences/s,
+generated tokens/s, the decode step time against the memory-bandwidth floor
+(params + KV cache read once per step), the ratio, and whether greedy
+outputs agree (ours must be a prefix of the tutorial's, which does not stop
+at the end of the line): in bf16 on the timed batches, and in float32 on
+`--check_limit` sentences.
 
-  python scripts/benchmark_translate.py --checkpoint runs/x/final --batch_sizes 1,8,64
+  python scripts/benchmark_translate.py --checkpoint runs/x/final --batch_sizes 1,8,64,256
 """
 
 from __future__ import annotations
@@ -103,22 +109,42 @@ def kv_bytes_per_step(cfg, bs, cache_len, itemsize):
   return 2 * cfg.num_layers * bs * cache_len * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
+def timed_ours(translator, sources, bs, max_new_tokens):
+  """One warm pass (compiles every bucket), then the timed one."""
+  run_ours(translator, sources, bs, max_new_tokens)
+  return run_ours(translator, sources, bs, max_new_tokens)
+
+
+def agreement(ours_ids, tutorial_ids, stop):
+  """Rows where ours equals the tutorial's output cut at its first stop."""
+  return int(sum(list(map(int, x)) == cut(y, stop)[:len(x)]
+                 for x, y in zip(ours_ids, tutorial_ids)))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--model', default='gemma3_270m')
   p.add_argument('--checkpoint', default=None)
   p.add_argument('--mtnt_dir', default=bench_common.DEFAULT_MTNT_DIR)
-  p.add_argument('--batch_sizes', default='1,8,64')
-  p.add_argument('--bs1_limit', type=int, default=64, help='sentences for batch 1')
+  p.add_argument('--batch_sizes', default='1,8,64,256')
+  p.add_argument('--bs1_limit', type=int, default=32, help='sentences for batch 1')
   p.add_argument('--limit', type=int, default=None, help='sentences per run')
   p.add_argument('--max_new_tokens', type=int, default=128)
   p.add_argument('--baseline', action=argparse.BooleanOptionalAction, default=True)
-  p.add_argument('--baseline_limit', type=int, default=128,
-                 help='sentences the tutorial sampler translates per batch size')
-  p.add_argument('--baseline_bs1_limit', type=int, default=16)
-  p.add_argument('--check_limit', type=int, default=64,
-                 help='sentences for the float32 greedy-equality check')
+  p.add_argument('--baseline_batches', type=int, default=1,
+                 help='batches the tutorial sampler translates per batch size '
+                      '(it compiles once per prompt length, ~20 s each)')
+  p.add_argument('--baseline_max_batch', type=int, default=64,
+                 help='no tutorial run above this batch size')
+  p.add_argument('--baseline_min_batch', type=int, default=8,
+                 help='no tutorial run below this batch size (batch 1 '
+                      'recompiles for every sentence)')
+  p.add_argument('--tutorial_return_logits', action='store_true',
+                 help="time the tutorial's default call (return_logits=True: "
+                      'a [B, steps, vocab] float32 buffer); far slower')
+  p.add_argument('--check_limit', type=int, default=32,
+                 help='sentences (one batch) for the float32 greedy check')
   p.add_argument('--out', default=None,
                  help='JSON results, rewritten after each batch size')
   p.add_argument('--time_budget', type=float, default=None,
@@ -136,58 +162,70 @@ def main():
   sources = load_sources(args)[:args.limit]
   stop = set(stop_token_ids(tok))
   param_bytes = cfg.num_params() * 2
-  rows = []
+  batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
+  rows, skipped, check = [], [], None
   bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   ours = Translator(cfg, bf16, tok, dtype=jnp.bfloat16,
-                    batch_size=max(int(b) for b in args.batch_sizes.split(',')))
-  skipped = []
-  for bs in [int(b) for b in args.batch_sizes.split(',')]:
+                    batch_size=max(batch_sizes))
+
+  def save(complete):
+    bench_common.write_json(args.out, {
+        'rows': rows, 'check': check, 'device': device, 'complete': complete,
+        'skipped_batch_sizes': skipped, 'max_new_tokens': args.max_new_tokens})
+
+  def row(impl, bs, ids, dt, steps=None, **kw):
+    r = {'impl': impl, 'batch_size': bs, 'sentences': len(ids),
+         'seconds': dt, 'sentences_per_s': len(ids) / dt,
+         'gen_tokens_per_s': sum(len(x) for x in ids) / dt, **kw}
+    if steps:  # Decode steps the device loop ran (longest row per batch).
+      floor = (param_bytes + kv_bytes_per_step(cfg, bs, 512, 2)) / HBM_BYTES_PER_S
+      r.update(decode_step_ms=1e3 * dt / steps, bandwidth_floor_ms=1e3 * floor)
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+    return r
+
+  for bs in batch_sizes:
     if budget.expired():
       skipped.append(bs)
       continue
     src = sources[:args.bs1_limit] if bs == 1 else sources
-    run_ours(ours, src[:bs * 2], bs, args.max_new_tokens)  # compile buckets
-    run_ours(ours, src, bs, args.max_new_tokens)
-    ids, dt, steps = run_ours(ours, src, bs, args.max_new_tokens)
-    gen = sum(len(x) for x in ids)
-    step_s = dt / max(steps, 1)
-    floor = (param_bytes + kv_bytes_per_step(cfg, bs, 512, 2)) / HBM_BYTES_PER_S
-    row = {'impl': 'ours', 'batch_size': bs, 'sentences': len(src),
-           'sentences_per_s': len(src) / dt, 'gen_tokens_per_s': gen / dt,
-           'decode_step_ms': 1e3 * step_s, 'bandwidth_floor_ms': 1e3 * floor,
-           'compiles': ours.num_compiles}
-    rows.append(row)
-    if args.baseline:
-      sampler = tutorial_sampler(cfg, bf16, tok, cache_length=1024)
-      limit = args.baseline_bs1_limit if bs == 1 else args.baseline_limit
-      bsrc = src[:max(bs, min(len(src), limit))]
-      # The tutorial's sampler recompiles for every new prompt length: warm
-      # it on the same batches first, so both sides are timed compiled.
-      run_tutorial(sampler, tok, bsrc, bs, args.max_new_tokens)
-      tids, tdt = run_tutorial(sampler, tok, bsrc, bs, args.max_new_tokens)
-      rows.append({'impl': 'tutorial', 'batch_size': bs, 'sentences': len(bsrc),
-                   'sentences_per_s': len(bsrc) / tdt,
-                   'gen_tokens_per_s': sum(len(x) for x in tids) / tdt})
-      row['speedup_vs_tutorial'] = row['sentences_per_s'] / rows[-1]['sentences_per_s']
-    print(json.dumps(rows[-2:] if args.baseline else rows[-1:]), flush=True)
-    bench_common.write_json(args.out, {'rows': rows, 'check': None,
-                                       'device': device, 'complete': False})
+    ids, dt, steps = timed_ours(ours, src, bs, args.max_new_tokens)
+    full = row('ours', bs, ids, dt, steps, compiles=ours.num_compiles)
+    if not (args.baseline and
+            args.baseline_min_batch <= bs <= args.baseline_max_batch):
+      save(False)
+      continue
+    # Same sentences, same batches on both sides; both timed compiled (the
+    # tutorial's sampler compiles once per prompt length: warm it first).
+    bsrc = src[:bs * args.baseline_batches]
+    sampler = tutorial_sampler(cfg, bf16, tok, cache_length=1024)
+    call = lambda: run_tutorial(sampler, tok, bsrc, bs, args.max_new_tokens,
+                                return_logits=args.tutorial_return_logits)
+    call()
+    tids, tdt = call()
+    oids, odt, osteps = timed_ours(ours, bsrc, bs, args.max_new_tokens)
+    same = agreement(oids, tids, stop)
+    tut = row('tutorial', bs, tids, tdt,
+              return_logits=args.tutorial_return_logits)
+    sub = row('ours_same_sentences', bs, oids, odt, osteps,
+              identical_greedy_bf16=same)
+    sub['speedup_vs_tutorial'] = sub['sentences_per_s'] / tut['sentences_per_s']
+    full['speedup_vs_tutorial'] = full['sentences_per_s'] / tut['sentences_per_s']
+    save(False)
 
-  check = None
   if args.baseline and args.check_limit and not budget.expired():
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    src = sources[:args.check_limit]
-    a, _, _ = run_ours(Translator(cfg, f32, tok, dtype=jnp.float32, batch_size=16),
-                       src, 16, args.max_new_tokens)
-    b, _ = run_tutorial(tutorial_sampler(cfg, f32, tok, 1024), tok, src, 16,
+    src, n = sources[:args.check_limit], args.check_limit
+    a, _, _ = run_ours(Translator(cfg, f32, tok, dtype=jnp.float32,
+                                  batch_size=n), src, n, args.max_new_tokens)
+    b, _ = run_tutorial(tutorial_sampler(cfg, f32, tok, 1024), tok, src, n,
                         args.max_new_tokens, return_logits=False)
-    same = [list(map(int, x)) == cut(y, stop)[:len(x)] for x, y in zip(a, b)]
-    check = {'sentences': len(src), 'identical_greedy': int(sum(same))}
+    check = {'sentences': len(src), 'identical_greedy': agreement(a, b, stop)}
 
-  print(f"\n{'impl':9} {'B':>3} {'sent':>5} {'sent/s':>8} {'gen tok/s':>10} "
+  print(f"\n{'impl':20} {'B':>3} {'sent':>5} {'sent/s':>8} {'gen tok/s':>10} "
         f"{'step ms':>8} {'floor ms':>9} {'vs tutorial':>11}")
   for r in rows:
-    print(f"{r['impl']:9} {r['batch_size']:3d} {r['sentences']:5d} "
+    print(f"{r['impl']:20} {r['batch_size']:3d} {r['sentences']:5d} "
           f"{r['sentences_per_s']:8.2f} {r['gen_tokens_per_s']:10.0f} "
           f"{r.get('decode_step_ms', float('nan')):8.2f} "
           f"{r.get('bandwidth_floor_ms', float('nan')):9.3f} "
@@ -197,9 +235,7 @@ def main():
           f"{check['identical_greedy']}/{check['sentences']}")
   if skipped:
     print(f'time budget spent: batch sizes {skipped} not run')
-  bench_common.write_json(args.out, {'rows': rows, 'check': check,
-                                     'device': device, 'complete': True,
-                                     'skipped_batch_sizes': skipped})
+  save(True)
 
 
 if __name__ == '__main__':

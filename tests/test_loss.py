@@ -136,6 +136,43 @@ def test_chunked_ce_matches_naive_values_and_grads():
       np.testing.assert_allclose(g[1], ref_g[1], rtol=1e-4, atol=1e-6)
 
 
+def test_fused_ce_frozen_table_empty_batch_and_bf16():
+  rng = np.random.default_rng(1)
+  n, d, v = 29, 16, 61
+  h = jnp.asarray(rng.normal(size=(4, n, d)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, v, (4, n)))
+  w = jnp.asarray(rng.random((4, n)) < 0.5).at[1].set(False)
+  ref_fn = lambda h, t, w: naive_ce(h, t, labels, w, None)
+  fn = lambda h, t, w: loss_lib.chunked_cross_entropy(h, t, labels, w,
+                                                      None, 8)
+  # The table frozen (LoRA): its gradient is skipped, hidden's still exact;
+  # and a chunk size below the batch size (one position per row per chunk).
+  g = jax.jit(jax.grad(fn))(h, table, w)
+  np.testing.assert_allclose(g, jax.grad(ref_fn)(h, table, w), rtol=1e-4,
+                             atol=1e-6)
+  for chunk in (1, 3):
+    got = loss_lib.chunked_cross_entropy(h, table, labels, w, None, chunk)
+    np.testing.assert_allclose(got, ref_fn(h, table, w), rtol=1e-5)
+  # No target at all: zero loss and zero gradients, no NaN.
+  none = jnp.zeros_like(w)
+  val, (gh, gt) = jax.value_and_grad(fn, (0, 1))(h, table, none)
+  assert float(val) == 0.0
+  assert not np.any(np.asarray(gh)) and not np.any(np.asarray(gt))
+  # bfloat16 hidden states (the training dtype), float32 table (the param):
+  # loss and gradients close to the float32 math, table grad stays float32.
+  hb = h.astype(jnp.bfloat16)
+  val, (gh, gt) = jax.jit(jax.value_and_grad(fn, (0, 1)))(hb, table, w)
+  rval, (rgh, rgt) = jax.value_and_grad(ref_fn, (0, 1))(
+      hb.astype(jnp.float32), table.astype(jnp.bfloat16).astype(jnp.float32),
+      w)
+  assert gh.dtype == jnp.bfloat16 and gt.dtype == jnp.float32
+  np.testing.assert_allclose(val, rval, rtol=1e-2)
+  np.testing.assert_allclose(np.asarray(gh, np.float32), rgh, rtol=0.05,
+                             atol=0.05)
+  np.testing.assert_allclose(gt, rgt, rtol=0.05, atol=0.05)
+
+
 def test_packed_rows_equal_separate_rows(tiny):
   model, params = tiny
   batch = make_batch(seed=3, b=2)
