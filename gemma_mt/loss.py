@@ -8,10 +8,12 @@ and `positions` for packed rows (several examples per row, segment 0 = pad).
 The vocabulary is 256K, so full float32 logits for a 4 x 128 batch already
 take 0.5 GB and their gradient as much again. Instead the model returns
 final-normed hidden states and the LM head + log-softmax run over chunks of
-about `chunk_size` tokens, each under `jax.checkpoint` so the backward pass
-recomputes a chunk's logits instead of keeping them. Each row's target
-positions are moved to its front first and chunks without any target are
-skipped, so most of the prompt and padding cost no LM-head FLOPs.
+about `chunk_size` tokens. Each row's target positions are moved to its
+front first and the loop stops after the last chunk holding a target, so the
+prompt and the padding cost no LM-head FLOPs. Under differentiation one pass
+over the chunks makes the loss and both gradients (a fused linear
+cross-entropy with a custom VJP): each chunk's logits are computed once,
+and the [V, D] table gradient is accumulated in float32 in place.
 
 The loss is the sum over all target tokens of the batch divided by their
 count (not a mean of per-row means, nor only row 0 as in the tutorial).

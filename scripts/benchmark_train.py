@@ -4,7 +4,8 @@ full fine-tuning vs LoRA / QLoRA, same GPU, same batches.
 Each variant runs in its own subprocess (clean peak-memory numbers):
 
   ours_packed   gemma_mt: packed rows, bf16 compute / f32 master weights,
-                cuDNN attention, chunked CE on target positions only, donation
+                cuDNN attention, fused chunked CE (loss and gradients in one
+                pass) on target positions only, donation
   ours_padded   the same on padded rows (one pair per row)
   tutorial      the tutorial's code: `gemma.transformer` (gemma 2.0.8 wheel)
                 and its `train_step`, loss made batch-wide (it used row 0

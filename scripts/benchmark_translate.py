@@ -53,16 +53,20 @@ def tutorial_sampler(cfg, params, tokenizer, cache_length):
 
 
 def load_model(args):
-  """(config, params, tokenizer); a `--model` that is an architecture but no
-  released model (e.g. `tiny`) gets random weights, for smoke tests."""
+  """(config, params, tokenizer); `--random_init`, or a `--model` that is an
+  architecture but no released model (e.g. `tiny`), gets random weights:
+  speed only (outputs run to the token budget), or smoke tests."""
   from gemma_mt import pretrained
-  if args.checkpoint is None and args.model not in pretrained.MODELS:
+  if args.random_init or (args.checkpoint is None
+                          and args.model not in pretrained.MODELS):
     import jax
     import jax.numpy as jnp
 
     from gemma_mt import model as model_lib
     from gemma_mt.tokenizer import default_tokenizer
-    cfg = model_lib.TransformerConfig.from_name(args.model)
+    arch = (args.model if args.model not in pretrained.MODELS
+            else pretrained.spec(args.model).arch)
+    cfg = model_lib.TransformerConfig.from_name(arch)
     tok = jnp.ones((1, 1), jnp.int32)
     params = jax.jit(model_lib.Transformer(cfg).init)(
         jax.random.key(0), tok, tok, model_lib.causal_mask(tok != 0))['params']
@@ -115,6 +119,18 @@ def timed_ours(translator, sources, bs, max_new_tokens):
   return run_ours(translator, sources, bs, max_new_tokens)
 
 
+def profile_decode(translator, sources, bs, max_new_tokens):
+  """Kernel time per decode step of one compiled batch (prefill included)."""
+  import tempfile
+
+  import jax
+  run_ours(translator, sources, bs, max_new_tokens)  # Compile outside.
+  with tempfile.TemporaryDirectory() as tdir:
+    with jax.profiler.trace(tdir):
+      ids, _, steps = run_ours(translator, sources, bs, max_new_tokens)
+    return bench_common.trace_summary(tdir, steps=max(steps, 1))
+
+
 def agreement(ours_ids, tutorial_ids, stop):
   """Rows where ours equals the tutorial's output cut at its first stop."""
   return int(sum(list(map(int, x)) == cut(y, stop)[:len(x)]
@@ -143,6 +159,11 @@ def main():
   p.add_argument('--tutorial_return_logits', action='store_true',
                  help="time the tutorial's default call (return_logits=True: "
                       'a [B, steps, vocab] float32 buffer); far slower')
+  p.add_argument('--random_init', action='store_true',
+                 help='random weights of --model (speed only; e.g. gemma_2b)')
+  p.add_argument('--profile', type=int, default=0, metavar='B',
+                 help='trace one batch of B sentences with jax.profiler and '
+                      'print where the GPU time of a decode step goes')
   p.add_argument('--check_limit', type=int, default=32,
                  help='sentences (one batch) for the float32 greedy check')
   p.add_argument('--out', default=None,
@@ -213,6 +234,14 @@ def main():
     full['speedup_vs_tutorial'] = full['sentences_per_s'] / tut['sentences_per_s']
     save(False)
 
+  if args.profile and not budget.expired():
+    profile = profile_decode(ours, sources[:args.profile], args.profile,
+                             args.max_new_tokens)
+    bench_common.print_trace_summary(f'ours B{args.profile} decode', profile)
+    rows.append({'impl': 'ours_profile', 'batch_size': args.profile,
+                 'sentences': args.profile, 'profile': profile})
+    save(False)
+
   if args.baseline and args.check_limit and not budget.expired():
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     src, n = sources[:args.check_limit], args.check_limit
@@ -225,6 +254,8 @@ def main():
   print(f"\n{'impl':20} {'B':>3} {'sent':>5} {'sent/s':>8} {'gen tok/s':>10} "
         f"{'step ms':>8} {'floor ms':>9} {'vs tutorial':>11}")
   for r in rows:
+    if 'sentences_per_s' not in r:
+      continue
     print(f"{r['impl']:20} {r['batch_size']:3d} {r['sentences']:5d} "
           f"{r['sentences_per_s']:8.2f} {r['gen_tokens_per_s']:10.0f} "
           f"{r.get('decode_step_ms', float('nan')):8.2f} "
