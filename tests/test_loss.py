@@ -116,13 +116,18 @@ def test_labels_outside_mask_do_not_matter(tiny):
   assert float(a) == float(b)
 
 
+def random_ce_inputs(seed, b, n, d, v, p):
+  """hidden [b, n, d], table [v, d], labels [b, n], weights (True w.p. p)."""
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32),
+          jnp.asarray(rng.normal(size=(v, d)), jnp.float32),
+          jnp.asarray(rng.integers(0, v, (b, n))),
+          jnp.asarray(rng.random((b, n)) < p))
+
+
 def test_chunked_ce_matches_naive_values_and_grads():
-  rng = np.random.default_rng(0)
-  n, d, v = 37, 16, 53
-  h = jnp.asarray(rng.normal(size=(3, n, d)), jnp.float32)
-  table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, v, (3, n)))
-  w = jnp.asarray(rng.random((3, n)) < 0.4)
+  n = 37
+  h, table, labels, w = random_ce_inputs(0, 3, n, 16, 53, 0.4)
   w = w.at[2, n // 2:].set(False)  # Rows with different target counts.
   for softcap in (None, 5.0):
     ref_fn = lambda h, t: naive_ce(h, t, labels, w, softcap)
@@ -137,12 +142,8 @@ def test_chunked_ce_matches_naive_values_and_grads():
 
 
 def test_fused_ce_frozen_table_empty_batch_and_bf16():
-  rng = np.random.default_rng(1)
-  n, d, v = 29, 16, 61
-  h = jnp.asarray(rng.normal(size=(4, n, d)), jnp.float32)
-  table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, v, (4, n)))
-  w = jnp.asarray(rng.random((4, n)) < 0.5).at[1].set(False)
+  h, table, labels, w = random_ce_inputs(1, 4, 29, 16, 61, 0.5)
+  w = w.at[1].set(False)  # A row without targets.
   ref_fn = lambda h, t, w: naive_ce(h, t, labels, w, None)
   fn = lambda h, t, w: loss_lib.chunked_cross_entropy(h, t, labels, w,
                                                       None, 8)
