@@ -245,10 +245,13 @@ def main():
   if args.baseline and args.check_limit and not budget.expired():
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     src, n = sources[:args.check_limit], args.check_limit
-    a, _, _ = run_ours(Translator(cfg, f32, tok, dtype=jnp.float32,
-                                  batch_size=n), src, n, args.max_new_tokens)
-    b, _ = run_tutorial(tutorial_sampler(cfg, f32, tok, 1024), tok, src, n,
-                        args.max_new_tokens, return_logits=False)
+    # Full float32 matmuls: on Hopper XLA's default f32 precision is TF32,
+    # whose rounding differs between the two implementations.
+    with jax.default_matmul_precision('highest'):
+      a, _, _ = run_ours(Translator(cfg, f32, tok, dtype=jnp.float32,
+                                    batch_size=n), src, n, args.max_new_tokens)
+      b, _ = run_tutorial(tutorial_sampler(cfg, f32, tok, 1024), tok, src, n,
+                          args.max_new_tokens, return_logits=False)
     check = {'sentences': len(src), 'identical_greedy': agreement(a, b, stop)}
 
   print(f"\n{'impl':20} {'B':>3} {'sent':>5} {'sent/s':>8} {'gen tok/s':>10} "
