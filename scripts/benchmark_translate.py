@@ -75,12 +75,12 @@ def load_model(args):
   return pt.config, pt.params, pt.tokenizer
 
 
-def run_ours(translator, sources, bs, max_new_tokens):
+def run_ours(translator, sources, bs, max_new_tokens, max_length_ratio=None):
   ids = []
   t0 = time.perf_counter()
   for i in range(0, len(sources), bs):
     gen = translator.generate(sources[i:i + bs], max_new_tokens=max_new_tokens,
-                              batch_size=bs)
+                              batch_size=bs, max_length_ratio=max_length_ratio)
     ids += gen.token_ids
   dt = time.perf_counter() - t0
   # The device loop runs as many steps as the longest row of each batch.
@@ -113,10 +113,10 @@ def kv_bytes_per_step(cfg, bs, cache_len, itemsize):
   return 2 * cfg.num_layers * bs * cache_len * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
-def timed_ours(translator, sources, bs, max_new_tokens):
+def timed_ours(translator, sources, bs, max_new_tokens, max_length_ratio=None):
   """One warm pass (compiles every bucket), then the timed one."""
-  run_ours(translator, sources, bs, max_new_tokens)
-  return run_ours(translator, sources, bs, max_new_tokens)
+  run_ours(translator, sources, bs, max_new_tokens, max_length_ratio)
+  return run_ours(translator, sources, bs, max_new_tokens, max_length_ratio)
 
 
 def profile_decode(translator, sources, bs, max_new_tokens):
@@ -159,6 +159,11 @@ def main():
   p.add_argument('--tutorial_return_logits', action='store_true',
                  help="time the tutorial's default call (return_logits=True: "
                       'a [B, steps, vocab] float32 buffer); far slower')
+  p.add_argument('--max_length_ratio', type=float, default=None,
+                 help='also time ours with this per-row cap (new tokens <= '
+                      'ratio x prompt tokens; the CLI default is 3): a '
+                      'runaway row then stops early instead of holding its '
+                      'batch to --max_new_tokens')
   p.add_argument('--random_init', action='store_true',
                  help='random weights of --model (speed only; e.g. gemma_2b)')
   p.add_argument('--profile', type=int, default=0, metavar='B',
@@ -212,6 +217,13 @@ def main():
     src = sources[:args.bs1_limit] if bs == 1 else sources
     ids, dt, steps = timed_ours(ours, src, bs, args.max_new_tokens)
     full = row('ours', bs, ids, dt, steps, compiles=ours.num_compiles)
+    capped = None
+    if args.max_length_ratio:
+      cids, cdt, csteps = timed_ours(ours, src, bs, args.max_new_tokens,
+                                     args.max_length_ratio)
+      capped = row('ours_length_cap', bs, cids, cdt, csteps,
+                   max_length_ratio=args.max_length_ratio,
+                   prefix_of_uncapped=agreement(cids, ids, set()))
     if not (args.baseline and
             args.baseline_min_batch <= bs <= args.baseline_max_batch):
       save(False)
@@ -231,7 +243,9 @@ def main():
     sub = row('ours_same_sentences', bs, oids, odt, osteps,
               identical_greedy_bf16=same)
     sub['speedup_vs_tutorial'] = sub['sentences_per_s'] / tut['sentences_per_s']
-    full['speedup_vs_tutorial'] = full['sentences_per_s'] / tut['sentences_per_s']
+    for r in (full, capped):
+      if r is not None:
+        r['speedup_vs_tutorial'] = r['sentences_per_s'] / tut['sentences_per_s']
     save(False)
 
   if args.profile and not budget.expired():
