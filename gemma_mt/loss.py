@@ -28,8 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from gemma_mt import model as model_lib
+from gemma_mt import sharding
 
 Array = jax.Array
 Batch = Mapping[str, Array]  # input_tokens, target_mask[, segment_ids, positions]
@@ -88,7 +90,8 @@ def num_target_tokens(batch: Batch) -> Array:
 
 def chunked_cross_entropy(hidden: Array, table: Array, labels: Array,
                           weights: Array, softcap: float | None = None,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
+                          chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          mesh: jax.sharding.Mesh | None = None) -> Array:
   """Sum of weighted CE of `hidden @ table.T` against `labels`.
 
   hidden [B, T, D] (or [T, D]), table [V, D], labels/weights [B, T]. Float32
@@ -98,10 +101,18 @@ def chunked_cross_entropy(hidden: Array, table: Array, labels: Array,
   linear cross-entropy): the logits are made once, not once more in the
   backward pass, and no autodiff runs through the loop. Rows stay rows: with
   a batch sharded over devices every device works on its own rows.
+
+  `mesh`: the step's mesh, whose batch axes split the rows. The gradient
+  pass then runs per device on its own rows (`shard_map`) and sums the
+  [V, D] table gradient once, after the loop; left to XLA's partitioner,
+  that all-reduce lands inside the loop, once per chunk.
   """
   if hidden.ndim == 2:
     hidden, labels, weights = hidden[None], labels[None], weights[None]
-  return _fused_ce(softcap, chunk_size, hidden, table, labels,
+  n = 1 if mesh is None else sharding.num_batch_shards(mesh)
+  if n == 1 or hidden.shape[0] % n:
+    mesh = None
+  return _fused_ce(softcap, chunk_size, mesh, hidden, table, labels,
                    weights.astype(bool))
 
 
@@ -191,24 +202,50 @@ def _ce_loss_and_grads(softcap, chunk_size, hidden, table, labels, weights,
   return total, dh, dtable
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_ce(softcap, chunk_size, hidden, table, labels, weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_ce(softcap, chunk_size, mesh, hidden, table, labels, weights):
+  del mesh  # The loss alone needs only a scalar sum per chunk.
   return _ce_loss_only(softcap, chunk_size, hidden, table, labels, weights)
 
 
-def _fused_ce_fwd(softcap, chunk_size, hidden, table, labels, weights):
+def _fused_ce_fwd(softcap, chunk_size, mesh, hidden, table, labels, weights):
   # symbolic_zeros: `perturbed` is False for a frozen table (LoRA), whose
   # gradient is then not computed at all (a third of the LM-head FLOPs).
-  total, dh, dtable = _ce_loss_and_grads(
-      softcap, chunk_size, hidden.value, table.value, labels.value,
-      weights.value, table_grad=table.perturbed)
+  grads = functools.partial(_ce_loss_and_grads, softcap, chunk_size,
+                            table_grad=table.perturbed)
+  if mesh is not None:
+    grads = _per_device(grads, mesh)
+  total, dh, dtable = grads(hidden.value, table.value, labels.value,
+                            weights.value)
   if dtable is not None:
     dtable = dtable.astype(table.value.dtype)
   return total, (dh, dtable, labels.value, weights.value)
 
 
-def _fused_ce_bwd(softcap, chunk_size, res, g):
-  del softcap, chunk_size
+def _per_device(grads, mesh):
+  """`grads` on each device's rows; loss and table gradient summed once."""
+  rows, axes = P(sharding.BATCH_AXES), sharding.BATCH_AXES
+
+  def local(hidden, table, labels, weights):
+    total, dh, dtable = grads(hidden, table, labels, weights)
+    total = jax.lax.psum(total, axes)
+    if dtable is None:
+      return total, dh
+    return total, dh, jax.lax.psum(dtable, axes)
+
+  def run(hidden, table, labels, weights):
+    out = jax.shard_map(
+        local, mesh=mesh, in_specs=(rows, P(), rows, rows),
+        out_specs=(P(), rows) if not table_grad else (P(), rows, P()),
+        check_vma=False)(hidden, table, labels, weights)
+    return out if table_grad else (*out, None)
+
+  table_grad = grads.keywords['table_grad']
+  return run
+
+
+def _fused_ce_bwd(softcap, chunk_size, mesh, res, g):
+  del softcap, chunk_size, mesh
   dh, dtable, labels, weights = res
   g = jnp.asarray(g, jnp.float32)
   dh = (dh * g).astype(dh.dtype)
@@ -225,8 +262,12 @@ _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
 
 
 def loss_sum_fn(params, model, batch: Batch, *, pad_id: int = 0,
-                chunk_size: int = DEFAULT_CHUNK_SIZE):
-  """(sum of target-token NLL, aux) of one batch; aux has token counts."""
+                chunk_size: int = DEFAULT_CHUNK_SIZE,
+                mesh: jax.sharding.Mesh | None = None):
+  """(sum of target-token NLL, aux) of one batch; aux has token counts.
+
+  `mesh`: the mesh the batch is sharded over (see `chunked_cross_entropy`).
+  """
   batch = as_batch(batch)
   tokens, positions, attention_mask, input_mask = model_inputs(batch, pad_id)
   hidden, _ = model.apply({'params': params}, tokens, positions,
@@ -234,7 +275,7 @@ def loss_sum_fn(params, model, batch: Batch, *, pad_id: int = 0,
   weights = target_weights(batch)
   loss_sum = chunked_cross_entropy(
       hidden[:, :-1], params['embedder']['input_embedding'], tokens[:, 1:],
-      weights, model.config.final_logit_softcap, chunk_size)
+      weights, model.config.final_logit_softcap, chunk_size, mesh)
   aux = {'num_target_tokens': jnp.sum(weights, dtype=jnp.int32),
          'num_tokens': jnp.sum(input_mask, dtype=jnp.int32),
          'loss_sum': loss_sum}

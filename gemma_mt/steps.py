@@ -87,12 +87,13 @@ def full_params(params, frozen=None):
 
 
 def make_grad_fn(model, *, grad_accum_steps: int = 1, pad_id: int = 0,
-                 chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE):
+                 chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE, mesh=None):
   """`grad_fn(params, batch, frozen=None) -> (loss, aux, grads)`.
 
   The loss of the whole batch and its gradient w.r.t. `params`. `frozen`
   (LoRA: the base weights, possibly quantized) joins `params` in the forward
-  pass but gets no gradient.
+  pass but gets no gradient. `mesh`: the mesh the batch is sharded over
+  (the loss then sums its table gradient once per step, not per chunk).
   """
 
   def grad_fn(params, batch, frozen=None):
@@ -101,7 +102,8 @@ def make_grad_fn(model, *, grad_accum_steps: int = 1, pad_id: int = 0,
 
     def micro_loss(p, mb):
       loss_sum, aux = loss_lib.loss_sum_fn(full_params(p, frozen), model, mb,
-                                           pad_id=pad_id, chunk_size=chunk_size)
+                                           pad_id=pad_id, chunk_size=chunk_size,
+                                           mesh=mesh)
       return loss_sum / denom, aux
 
     vg = jax.value_and_grad(micro_loss, has_aux=True)
@@ -127,7 +129,8 @@ def make_grad_fn(model, *, grad_accum_steps: int = 1, pad_id: int = 0,
 def make_train_step(model, optimizer: optax.GradientTransformation, *,
                     grad_accum_steps: int = 1, pad_id: int = 0,
                     chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE,
-                    in_shardings=None, out_shardings=None, donate: bool = True):
+                    in_shardings=None, out_shardings=None, donate: bool = True,
+                    mesh=None):
   """Jitted `train_step(params, opt_state, batch, frozen=None)`.
 
   params and opt_state are donated. For LoRA, `params` are the adapters and
@@ -136,7 +139,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
   num_target_tokens, num_tokens.
   """
   grad_fn = make_grad_fn(model, grad_accum_steps=grad_accum_steps,
-                         pad_id=pad_id, chunk_size=chunk_size)
+                         pad_id=pad_id, chunk_size=chunk_size, mesh=mesh)
 
   def train_step(params, opt_state, batch, frozen=None):
     loss, aux, grads = grad_fn(params, batch, frozen)

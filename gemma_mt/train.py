@@ -409,7 +409,7 @@ def train_loop(config: TrainingConfig) -> Any:
   in_sh, out_sh = state.step_shardings
   train_step = steps.make_train_step(
       state.model, state.optimizer, grad_accum_steps=config.grad_accum_steps,
-      in_shardings=in_sh, out_shardings=out_sh, **kw)
+      in_shardings=in_sh, out_shardings=out_sh, mesh=mesh, **kw)
   validation_step = steps.make_validation_step(state.model, **kw)
   frozen_arg = () if frozen is None else (frozen,)  # LoRA's 4th argument.
   put = lambda batch: sharding.shard_batch(batch, mesh)

@@ -162,7 +162,7 @@ def device_checks(tmp_path_factory):
   return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize('check', ['train_step', 'param_shardings',
+@pytest.mark.parametrize('check', ['train_step', 'fused_ce', 'param_shardings',
                                    'batch_sharding', 'restore_other_mesh'])
 def test_on_8_devices(device_checks, check):
   """train_step: data=8 / fsdp=8 / data=2 x fsdp=4 == one device (SGD and
