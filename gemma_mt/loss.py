@@ -134,16 +134,6 @@ def _sorted_chunks(hidden, labels, weights, chunk_size):
   return hidden, labels, weights, order, c, active
 
 
-def _chunk_logits(table, h, softcap):
-  """[B, c, V] float32 logits and the soft-cap's tanh (None without one)."""
-  logits = jnp.einsum('bcd,vd->bcv', h, table,
-                      preferred_element_type=jnp.float32)
-  if softcap is None:
-    return logits, None
-  t = jnp.tanh(logits / softcap)
-  return t * softcap, t
-
-
 def _chunk_nll(logits, y, w):
   lse = jax.nn.logsumexp(logits, axis=-1)
   label_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
@@ -157,7 +147,7 @@ def _ce_loss_only(softcap, chunk_size, hidden, table, labels, weights):
 
   def body(i, total):
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
-    logits, _ = _chunk_logits(table, sl(hidden), softcap)
+    logits = model_lib.logits_from_hidden(table, sl(hidden), softcap)
     return total + _chunk_nll(logits, sl(labels), sl(weights))[0]
 
   return jax.lax.fori_loop(0, active, body, jnp.float32(0))
@@ -166,8 +156,7 @@ def _ce_loss_only(softcap, chunk_size, hidden, table, labels, weights):
 def _ce_loss_and_grads(softcap, chunk_size, hidden, table, labels, weights,
                        table_grad=True):
   """(loss, d loss/d hidden, d loss/d table or None), one pass over chunks."""
-  B, T, D = hidden.shape
-  dtype = hidden.dtype
+  T, dtype = hidden.shape[1], hidden.dtype
   hs, ys, ws, order, c, active = _sorted_chunks(hidden, labels, weights,
                                                 chunk_size)
   table_c = table.astype(dtype)
@@ -176,14 +165,15 @@ def _ce_loss_and_grads(softcap, chunk_size, hidden, table, labels, weights,
     total, dh, dtable = carry
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
     h, y, w = sl(hs), sl(ys), sl(ws)
-    logits, t = _chunk_logits(table_c, h, softcap)
+    logits = model_lib.logits_from_hidden(table_c, h, softcap)  # [B, c, V]
     nll, lse = _chunk_nll(logits, y, w)
-    # d nll / d logits = softmax - onehot, zero off-target; then the tanh.
+    # d nll / d logits = softmax - onehot, zero off-target; then through the
+    # soft-cap: d(cap * tanh(z / cap)) / dz = 1 - tanh^2 = 1 - (logits / cap)^2.
     dz = jnp.exp(logits - lse[..., None])
     dz -= jax.nn.one_hot(y, dz.shape[-1], dtype=dz.dtype)
     dz *= w[..., None]
-    if t is not None:
-      dz *= 1 - t * t
+    if softcap is not None:
+      dz *= 1 - jnp.square(logits / softcap)
     dz = dz.astype(dtype)
     dh_c = jnp.einsum('bcv,vd->bcd', dz, table_c,
                       preferred_element_type=jnp.float32)
@@ -214,7 +204,7 @@ def _fused_ce_fwd(softcap, chunk_size, mesh, hidden, table, labels, weights):
   grads = functools.partial(_ce_loss_and_grads, softcap, chunk_size,
                             table_grad=table.perturbed)
   if mesh is not None:
-    grads = _per_device(grads, mesh)
+    grads = _per_device(grads, mesh, table.perturbed)
   total, dh, dtable = grads(hidden.value, table.value, labels.value,
                             weights.value)
   if dtable is not None:
@@ -222,7 +212,7 @@ def _fused_ce_fwd(softcap, chunk_size, mesh, hidden, table, labels, weights):
   return total, (dh, dtable, labels.value, weights.value)
 
 
-def _per_device(grads, mesh):
+def _per_device(grads, mesh, table_grad):
   """`grads` on each device's rows; loss and table gradient summed once."""
   rows, axes = P(sharding.BATCH_AXES), sharding.BATCH_AXES
 
@@ -240,7 +230,6 @@ def _per_device(grads, mesh):
         check_vma=False)(hidden, table, labels, weights)
     return out if table_grad else (*out, None)
 
-  table_grad = grads.keywords['table_grad']
   return run
 
 

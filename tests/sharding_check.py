@@ -19,6 +19,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_backend_optimization_level=0')
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
+import re  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -267,7 +268,6 @@ def _assert_shardings(tree, shardings):
 
 def _while_bodies_with_all_reduce(hlo_text: str, shape: str) -> list[str]:
   """Names of while-loop bodies that all-reduce an array of `shape`."""
-  import re
   bodies = set(re.findall(r'body=%?([\w.\-]+)', hlo_text))
   found = []
   for comp in re.split(r'\n(?=\S)', hlo_text):  # One computation each.
