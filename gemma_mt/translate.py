@@ -199,6 +199,9 @@ class Translator:
   (built with `dtype`, default `default_dtype()`). Floating params are cast
   to the compute dtype once, so each decode step reads them at that width.
 
+  `fast_decode` (`model.Transformer`): decode steps attend with one Pallas
+  kernel; None: on for a bf16 model built here on one GPU.
+
   `mesh` (a `sharding.make_mesh` mesh): decode data-parallel over its
   devices, params replicated (FSDP-sharded if the mesh has fsdp > 1) and
   each batch split by rows; a `batch_size` divisible by the device count
@@ -210,12 +213,20 @@ class Translator:
                batch_size: int = 32,
                max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
                truncate: bool = False, cache_size: int = 16,
-               max_pad_ratio: float | None = 4.0,
-               mesh: jax.sharding.Mesh | None = None):
+               max_pad_ratio: float | None = None,
+               mesh: jax.sharding.Mesh | None = None,
+               fast_decode: bool | None = None):
     if isinstance(model_or_config, M.Transformer):
       model = model_or_config
     else:
-      model = M.Transformer(model_or_config, dtype=dtype or default_dtype())
+      dtype = dtype or default_dtype()
+      if fast_decode is None:  # Triton: GPU and bf16; one device (the
+        fast_decode = (jax.default_backend() == 'gpu'  # partitioner can't
+                         and dtype == jnp.bfloat16       # split the call).
+                         and (mesh is None or mesh.size == 1))
+      model = M.Transformer(model_or_config, dtype=dtype)
+    if fast_decode is not None:
+      model = model.clone(fast_decode=fast_decode)
     if tokenizer.vocab_size > model.config.vocab_size:
       raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, the model '
                        f'only {model.config.vocab_size}')

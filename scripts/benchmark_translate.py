@@ -67,25 +67,33 @@ def load_model(args):
     arch = (args.model if args.model not in pretrained.MODELS
             else pretrained.spec(args.model).arch)
     cfg = model_lib.TransformerConfig.from_name(arch)
+    tokenizer = default_tokenizer()
+    if tokenizer.vocab_size > cfg.vocab_size:
+      # Gemma 1's own tokenizer is not available offline; the Gemma 3 one
+      # needs a 2% larger vocabulary for gemma_2b.
+      print(f'random init: vocab {cfg.vocab_size} -> {tokenizer.vocab_size} '
+            'to fit the Gemma 3 tokenizer', flush=True)
+      cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
     tok = jnp.ones((1, 1), jnp.int32)
     params = jax.jit(model_lib.Transformer(cfg).init)(
         jax.random.key(0), tok, tok, model_lib.causal_mask(tok != 0))['params']
-    return cfg, params, default_tokenizer()
+    return cfg, params, tokenizer
   pt = pretrained.load(args.model, args.checkpoint)
   return pt.config, pt.params, pt.tokenizer
 
 
 def run_ours(translator, sources, bs, max_new_tokens, max_length_ratio=None):
+  """(ids, seconds, steps): steps are the tokens of the longest row of each
+  device batch (prefill + decode loop), summed over the batches run."""
   ids = []
+  steps0 = translator.sampler.loop_steps
   t0 = time.perf_counter()
   for i in range(0, len(sources), bs):
     gen = translator.generate(sources[i:i + bs], max_new_tokens=max_new_tokens,
                               batch_size=bs, max_length_ratio=max_length_ratio)
     ids += gen.token_ids
   dt = time.perf_counter() - t0
-  # The device loop runs as many steps as the longest row of each batch.
-  steps = sum(max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs))
-  return ids, dt, steps
+  return ids, dt, translator.sampler.loop_steps - steps0
 
 
 def run_tutorial(sampler, tokenizer, sources, bs, max_new_tokens, return_logits=True):
@@ -165,7 +173,8 @@ def main():
                       'runaway row then stops early instead of holding its '
                       'batch to --max_new_tokens')
   p.add_argument('--random_init', action='store_true',
-                 help='random weights of --model (speed only; e.g. gemma_2b)')
+                 help='random weights of --model (speed only; e.g. gemma_2b); '
+                      'ours then stops at EOS only, as the tutorial does')
   p.add_argument('--profile', type=int, default=0, metavar='B',
                  help='trace one batch of B sentences with jax.profiler and '
                       'print where the GPU time of a decode step goes')
@@ -193,6 +202,13 @@ def main():
   bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   ours = Translator(cfg, bf16, tok, dtype=jnp.bfloat16,
                     batch_size=max(batch_sizes))
+  if args.random_init:
+    # Random weights emit newline pieces at any point: stop at EOS only,
+    # the tutorial's rule, so that both run the same steps.
+    from gemma_mt.sampler import Sampler
+    stop = {tok.eos_id}
+    ours.sampler = Sampler(ours.model, ours.sampler.params, pad_id=tok.pad_id,
+                           stop_ids=sorted(stop), batch_size=max(batch_sizes))
 
   def save(complete):
     bench_common.write_json(args.out, {

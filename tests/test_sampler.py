@@ -77,9 +77,12 @@ def test_stop_tokens_end_rows_independently(params, greedy):
 def test_max_new_tokens_and_budget_bucket(sampler, greedy):
   out = sampler.generate(PROMPTS, max_new_tokens=3)  # same 16-token budget
   assert [o.tolist() for o in out] == [g[:3].tolist() for g in greedy]
+  batches, steps = sampler.batches_run, sampler.loop_steps
   out = sampler.generate(PROMPTS, max_new_tokens=[2, 10, 5])  # per row
   assert [o.tolist() for o in out] == [g[:n].tolist()
                                        for g, n in zip(greedy, (2, 10, 5))]
+  # One device batch whose loop ran as long as its longest row.
+  assert (sampler.batches_run - batches, sampler.loop_steps - steps) == (1, 10)
 
 
 def test_bucketing_reuses_compiled_shapes(sampler, greedy):
@@ -134,11 +137,12 @@ def test_buckets():
 def test_split_batches():
   # Sorted by length, at most 3 per batch; input order is restored by the caller.
   assert S.split_batches([5, 1, 4, 2, 3], 3, None) == [[1, 3, 4], [2, 0]]
-  # 31 short prompts and a long one: the long one is not padded together.
+  # 31 short prompts and a long one: with a pad ratio, the long one is not
+  # padded together; by default it is (one decode loop).
   lengths = [20] * 31 + [250]
-  assert S.split_batches(lengths, 32) == [list(range(31)), [31]]
-  assert S.split_batches(lengths, 32, None) == [list(range(32))]
-  assert S.split_batches([10, 20, 40, 60], 32) == [[0, 1, 2, 3]]
+  assert S.split_batches(lengths, 32, 4.0) == [list(range(31)), [31]]
+  assert S.split_batches(lengths, 32) == [list(range(32))]
+  assert S.split_batches([10, 20, 40, 60], 32, 4.0) == [[0, 1, 2, 3]]
   assert S.split_batches([], 4) == []
 
 
