@@ -62,5 +62,20 @@ def test_translate_benchmark_runs_tiny(tmp_path, mtnt_dir, tokenizer):
       assert r['prefix_of_uncapped'] == r['sentences']
 
 
+def test_decode_step_benchmark_runs_tiny(tmp_path):
+  out = tmp_path / 'step.json'
+  env = dict(os.environ, PYTHONPATH=str(SCRIPTS.parent))
+  subprocess.run(
+      [sys.executable, str(SCRIPTS / 'benchmark_decode_step.py'), '--model',
+       'tiny', '--batch', '2', '--prompt', '16', '--new_tokens', '8',
+       '--repeats', '1', '--out', str(out)],
+      check=True, env=env, capture_output=True, timeout=600)
+  res = json.loads(out.read_text())
+  assert set(res['variants']) == {'fast_decode=False', 'fast_decode=True'}
+  for v in res['variants'].values():
+    assert v['steps'] == 8 and v['ms_per_step'] > 0  # EOS-only: full budget.
+  assert 0 <= res['identical_bf16_outputs'] <= 2
+
+
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))
