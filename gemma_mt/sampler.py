@@ -211,6 +211,9 @@ class Sampler:
     `sharding.sampling_params`. None: the default device, as given."""
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    if mesh is not None and mesh.size > 1 and model.fast_decode:
+      raise ValueError('fast_decode runs a Pallas kernel that XLA cannot '
+                       'split over a mesh: use fast_decode=False with mesh')
     self.model = model
     self.mesh = mesh
     self.params = params if mesh is None else SH.sampling_params(params, mesh)

@@ -132,6 +132,14 @@ def check_translator():
   assert [x.tolist() for x in got] == [x.tolist() for x in ref]
   assert [k[0] for k in tr.compiled_shapes] == [8]  # One 8-row batch, split.
   assert tr.translate(sources, **kw) == ref_text
+  # The Pallas decode kernel does not split over devices: refused.
+  assert not tr.model.fast_decode
+  try:
+    T.Translator(cfg, params, tokenizer, mesh=mesh, fast_decode=True)
+  except ValueError as e:
+    assert 'fast_decode' in str(e), e
+  else:
+    raise AssertionError('fast_decode with an 8-device mesh was accepted')
 
 
 CHECKS = {'greedy_equals_single_device': check_greedy_equals_single_device,
