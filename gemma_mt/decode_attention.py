@@ -81,10 +81,13 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   S, K = k.shape[1], k.shape[2]
   if T != 1:
     raise ValueError(f'decode_attention takes one query position, got {T}')
-  if S % 16:  # Triton dots need >= 16 slots a block (sampler caches: P + budget).
+  # Triton blocks are powers of two, and dots need >= 16 along each side.
+  if S % 16:  # Sampler caches (P + budget) are.
     raise ValueError(f'cache length {S} is not a multiple of 16')
+  if H & (H - 1) or H < 16:
+    raise ValueError(f'head_dim {H} is not a power of two >= 16')
   G = N // K
-  Gp = max(16, 1 << (G - 1).bit_length())  # Triton dots need >= 16 rows.
+  Gp = max(16, 1 << (G - 1).bit_length())  # q rows, padded.
   q = q.reshape(B, K, G, H)
   if Gp > G:
     q = jnp.pad(q, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))

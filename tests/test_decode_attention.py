@@ -68,6 +68,9 @@ def test_rejects_bad_shapes():
   with pytest.raises(ValueError, match='cache length 24'):
     DA.decode_attention(q, k[:, :24], v[:, :24], jnp.ones((1, 1, 24), bool),
                         jnp.int32(24))
+  with pytest.raises(ValueError, match='head_dim 12'):
+    DA.decode_attention(q[..., :12], k[..., :12], v[..., :12],
+                        jnp.ones((1, 1, 32), bool), jnp.int32(32))
 
 
 GEMMA1_LAYOUT = M.TransformerConfig.gemma_2b().replace(  # [2, D, F] gating
