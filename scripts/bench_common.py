@@ -1,8 +1,9 @@
-"""Shared by benchmark_train.py and benchmark_translate.py.
+"""Shared by the benchmark_*.py scripts.
 
 - `tutorial_transformer`: the tutorial's baseline model, gemma 2.0.8's old
   API (`gemma.transformer`), built from a `gemma_mt` `TransformerConfig`
   (run with the 2.0.8 wheel first on the path, e.g. PYTHONPATH=/tmp/g208:.).
+- `random_params`: float32 random weights of a config (speed runs).
 - `Budget`: a wall-clock budget (`--time_budget`) that runs check.
 - `write_json`: atomic (re)writes, so results written after each part
   survive a timeout.
@@ -57,6 +58,17 @@ def tutorial_transformer(cfg):
   """The tutorial's `gemma.transformer.Transformer` for `cfg`."""
   from gemma import transformer as transformer_lib
   return transformer_lib.Transformer(tutorial_config(cfg))
+
+
+def random_params(cfg):
+  """Float32 random weights of `cfg` (official tree), for speed-only runs."""
+  import jax
+  import jax.numpy as jnp
+
+  from gemma_mt import model as model_lib
+  tok = jnp.ones((1, 1), jnp.int32)
+  return jax.jit(model_lib.Transformer(cfg).init)(
+      jax.random.key(0), tok, tok, model_lib.causal_mask(tok != 0))['params']
 
 
 class Budget:

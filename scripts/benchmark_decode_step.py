@@ -26,16 +26,16 @@ import bench_common  # noqa: E402  (scripts/)
 
 
 def time_generate(sampler, prompts, new_tokens, repeats):
-  """(best seconds, loop steps per run); the first run compiles."""
-  sampler.generate(prompts, max_new_tokens=new_tokens)
+  """(best seconds, loop steps per run, outputs); the first run compiles."""
+  outs = sampler.generate(prompts, max_new_tokens=new_tokens)
   best, steps = float('inf'), 0
   for _ in range(repeats):
     before = sampler.loop_steps
     t0 = time.perf_counter()
-    sampler.generate(prompts, max_new_tokens=new_tokens)
+    outs = sampler.generate(prompts, max_new_tokens=new_tokens)
     best = min(best, time.perf_counter() - t0)
     steps = sampler.loop_steps - before
-  return best, steps
+  return best, steps, outs
 
 
 def main():
@@ -58,10 +58,8 @@ def main():
   from gemma_mt import sampler as S
 
   cfg = M.TransformerConfig.from_name(args.model)
-  tok = jnp.ones((1, 1), jnp.int32)
-  params = jax.jit(M.Transformer(cfg).init)(
-      jax.random.key(0), tok, tok, M.causal_mask(tok != 0))['params']
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                        bench_common.random_params(cfg))
   rng = np.random.default_rng(0)
   prompts = [rng.integers(2, min(1000, cfg.vocab_size),
                           rng.integers(args.prompt // 2 + 1, args.prompt + 1))
@@ -74,9 +72,8 @@ def main():
     sampler = S.Sampler(
         M.Transformer(cfg, dtype=jnp.bfloat16, fast_decode=fast), params,
         pad_id=0, stop_ids=[1], batch_size=args.batch)
-    best, steps = time_generate(sampler, prompts, args.new_tokens,
-                                args.repeats)
-    outs[fast] = sampler.generate(prompts, max_new_tokens=args.new_tokens)
+    best, steps, outs[fast] = time_generate(sampler, prompts, args.new_tokens,
+                                            args.repeats)
     res['variants'][f'fast_decode={fast}'] = {
         'seconds': best, 'steps': steps, 'ms_per_step': 1e3 * best / steps}
     print(f'{args.model} B{args.batch} P{args.prompt} +{args.new_tokens} '

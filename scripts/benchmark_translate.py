@@ -59,9 +59,6 @@ def load_model(args):
   from gemma_mt import pretrained
   if args.random_init or (args.checkpoint is None
                           and args.model not in pretrained.MODELS):
-    import jax
-    import jax.numpy as jnp
-
     from gemma_mt import model as model_lib
     from gemma_mt.tokenizer import default_tokenizer
     arch = (args.model if args.model not in pretrained.MODELS
@@ -74,10 +71,7 @@ def load_model(args):
       print(f'random init: vocab {cfg.vocab_size} -> {tokenizer.vocab_size} '
             'to fit the Gemma 3 tokenizer', flush=True)
       cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-    tok = jnp.ones((1, 1), jnp.int32)
-    params = jax.jit(model_lib.Transformer(cfg).init)(
-        jax.random.key(0), tok, tok, model_lib.causal_mask(tok != 0))['params']
-    return cfg, params, tokenizer
+    return cfg, bench_common.random_params(cfg), tokenizer
   pt = pretrained.load(args.model, args.checkpoint)
   return pt.config, pt.params, pt.tokenizer
 
@@ -135,7 +129,7 @@ def profile_decode(translator, sources, bs, max_new_tokens):
   run_ours(translator, sources, bs, max_new_tokens)  # Compile outside.
   with tempfile.TemporaryDirectory() as tdir:
     with jax.profiler.trace(tdir):
-      ids, _, steps = run_ours(translator, sources, bs, max_new_tokens)
+      _, _, steps = run_ours(translator, sources, bs, max_new_tokens)
     return bench_common.trace_summary(tdir, steps=max(steps, 1))
 
 
