@@ -7,9 +7,7 @@ included, their count reported) and runaway outputs, i.e. hypotheses that
 
 * are more than 3x the reference's length in characters, or
 * repeat themselves: some word 4-gram occurs 3 or more times (whitespace
-  words, case-sensitive). This catches loops like "C'est Bonjour, mon nom
-  est Morgane.C'est Bonjour, mon nom est ..." while an ordinary sentence
-  almost never repeats a 4-word phrase three times.
+  words, case-sensitive; `postprocess.is_runaway`).
 
 Writes hypotheses (one per line, in input order) and a JSON summary. Default
 paths are `workdir/eval/<timestamp>-<pid>/{hypotheses.txt,summary.json}`;
@@ -22,7 +20,7 @@ all local devices (greedy output as on one device, up to float rounding).
 from __future__ import annotations
 
 import argparse
-import collections
+import dataclasses
 import json
 import logging
 import os
@@ -33,30 +31,10 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from gemma_mt import data
+from gemma_mt import cli, data, postprocess, report
+from gemma_mt.sampling import SamplingOptions
 
 log = logging.getLogger(__name__)
-
-RUNAWAY_LENGTH_RATIO = 3.0
-REPEAT_N, REPEAT_COUNT = 4, 3
-
-
-def repeats_itself(text: str, n: int = REPEAT_N,
-                   min_count: int = REPEAT_COUNT) -> bool:
-  """True if some word n-gram occurs at least `min_count` times."""
-  words = text.split()
-  grams = collections.Counter(tuple(words[i:i + n])
-                              for i in range(len(words) - n + 1))
-  return bool(grams) and max(grams.values()) >= min_count
-
-
-def too_long(hyp: str, ref: str, ratio: float = RUNAWAY_LENGTH_RATIO) -> bool:
-  return len(hyp) > ratio * max(len(ref), 1)
-
-
-def is_runaway(hyp: str, ref: str) -> bool:
-  return too_long(hyp, ref) or repeats_itself(hyp)
-
 
 def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   """Corpus BLEU (13a and intl) and chrF, with signatures."""
@@ -68,22 +46,21 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   return out
 
 
-def evaluate(translator, pairs: Sequence[tuple[str, str]], *,
-             batch_size: int | None = None, max_new_tokens: int = 256,
-             max_length_ratio: float | None = None
-             ) -> tuple[list[str], dict]:
-  """(hypotheses, summary) of greedy translations of `pairs`."""
+def evaluate(translator, pairs: Sequence[tuple[str, str]],
+             options: SamplingOptions | None = None, *,
+             batch_size: int | None = None) -> tuple[list[str], dict]:
+  """(hypotheses, summary) of translations of `pairs` (greedy by default)."""
+  options = options or SamplingOptions()
   sources = [s for s, _ in pairs]
   refs = [r for _, r in pairs]
   compiles = translator.num_compiles
   t0 = time.perf_counter()
-  results = translator.translate_detailed(
-      sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
-      max_length_ratio=max_length_ratio)
+  results = translator.translate_detailed(sources, options,
+                                          batch_size=batch_size)
   seconds = time.perf_counter() - t0
   hyps = [r.text for r in results]
-  long_ = [too_long(h, r) for h, r in zip(hyps, refs)]
-  loops = [repeats_itself(h) for h in hyps]
+  long_ = [postprocess.too_long(h, r) for h, r in zip(hyps, refs)]
+  loops = [postprocess.repeats_itself(h) for h in hyps]
   summary = {
       'num_sentences': len(pairs),
       **score(hyps, refs),
@@ -96,8 +73,7 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]], *,
       'hit_max_new_tokens': sum(r.stop_reason == 'max_tokens' for r in results),
       'input_tokens': sum(r.input_tokens for r in results),
       'output_tokens': sum(r.output_tokens for r in results),
-      'max_new_tokens': max_new_tokens,
-      'max_length_ratio': max_length_ratio,
+      'options': {k: v for k, v in dataclasses.asdict(options).items()},
   }
   return hyps, summary
 
@@ -113,10 +89,23 @@ def write_hypotheses(path: Path, hyps: Sequence[str]) -> None:
                   encoding='utf-8')
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  from gemma_mt.translate import add_model_args
-  p = argparse.ArgumentParser(prog='python -m gemma_mt.evaluate',
-                              description=__doc__.split('\n')[0])
+def check_writable(flag: str, path: str | os.PathLike | None) -> None:
+  """ValueError naming `flag` if `path` cannot be written (nothing written)."""
+  if path is None:
+    return
+  path = Path(path)
+  if path.is_dir():
+    raise ValueError(f'{flag} {path}: is a directory')
+  parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+  if not parent.is_dir() or not os.access(parent, os.W_OK):
+    raise ValueError(f'{flag} {path}: cannot write under {parent}')
+  if path.exists() and not os.access(path, os.W_OK):
+    raise ValueError(f'{flag} {path}: not writable')
+
+
+def parse_args(argv=None):
+  p = cli.ArgumentParser(prog='python -m gemma_mt.evaluate',
+                         description=__doc__.split('\n')[0])
   src = p.add_mutually_exclusive_group()
   src.add_argument('--mtnt_dir', default=None,
                    help='extracted MTNT dir (<dir>/<split>/<split>.<pair>.tsv)')
@@ -131,12 +120,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='hypotheses file (default: workdir/eval/<time>/hypotheses.txt)')
   p.add_argument('--summary', default=None,
                  help='JSON summary (default: summary.json beside --output)')
-  add_model_args(p)
+  p.add_argument('--report', default=None, metavar='FILE',
+                 help='per-sentence report: .html (opens in a browser) or .tsv')
+  p.add_argument('--compare_checkpoint', default=None, metavar='DIR',
+                 help='also translate with this checkpoint; the report shows '
+                      'both, sorted by the sentence chrF difference')
+  cli.add_model_args(p)
+  cli.add_sampling_args(p)
   args = p.parse_args(argv)
   if not (args.mtnt_dir or args.tfds or args.tsv):
     p.error('give --mtnt_dir DIR, --tfds or --tsv FILE')
   if args.limit is not None and args.limit < 1:
     p.error('--limit must be >= 1')
+  args.options = cli.sampling_options(args)
   return args
 
 
@@ -153,43 +149,55 @@ def load_eval_pairs(args) -> tuple[list[tuple[str, str]], str]:
   return pairs[:args.limit] if args.limit else pairs, where
 
 
-def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                      format='%(asctime)s %(name)s: %(message)s')
-  from gemma_mt.translate import build_translator
+def run(argv=None) -> int:
   args = parse_args(argv)
   pairs, where = load_eval_pairs(args)
   if not pairs:
-    log.error('no usable pairs in %s', where)
-    return 2
+    raise ValueError(f'no usable pairs in {where}')
   output = Path(args.output) if args.output else (
       default_output_dir() / 'hypotheses.txt')
   summary_path = Path(args.summary) if args.summary else (
       output.with_name('summary.json'))
   if summary_path.resolve() == output.resolve():
-    log.error('--summary and --output must differ')
-    return 2
-  translator = build_translator(args)
+    raise ValueError('--summary and --output must differ')
+  for flag, path in (('--output', output), ('--summary', summary_path),
+                     ('--report', args.report)):
+    check_writable(flag, path)  # Before hours of translating, not after.
+  translator = cli.build_translator(args)
   log.info('translating %d pairs from %s', len(pairs), where)
-  try:
-    hyps, summary = evaluate(translator, pairs, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens,
-                             max_length_ratio=args.max_length_ratio or None)
-  except ValueError as e:
-    log.error('%s', e)
-    return 2
+  hyps, summary = evaluate(translator, pairs, args.options,
+                           batch_size=args.batch_size)
   summary = {'data': where, 'lang_pair': args.lang_pair,
              'model': args.model, 'checkpoint': args.checkpoint,
              'batch_size': args.batch_size,
              'data_parallel': args.data_parallel, **summary,
              'hypotheses': str(output)}
   write_hypotheses(output, hyps)
+  hyps_b = None
+  if args.compare_checkpoint:
+    del translator
+    args_b = argparse.Namespace(**{**vars(args),
+                                   'checkpoint': args.compare_checkpoint})
+    hyps_b, summary_b = evaluate(cli.build_translator(args_b), pairs,
+                                 args.options, batch_size=args.batch_size)
+    summary['compare'] = {'checkpoint': args.compare_checkpoint,
+                          **{k: summary_b[k] for k in (
+                              'bleu', 'bleu_intl', 'chrf', 'runaway')}}
+  if args.report:
+    names = (args.checkpoint or args.model, args.compare_checkpoint)
+    report.write(Path(args.report), report.rows(pairs, hyps, hyps_b),
+                 f'{where}: {len(pairs)} sentences', names)
+    summary['report'] = args.report
   summary_path.parent.mkdir(parents=True, exist_ok=True)
   summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False)
                           + '\n', encoding='utf-8')
   log.info('hypotheses: %s; summary: %s', output, summary_path)
   print(json.dumps(summary, indent=2, ensure_ascii=False))
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.main_guard(run, argv)
 
 
 if __name__ == '__main__':

@@ -6,9 +6,12 @@ Request (only `input_text` is required; unknown fields are rejected):
    "temperature": 0..1,       default 0 (greedy), or 1 if top_k/top_p given
    "top_p": 0..1,             nucleus mass; 1 = off; needs temperature > 0
    "top_k": 0..500,           0 = off; needs temperature > 0
-   "max_tokens": 1..1024,     new tokens per input, default 256
+   "max_tokens": 1..1024,     new tokens per input, default 256 (SamplingOptions)
    "stop_sequences": [str],   at most 16 non-empty strings
-   "seed": 0..2**31-1}        default 0
+   "seed": 0..2**31-1,        default 0
+   "beam_size": 1..16,        beam search (default 1: greedy)
+   "length_penalty": 0..2,    GNMT alpha for beam search, default 0
+   "mbr": 0..32}              MBR over a beam's N-best (0/1: off)
 
 Response: {"status": "SUCCESS", "translations": [str, ...],
            "usage": {"input_tokens": n, "output_tokens": m}}
@@ -31,16 +34,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any, BinaryIO, TextIO
+
+from gemma_mt.sampling import OptionError, SamplingOptions
+from gemma_mt.translator import InputTooLongError
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 1024
 MAX_TOP_K = 500
 MAX_STOP_SEQUENCES = 16
-DEFAULT_MAX_TOKENS = 256
+_SURROGATE = re.compile('[\ud800-\udfff]')
 FIELDS = ('input_text', 'temperature', 'top_p', 'top_k', 'max_tokens',
-          'stop_sequences', 'seed')
+          'stop_sequences', 'seed', 'beam_size', 'length_penalty', 'mbr')
+MAX_BEAM_SIZE, MAX_MBR, MAX_LENGTH_PENALTY = 16, 32, 2
 
 
 class RequestError(ValueError):
@@ -94,8 +102,16 @@ def _int(req, name, lo, hi):
   return x
 
 
-def parse_request(req: Any) -> dict:
-  """Validated `Translator.translate_detailed` kwargs plus 'sources'."""
+_JSON_NAMES = {'max_new_tokens': 'max_tokens'}  # SamplingOptions -> JSON
+
+
+def parse_request(req: Any) -> tuple[list[str], SamplingOptions]:
+  """(sources, options) of a request; RequestError names the JSON field.
+
+  JSON types and this service's limits are checked here; what the values
+  mean (greedy unless sampling, top_k/top_p imply temperature 1, ranges) is
+  `SamplingOptions`' job.
+  """
   if not isinstance(req, dict):
     raise RequestError(f'request must be a JSON object, got '
                        f'{type(req).__name__ if req is not None else "null"}')
@@ -116,30 +132,41 @@ def parse_request(req: Any) -> dict:
       raise RequestError(f'{where} must be a string, got {json.dumps(s)}')
     if not s.strip():
       raise RequestError(f'{where} is empty')
-  out = {'sources': sources}
-  top_k = _int(req, 'top_k', 0, MAX_TOP_K) if 'top_k' in req else 0
-  top_p = _number(req, 'top_p', 0, 1) if 'top_p' in req else 1.0
+    if _SURROGATE.search(s):
+      raise RequestError(f'{where} holds a lone surrogate (not valid Unicode)')
+  kw: dict[str, Any] = {}
+  if 'top_k' in req:
+    kw['top_k'] = _int(req, 'top_k', 0, MAX_TOP_K) or None  # 0 = off
+  if 'top_p' in req:
+    top_p = _number(req, 'top_p', 0, 1)
+    kw['top_p'] = None if top_p >= 1 else top_p  # 1 = off
   if 'temperature' in req:
-    temperature = _number(req, 'temperature', 0, 1)
-  else:
-    temperature = 1.0 if ('top_k' in req or 'top_p' in req) else 0.0
-  if temperature > 0 and top_p == 0:
-    raise RequestError('top_p must be > 0 when sampling (temperature > 0)')
-  out.update(temperature=temperature, top_k=top_k or None,
-             top_p=None if top_p >= 1 else top_p)
-  out['max_new_tokens'] = (_int(req, 'max_tokens', 1, MAX_TOKENS_LIMIT)
-                           if 'max_tokens' in req else DEFAULT_MAX_TOKENS)
-  out['seed'] = _int(req, 'seed', 0, 2**31 - 1) if 'seed' in req else 0
+    kw['temperature'] = _number(req, 'temperature', 0, 1)
+  elif 'top_k' in req or 'top_p' in req:
+    kw['temperature'] = 1.0
+  if 'max_tokens' in req:
+    kw['max_new_tokens'] = _int(req, 'max_tokens', 1, MAX_TOKENS_LIMIT)
+  if 'seed' in req:
+    kw['seed'] = _int(req, 'seed', 0, 2**31 - 1)
+  if 'beam_size' in req:
+    kw['beam_size'] = _int(req, 'beam_size', 1, MAX_BEAM_SIZE)
+  if 'length_penalty' in req:
+    kw['length_penalty'] = _number(req, 'length_penalty', 0,
+                                   MAX_LENGTH_PENALTY)
+  if 'mbr' in req:
+    kw['mbr'] = _int(req, 'mbr', 0, MAX_MBR)
   stops = req.get('stop_sequences', [])
   if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES:
     raise RequestError(f'stop_sequences must be a list of at most '
                        f'{MAX_STOP_SEQUENCES} strings')
-  for i, s in enumerate(stops):
-    if not isinstance(s, str) or not s:
-      raise RequestError(f'stop_sequences[{i}] must be a non-empty string, '
-                         f'got {json.dumps(s)}')
-  out['stop_sequences'] = stops
-  return out
+  kw['stop_sequences'] = stops
+  if kw.get('temperature', 0) > 0 and kw.get('top_p', 1) == 0:
+    raise RequestError('top_p must be > 0 when sampling (temperature > 0)')
+  try:
+    return sources, SamplingOptions(**kw)
+  except OptionError as e:
+    name = _JSON_NAMES.get(e.field, e.field)
+    raise RequestError(name + str(e)[len(e.field):]) from None
 
 
 def fail(error: str) -> dict:
@@ -150,14 +177,13 @@ def handle_request(translator, request: Any,
                    max_length_ratio: float | None = None) -> dict:
   """A response dict for a request (a parsed object or its JSON text).
 
-  `max_length_ratio` is the server's runaway cap (see `Translator.generate`).
+  `max_length_ratio` is the server's runaway cap (`SamplingOptions`).
   """
-  from gemma_mt.translate import InputTooLongError
   try:
     req = loads(request) if isinstance(request, (str, bytes)) else request
-    kw = parse_request(req)
+    sources, options = parse_request(req)
     results = translator.translate_detailed(
-        kw.pop('sources'), max_length_ratio=max_length_ratio, **kw)
+        sources, options.replace(max_length_ratio=max_length_ratio))
   except RequestError as e:
     return fail(str(e))
   except InputTooLongError as e:

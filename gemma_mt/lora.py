@@ -14,8 +14,9 @@ Typical use (see `tests/test_lora.py`):
   base = quantize_base(lora_model, base) if lcfg.quant else base
   # train: grads w.r.t. `adapters` only; the base is a frozen argument
   logits, _ = lora_model.apply({'params': combine(base, adapters)}, ...)
-  save_adapters(path, adapters, lcfg)         # adapters + lora.json only
-  params = apply_adapters(base, *load_adapters(path))  # plain, merged tree
+  params = apply_adapters(base, adapters, lcfg)  # plain, merged tree
+
+Adapter dirs on disk: `weights.save_adapters` / `weights.load_dir`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -33,13 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import qwix
 from qwix._src.providers import lora as qwix_lora
 from qwix._src.providers import ptq as qwix_ptq
 from qwix._src.utils import flax_util as qwix_flax
-
-from gemma_mt.checkpoints import atomic_dir
 
 Params = dict[str, Any]
 
@@ -52,7 +48,6 @@ _ATTN = {'q': ('q_einsum', 'qkv_einsum'), 'kv': ('kv_einsum', 'qkv_einsum'),
 # gate/up (one stacked tensor) and down share the module `layer_i/mlp`, so a
 # path rule cannot tell them apart: they are told apart by weight name.
 _MLP = {'gate_up': 'gating_einsum', 'down': 'linear'}
-ADAPTERS_DIR, CONFIG_FILE = 'adapters', 'lora.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,31 +301,3 @@ def apply_adapters(base_params: Params, adapters: Params,
                    lora_config: LoraConfig) -> Params:
   """Base + adapters -> plain params for the plain `Transformer` (Translator)."""
   return merge_lora(combine(base_params, adapters), lora_config)
-
-
-# --- Adapter checkpoints -----------------------------------------------------
-def save_adapters(path: str | os.PathLike, adapters: Params,
-                  lora_config: LoraConfig, overwrite: bool = False) -> Path:
-  """`path/adapters` (orbax, adapters only) + `path/lora.json`, atomically."""
-  with atomic_dir(path, overwrite) as tmp:
-    tmp.mkdir()
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp / ADAPTERS_DIR, adapters)
-      ckptr.wait_until_finished()
-    (tmp / CONFIG_FILE).write_text(lora_config.to_json())
-  return Path(path).expanduser().absolute()
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-  return (Path(path) / CONFIG_FILE).is_file()
-
-
-def load_adapters(path: str | os.PathLike) -> tuple[Params, LoraConfig]:
-  """(adapters, lora_config) as written by `save_adapters`."""
-  path = Path(path).expanduser().absolute()
-  if not is_adapter_dir(path):
-    raise FileNotFoundError(f'no LoRA adapters at {path} (no {CONFIG_FILE})')
-  lora_config = LoraConfig.from_json((path / CONFIG_FILE).read_text())
-  with ocp.StandardCheckpointer() as ckptr:
-    adapters = ckptr.restore(path / ADAPTERS_DIR)
-  return adapters, lora_config

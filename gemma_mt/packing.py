@@ -73,21 +73,33 @@ def assemble(data: TrainingInput, rows: list[list[int]], seq_len: int,
   return PackedInput(tokens, mask, seg, pos)
 
 
+def epoch_plan(data: TrainingInput, batch_size: int, seq_len: int, *,
+               pad_id: int = 0, seed: int = 0,
+               epoch: int = 0) -> list[list[list[int]]]:
+  """The packed batches of one epoch; its order depends on (seed, epoch)."""
+  n = len(data.input_tokens)
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  plan = pack_rows(data, order, batch_size, seq_len, pad_id)
+  if not plan:
+    raise ValueError(f'{n} examples do not fill one packed batch of {batch_size} rows')
+  return plan
+
+
 def packed_batches(data: TrainingInput, batch_size: int, seq_len: int, *,
                    pad_id: int = 0, seed: int = 0, num_epochs: int | None = 1,
-                   start_step: int = 0) -> Iterator[PackedInput]:
+                   start_step: int = 0,
+                   plans: list | None = None) -> Iterator[PackedInput]:
   """Shuffled packed batches, epoch after epoch; resumable at `start_step`.
 
   The order of an epoch depends only on (seed, epoch), like the unpacked
-  `MTNTDatasetBuilder.get_train_dataset`, so a resumed run sees the same data.
+  `MTNTDatasetBuilder.get_train_dataset`, so a resumed run sees the same
+  data. `plans`: the epochs' `epoch_plan`s, if already made (to count steps).
   """
-  n = len(data.input_tokens)
   step, epoch = 0, 0
   while num_epochs is None or epoch < num_epochs:
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    plan = pack_rows(data, order, batch_size, seq_len, pad_id)
-    if not plan:
-      raise ValueError(f'{n} examples do not fill one packed batch of {batch_size} rows')
+    plan = (plans[epoch] if plans is not None else
+            epoch_plan(data, batch_size, seq_len, pad_id=pad_id, seed=seed,
+                       epoch=epoch))
     for rows in plan:
       if step >= start_step:
         yield assemble(data, rows, seq_len, pad_id)

@@ -28,11 +28,12 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from gemma_mt import model as M
 from gemma_mt import sharding as SH
@@ -106,6 +107,17 @@ def _row_keys(seed, row_ids, step):
   return jax.vmap(jax.random.fold_in, (0, None))(rows, step)
 
 
+class DecodeState(NamedTuple):
+  """The `while_loop` carry: step i feeds token i-1 and samples token i."""
+
+  step: jax.Array   # i, int32
+  token: jax.Array  # [B] the last sampled token of each row
+  cache: dict       # the KV cache (`model.init_cache`)
+  out: jax.Array    # [B, budget] generated tokens, pad after each row's end
+  done: jax.Array   # [B] bool: stopped (stop token or its limit)
+  count: jax.Array  # [B] tokens generated so far (incl. the stop token)
+
+
 def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
            top_k, top_p, max_new_tokens, stop_table, *, model: M.Transformer,
            mode: SamplingMode, budget: int, pad_id: int,
@@ -152,27 +164,167 @@ def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
   slots = jnp.arange(S)[None]
   in_prompt = slots < prompt_len[:, None]
 
-  def cond(state):
-    i, _, _, _, done, _ = state
-    return (i < budget) & ~jnp.all(done)
+  def cond(state: DecodeState):
+    return (state.step < budget) & ~jnp.all(state.done)
 
-  def body(state):
-    i, tok, cache, out, done, count = state
+  def body(state: DecodeState) -> DecodeState:
+    i, done = state.step, state.done
     # Feed token i-1 (slot P+i-1, position prompt_len+i-1); it sees its own
     # prompt and the generated slots up to itself.
     seen = in_prompt | ((slots >= P) & (slots < P + i))
     pos = (prompt_len + i - 1)[:, None]
-    hidden, cache = apply(tok[:, None], pos, seen[:, None, :], cache)
+    hidden, cache = apply(state.token[:, None], pos, seen[:, None, :],
+                          state.cache)
     cache = constrain(cache)
     new = jnp.where(done, pad_id, sample(logits_of(hidden[:, 0]), i))
-    out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
-    count = count + (~done).astype(jnp.int32)
+    out = jax.lax.dynamic_update_slice(state.out, new[:, None], (0, i))
+    count = state.count + (~done).astype(jnp.int32)
     done = done | stop_table[new] | (count >= max_new_tokens)
-    return i + 1, new, cache, out, done, count
+    return DecodeState(i + 1, new, cache, out, done, count)
 
-  state = (jnp.int32(1), tok, cache, out, done, count)
-  _, _, _, out, _, count = jax.lax.while_loop(cond, body, state)
-  return out, count
+  state = DecodeState(jnp.int32(1), tok, cache, out, done, count)
+  state = jax.lax.while_loop(cond, body, state)
+  return state.out, state.count
+
+
+def length_penalty_of(length, alpha):
+  """GNMT's length penalty ((5 + length) / 6) ** alpha (1 for alpha 0)."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+class Hypothesis(NamedTuple):
+  """One beam search result: ids (ending with the stop token, if any),
+  total log-prob, and that divided by the length penalty."""
+
+  ids: np.ndarray
+  logp: float
+  score: float
+
+
+class BeamState(NamedTuple):
+  """The beam search carry, per row b and beam k (alive and finished)."""
+
+  step: jax.Array           # i: tokens generated so far by alive beams
+  token: jax.Array          # [B*K] the alive beams' last tokens
+  cache: dict               # KV cache of the B*K alive beams
+  alive_seq: jax.Array      # [B, K, budget]
+  alive_logp: jax.Array     # [B, K] total log-prob (-inf: no beam)
+  fin_seq: jax.Array        # [B, K, budget]
+  fin_logp: jax.Array       # [B, K] total log-prob, stop token included
+  fin_score: jax.Array      # [B, K] logp / length penalty (-inf: empty)
+  fin_len: jax.Array        # [B, K] tokens, stop token included
+
+
+def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
+                stop_table, length_penalty, *, model: M.Transformer,
+                beam_size: int, budget: int, pad_id: int,
+                row_sharding: jax.sharding.NamedSharding | None = None):
+  """Beam search: the K best hypotheses of each row, one jit.
+
+  As `decode`, but each row keeps `beam_size` K alive beams (the KV cache
+  holds B*K rows, reordered after every step) and K finished hypotheses.
+  Each step extends every alive beam by every token and keeps the 2K best
+  continuations by log-prob: those among the K best that end on a stop
+  token (or at the row's limit) join the finished set, ranked by log-prob
+  / ((5 + length) / 6) ** alpha (GNMT; alpha = `length_penalty`, 0 = raw
+  log-prob); the K best that go on stay alive. With K = 1 this is greedy. A row is final when its K-th finished score beats what any
+  alive beam could still reach (its log-prob only falls, and the penalty
+  is largest at the row's limit); the loop ends when every row is final.
+  Returns (tokens [B, K, budget], lengths [B, K], logp [B, K],
+  scores [B, K]), best first.
+  """
+  B, P = prompt.shape
+  K, S = beam_size, P + budget
+  cfg = model.config
+  table = params['embedder']['input_embedding']
+  apply = functools.partial(model.apply, {'params': params},
+                            return_hidden=True)
+  neg = jnp.float32(-jnp.inf)
+  alpha = jnp.asarray(length_penalty, jnp.float32)
+
+  def log_probs(hidden):  # [B*K, D] -> [B, K, V] float32
+    logits = M.logits_from_hidden(table, hidden, cfg.final_logit_softcap)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(B, K, -1)
+
+  def constrain(cache):
+    if row_sharding is None:
+      return cache
+    scalar = SH.replicated(row_sharding.mesh)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, row_sharding if x.ndim else scalar), cache)
+
+  rep = lambda x: jnp.repeat(x, K, axis=0)
+  prompt_bk, len_bk = rep(prompt), rep(prompt_len)
+  cache = constrain(M.init_cache(cfg, B * K, S, dtype=model.dtype))
+  pmask = jnp.arange(P)[None] < len_bk[:, None]
+  attn = jnp.zeros((B * K, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
+  hidden, cache = apply(prompt_bk, M.positions_from_mask(pmask), attn, cache)
+  last = hidden[jnp.arange(B * K), len_bk - 1]
+  slots = jnp.arange(S)[None]
+  in_prompt = slots < len_bk[:, None]
+  limit = jnp.where(active, max_new_tokens, 1)[:, None]  # [B, 1]
+
+  def extend(state: BeamState, logp) -> BeamState:
+    """One step: logp [B, K, V] of the alive beams' next tokens."""
+    i = state.step  # The new token is token i (0-based), length i + 1.
+    V = logp.shape[-1]
+    cand = (state.alive_logp[..., None] + logp).reshape(B, K * V)
+    top, idx = jax.lax.top_k(cand, 2 * K)
+    beam, tok = idx // V, (idx % V).astype(jnp.int32)
+    seqs = jnp.take_along_axis(state.alive_seq, beam[..., None], axis=1)
+    seqs = seqs.at[:, :, i].set(tok)
+    length = i + 1
+    ends = stop_table[tok] | (length >= limit)
+    # Finished: the ending candidates among the K best (as fairseq; with
+    # K = 1 this is greedy), merged into the K best finished so far.
+    done = ends & (jnp.arange(2 * K) < K) & (top > neg)
+    score = jnp.where(done, top / length_penalty_of(length, alpha), neg)
+    all_score = jnp.concatenate([state.fin_score, score], 1)
+    all_logp = jnp.concatenate([state.fin_logp, top], 1)
+    all_len = jnp.concatenate(
+        [state.fin_len, jnp.full((B, 2 * K), length, jnp.int32)], 1)
+    all_seq = jnp.concatenate([state.fin_seq, seqs], 1)
+    fin_score, pick = jax.lax.top_k(all_score, K)
+    take = lambda x: jnp.take_along_axis(x, pick, axis=1)
+    fin = dict(fin_score=fin_score, fin_logp=take(all_logp),
+               fin_len=take(all_len),
+               fin_seq=jnp.take_along_axis(all_seq, pick[..., None], axis=1))
+    # Alive: the K best candidates that go on.
+    alive_logp, keep = jax.lax.top_k(jnp.where(ends, neg, top), K)
+    parent = jnp.take_along_axis(beam, keep, axis=1)   # [B, K]
+    rows = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
+    cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, state.cache)
+    return BeamState(
+        i + 1, jnp.take_along_axis(tok, keep, axis=1).reshape(-1),
+        constrain(cache),
+        jnp.take_along_axis(seqs, keep[..., None], axis=1), alive_logp, **fin)
+
+  first = jnp.full((B, K), neg).at[:, 0].set(0.0)  # K copies: one counts.
+  empty = jnp.full((B, K, budget), pad_id, jnp.int32)
+  state = BeamState(
+      jnp.int32(0), jnp.zeros(B * K, jnp.int32), cache, empty, first, empty,
+      jnp.full((B, K), neg), jnp.full((B, K), neg),
+      jnp.zeros((B, K), jnp.int32))
+  state = extend(state, log_probs(last))
+
+  def final(state: BeamState):
+    best_alive = state.alive_logp[:, 0] / length_penalty_of(limit[:, 0], alpha)
+    worst_fin = state.fin_score[:, -1]
+    return ~active | (worst_fin > best_alive) | (state.alive_logp[:, 0] == neg)
+
+  def cond(state: BeamState):
+    return (state.step < budget) & ~jnp.all(final(state))
+
+  def body(state: BeamState) -> BeamState:
+    i = state.step
+    seen = in_prompt | ((slots >= P) & (slots < P + i))
+    pos = (len_bk + i - 1)[:, None]
+    hidden, cache = apply(state.token[:, None], pos, seen[:, None, :],
+                          state.cache)
+    return extend(state._replace(cache=cache), log_probs(hidden[:, 0]))
+
+  state = jax.lax.while_loop(cond, body, state)
+  return state.fin_seq, state.fin_len, state.fin_logp, state.fin_score
 
 
 def split_batches(lengths: Sequence[int], batch_size: int,
@@ -205,8 +357,9 @@ class Sampler:
   def __init__(self, model: M.Transformer, params: Any, *, pad_id: int,
                stop_ids: Sequence[int], batch_size: int = 32,
                cache_size: int = 16, max_pad_ratio: float | None = None,
-               mesh: jax.sharding.Mesh | None = None):
-    """`mesh`: decode data-parallel over its devices (module docstring);
+               mesh: jax.sharding.Mesh | None = None, progress: bool = False):
+    """`progress`: a tqdm bar over sentences. `mesh`: decode data-parallel
+    over its devices (module docstring);
     `params` may then be anywhere (host, one device): they are placed with
     `sharding.sampling_params`. None: the default device, as given."""
     if batch_size < 1:
@@ -216,6 +369,7 @@ class Sampler:
                        'split over a mesh: use fast_decode=False with mesh')
     self.model = model
     self.mesh = mesh
+    self.progress = progress
     self.params = params if mesh is None else SH.sampling_params(params, mesh)
     self.pad_id = int(pad_id)
     self.batch_size = batch_size
@@ -248,6 +402,46 @@ class Sampler:
     sorted by length and cut into batches (`split_batches`), so similar
     lengths share a prompt bucket; results come back in input order.
     """
+    mode = SamplingMode.of(temperature, top_k, top_p,
+                           self.model.config.vocab_size)
+    scalars = (np.int32(seed), np.float32(temperature or 1.0),
+               np.int32(top_k or 0),
+               np.float32(1.0 if top_p is None else top_p))
+
+    def run(batch, B, P, budget):
+      tokens, lens, active, ids, limits = batch
+      rows = (tokens, lens, active, ids, *scalars, limits)
+      out, count = self._call((B, P, budget, mode), rows)
+      self.loop_steps += int(count.max())
+      return [out[r, :count[r]] for r in range(B)]
+
+    return self._batched(prompts, max_new_tokens, batch_size, run)
+
+  def beam_search(self, prompts: Sequence[np.ndarray], *,
+                  max_new_tokens: int | Sequence[int], beam_size: int,
+                  length_penalty: float = 0.0,
+                  batch_size: int | None = None) -> list[list[Hypothesis]]:
+    """The `beam_size` best hypotheses of each prompt, best first
+    (`beam_decode`); batching as in `generate` (`batch_size` prompts, each
+    with `beam_size` rows)."""
+    if beam_size < 1:
+      raise ValueError(f'beam_size must be >= 1, got {beam_size}')
+
+    def run(batch, B, P, budget):
+      tokens, lens, active, _, limits = batch
+      rows = (tokens, lens, active, limits)
+      seq, n, logp, score = self._call(
+          (B, P, budget, ('beam', beam_size)), rows,
+          np.float32(length_penalty))
+      self.loop_steps += int(n.max())
+      return [[Hypothesis(seq[r, k, :n[r, k]], float(logp[r, k]),
+                          float(score[r, k])) for k in range(beam_size)]
+              for r in range(B)]
+
+    return self._batched(prompts, max_new_tokens, batch_size, run)
+
+  def _batched(self, prompts, max_new_tokens, batch_size, run):
+    """Checks, sorts into buckets, runs each batch, restores input order."""
     batch_size = batch_size or self.batch_size
     if any(len(p) == 0 for p in prompts):
       raise ValueError('empty prompt: every prompt needs at least one token')
@@ -255,44 +449,36 @@ class Sampler:
                              (len(prompts),))
     if len(prompts) and limits.min() < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {limits.min()}')
-    results: list[np.ndarray | None] = [None] * len(prompts)
+    results: list = [None] * len(prompts)
+    bar = tqdm.tqdm(total=len(prompts), unit='sent', disable=not self.progress,
+                    dynamic_ncols=True, leave=False)
     for idx in split_batches([len(p) for p in prompts], batch_size,
                              self.max_pad_ratio):
-      outs = self._run_batch([prompts[i] for i in idx], idx, batch_size,
-                             limits[idx], temperature, top_k, top_p, seed)
+      n = len(idx)
+      B = batch_bucket(n, batch_size)
+      P = next_pow2(max(len(prompts[i]) for i in idx), MIN_PROMPT_BUCKET)
+      budget = next_pow2(int(limits[idx].max()), MIN_NEW_TOKENS_BUCKET)
+      tokens = np.full((B, P), self.pad_id, np.int32)
+      lens, lim = np.ones(B, np.int32), np.ones(B, np.int32)
+      ids = np.zeros(B, np.int32)
+      for r, i in enumerate(idx):
+        tokens[r, :len(prompts[i])] = prompts[i]
+        lens[r], lim[r], ids[r] = len(prompts[i]), limits[i], i
+      outs = run((tokens, lens, np.arange(B) < n, ids, lim), B, P, budget)
+      self.batches_run += 1
       for i, o in zip(idx, outs):
         results[i] = o
+      bar.update(n)
+    bar.close()
     return results
 
-  def _run_batch(self, prompts, row_ids, batch_size, max_new_tokens,
-                 temperature, top_k, top_p, seed):
-    n = len(prompts)
-    B = batch_bucket(n, batch_size)
-    P = next_pow2(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
-    budget = next_pow2(int(max_new_tokens.max()), MIN_NEW_TOKENS_BUCKET)
-    limits = np.ones(B, np.int32)
-    limits[:n] = max_new_tokens
-    tokens = np.full((B, P), self.pad_id, np.int32)
-    lens = np.ones(B, np.int32)
-    for r, p in enumerate(prompts):
-      tokens[r, :len(p)] = p
-      lens[r] = len(p)
-    active = np.arange(B) < n
-    ids = np.zeros(B, np.int32)
-    ids[:n] = row_ids
-    mode = SamplingMode.of(temperature, top_k, top_p,
-                           self.model.config.vocab_size)
-    rows = (tokens, lens, active, ids, np.int32(seed),
-            np.float32(temperature or 1.0), np.int32(top_k or 0),
-            np.float32(1.0 if top_p is None else top_p), limits)
+  def _call(self, key, rows, *extra):
+    """Runs the executable of `key` on per-row inputs (split over the
+    mesh, if any) and returns its outputs on the host."""
     if self.mesh is not None:  # [B, ...] split over the mesh, scalars copied.
       rows = SH.shard_decode_inputs(rows, self.mesh)
-    args = (self.params, *rows, self._stop_table)
-    exe = self._executable((B, P, budget, mode), args)
-    out, count = jax.device_get(exe(*args))
-    self.batches_run += 1
-    self.loop_steps += int(count.max())
-    return [out[r, :count[r]] for r in range(n)]
+    args = (self.params, *rows, self._stop_table, *extra)
+    return jax.device_get(self._executable(key, args)(*args))
 
   def _executable(self, key, args):
     exe = self._executables.get(key)
@@ -300,11 +486,14 @@ class Sampler:
       self._executables.move_to_end(key)
       return exe
     B, P, budget, mode = key
+    K = mode[1] if isinstance(mode, tuple) else 1
     row_sharding = (None if self.mesh is None else
-                    SH.decode_sharding(B, self.mesh))
-    fn = functools.partial(decode, model=self.model, mode=mode,
-                           budget=budget, pad_id=self.pad_id,
-                           row_sharding=row_sharding)
+                    SH.decode_sharding(B * K, self.mesh))
+    kw = dict(model=self.model, budget=budget, pad_id=self.pad_id,
+              row_sharding=row_sharding)
+    fn = (functools.partial(beam_decode, beam_size=K, **kw) if K > 1 or
+          isinstance(mode, tuple) else
+          functools.partial(decode, mode=mode, **kw))
     exe = jax.jit(fn).lower(*args).compile()
     self.num_compiles += 1
     self.compiled_shapes.append(key)

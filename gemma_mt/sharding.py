@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -280,76 +279,6 @@ def host_local_batches(batches: Iterable[Any], process_index: int | None = None,
     local, index, _ = host_shard(len(leaves[0]), process_index, process_count)
     rows = slice(index * local, (index + 1) * local)
     yield jax.tree.map(lambda x: x[rows], batch)
-
-
-# -------------------------------------------------------------- checkpoints
-
-
-def abstract_tree(tree: Any, shardings: Any, dtype: Any = None) -> Any:
-  """ShapeDtypeStructs of `tree` (arrays or shapes) carrying `shardings`.
-
-  `shardings` is a tree matching `tree`, or one Sharding for every leaf.
-  `dtype` casts floating leaves (e.g. restore float32 as bfloat16).
-  """
-  if isinstance(shardings, jax.sharding.Sharding):
-    shardings = jax.tree.map(lambda _: shardings, tree)
-
-  def one(x, s):
-    dt = x.dtype
-    if dtype is not None and np.issubdtype(dt, np.floating):
-      dt = dtype
-    return jax.ShapeDtypeStruct(x.shape, dt, sharding=s)
-
-  return jax.tree.map(one, tree, shardings)
-
-
-def save_sharded(path: str | os.PathLike, tree: Any,
-                 overwrite: bool = False) -> Path:
-  """Saves any tree of (sharded) jax arrays; every host must call it.
-
-  Each host writes only its own shards; orbax renames a temporary dir at
-  the end, so a killed save leaves no half checkpoint.
-  """
-  import orbax.checkpoint as ocp
-
-  path = Path(path).expanduser().absolute()
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, tree, force=overwrite)
-    ckptr.wait_until_finished()
-  return path
-
-
-def restore_sharded(path: str | os.PathLike, abstract: Any) -> Any:
-  """Restores a `save_sharded` / `checkpoints.save_params` dir into the
-  layout of `abstract` (ShapeDtypeStructs with shardings, see
-  `abstract_tree`), whatever mesh it was saved from: each device reads
-  only its own shard, so nothing is gathered on one chip or host.
-  """
-  import orbax.checkpoint as ocp
-
-  path = Path(path).expanduser().absolute()
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path, abstract)
-
-
-def load_params_sharded(path: str | os.PathLike, mesh: Mesh,
-                        dtype: Any = None) -> Any:
-  """Params of an orbax params dir (our nested layout) straight onto `mesh`.
-
-  Shapes come from the checkpoint metadata, shardings from
-  `param_shardings`. Official Kaggle layouts need renaming first: use
-  `checkpoints.load_params(path, dtype)` and `shard_params` for those.
-  """
-  import orbax.checkpoint as ocp
-
-  path = Path(path).expanduser().absolute()
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(path)
-  tree = getattr(meta, 'item_metadata', meta)
-  tree = dict(getattr(tree, 'tree', tree))
-  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-  return restore_sharded(
-      path, abstract_tree(shapes, param_shardings(shapes, mesh), dtype))
 
 
 # ---------------------------------------------------------- sampling / eval

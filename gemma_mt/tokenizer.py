@@ -1,24 +1,17 @@
-"""Gemma's SentencePiece tokenizer, loadable from a `tokenizer.model` or a GGUF.
+"""Gemma's SentencePiece tokenizer with Gemma's conventions (BOS, EOS, pad).
 
-The embedded checkpoint is a GGUF file with no `tokenizer.model` beside it, so
-`from_gguf` rebuilds the SentencePiece model from the GGUF metadata (the recipe
-and its pitfalls are in shared/notes/gguf-gemma3-270m.md). Parsing the GGUF
-takes ~25 s, hence `default_tokenizer` caches the rebuilt model on disk.
+Built from a `tokenizer.model` file or its bytes; the embedded model's comes
+from its GGUF metadata (`weights.embedded.default_tokenizer`).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-
-from gemma_mt import gguf_file
-
-TOKENIZER_FILENAME = 'tokenizer.model'
 
 
 class GemmaTokenizer:
@@ -53,10 +46,6 @@ class GemmaTokenizer:
       return cls.from_serialized(path.read_bytes())
     except ValueError as e:
       raise ValueError(f'{path} is not a valid SentencePiece model: {e}') from e
-
-  @classmethod
-  def from_gguf(cls, path: str | os.PathLike) -> GemmaTokenizer:
-    return cls.from_serialized(model_proto_from_gguf(path))
 
   def serialized_model_proto(self) -> bytes:
     """The model as bytes; write it as `tokenizer.model` next to checkpoints."""
@@ -123,83 +112,3 @@ class GemmaTokenizer:
 
   def decode_batch(self, batch: Iterable[Sequence[int]] | np.ndarray) -> list[str]:
     return [self.decode(ids) for ids in batch]
-
-
-def model_proto_from_gguf(path: str | os.PathLike) -> bytes:
-  """Rebuild Gemma's SentencePiece ModelProto from GGUF tokenizer metadata."""
-  import gguf  # Lazy: only the GGUF path needs it.
-  from sentencepiece import sentencepiece_model_pb2 as pb
-
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'GGUF file not found: {path}')
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:  # gguf raises bare ValueErrors/struct errors.
-    raise ValueError(f'{path} is not a readable GGUF file: {e}') from e
-
-  def field(name):
-    f = reader.fields.get(name)
-    if f is None:
-      raise ValueError(f'{path} has no GGUF metadata key {name!r}')
-    return f
-
-  def scalar(name):
-    f = field(name)
-    return f.parts[f.data[0]].tolist()[0]
-
-  model = bytes(field('tokenizer.ggml.model').parts[-1]).decode()
-  if model != 'llama':
-    raise ValueError(f'{path}: tokenizer.ggml.model is {model!r}, not SentencePiece')
-  tokens_f = field('tokenizer.ggml.tokens')
-  tokens = [bytes(tokens_f.parts[i]).decode('utf-8') for i in tokens_f.data]
-  scores_f = field('tokenizer.ggml.scores')
-  scores = np.concatenate([scores_f.parts[i] for i in scores_f.data]).tolist()
-  types_f = field('tokenizer.ggml.token_type')
-  types = np.concatenate([types_f.parts[i] for i in types_f.data]).tolist()
-  bos, eos = scalar('tokenizer.ggml.bos_token_id'), scalar('tokenizer.ggml.eos_token_id')
-  unk = scalar('tokenizer.ggml.unknown_token_id')
-  pad = scalar('tokenizer.ggml.padding_token_id')
-
-  proto = pb.ModelProto()
-  for i, (piece, score, type_) in enumerate(zip(tokens, scores, types)):
-    p = proto.pieces.add()
-    p.piece, p.score = piece, score
-    # GGUF token types use SentencePiece's enum values (1 normal, 3 control,
-    # 4 user-defined, 6 byte); none is marked unknown, but SentencePiece
-    # refuses a model without one.
-    p.type = pb.ModelProto.SentencePiece.UNKNOWN if i == unk else type_
-  ts = proto.trainer_spec
-  ts.model_type = pb.TrainerSpec.BPE
-  ts.vocab_size = len(tokens)
-  ts.byte_fallback = True
-  ts.split_digits = True
-  # Without the piece names bos_id()/eos_id() return -1.
-  ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = unk, bos, eos, pad
-  ts.unk_piece, ts.bos_piece = tokens[unk], tokens[bos]
-  ts.eos_piece, ts.pad_piece = tokens[eos], tokens[pad]
-  ns = proto.normalizer_spec
-  ns.name = 'identity'
-  ns.add_dummy_prefix = False
-  ns.remove_extra_whitespaces = False
-  ns.escape_whitespaces = True
-  return proto.SerializeToString()
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_tokenizer(cache_dir: Path) -> GemmaTokenizer:
-  path = cache_dir / TOKENIZER_FILENAME
-  if not path.exists():
-    proto = model_proto_from_gguf(gguf_file.embedded_gguf_path(cache_dir))
-    tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
-    tmp.write_bytes(proto)
-    os.replace(tmp, path)  # Atomic: a half-written model is never seen.
-  return GemmaTokenizer.from_file(path)
-
-
-def default_tokenizer(cache_dir: str | os.PathLike | None = None) -> GemmaTokenizer:
-  """The embedded Gemma 3 tokenizer; built from the GGUF once, then cached.
-
-  The cache is `cache_dir`, else $GEMMA_MT_CACHE, else ~/.cache/gemma_mt.
-  """
-  return _cached_tokenizer(gguf_file.default_cache_dir(cache_dir).resolve())

@@ -81,7 +81,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +124,7 @@ DEFAULT_VARIANTS = ('ours_packed', 'ours_padded', 'tutorial', 'tutorial_f32')
 def mtnt_batches(args, vocab_size: int, packed: bool, n: int):
   from gemma_mt.data import MTNTDatasetBuilder
   from gemma_mt.packing import packed_batches
-  from gemma_mt.tokenizer import default_tokenizer
+  from gemma_mt.weights.embedded import default_tokenizer
 
   builder = MTNTDatasetBuilder(default_tokenizer(), args.seq_len,
                                mtnt_dir=args.mtnt_dir, seed=0)
@@ -214,12 +213,15 @@ class Setup:
 
 
 def setup_ours(args, cfg, spec: Variant, b0) -> Setup:
+  """gemma_mt's own training state (`init_train`) on random device weights."""
   import jax
   import jax.numpy as jnp
 
-  from gemma_mt import lora
   from gemma_mt import model as model_lib
-  from gemma_mt.steps import make_optimizer, make_train_step
+  from gemma_mt import sharding
+  from gemma_mt.train.config import TrainingConfig
+  from gemma_mt.train.state import init_train
+  from gemma_mt.train.steps import make_train_step
 
   impl = args.attention_impl or (
       'cudnn' if jax.default_backend() == 'gpu' else 'einsum')
@@ -229,43 +231,35 @@ def setup_ours(args, cfg, spec: Variant, b0) -> Setup:
   model = model_lib.Transformer(cfg, dtype=jnp.bfloat16, param_dtype=base_dtype,
                                 attention_impl=impl, remat=args.remat)
   tok = jnp.asarray(b0['input_tokens'][:1])
-
-  def init(k):
-    return model.init(k, tok, jnp.zeros_like(tok),
-                      model_lib.causal_mask(tok != 0))['params']
-
+  params = jax.jit(lambda k: model.init(
+      k, tok, jnp.zeros_like(tok), model_lib.causal_mask(tok != 0))['params'])(
+          jax.random.key(0))
   opt_name = args.lora_optimizer if spec.lora else spec.optimizer
-  opt = make_optimizer(types.SimpleNamespace(
-      optimizer=opt_name, learning_rate=args.learning_rate))
+  tcfg = TrainingConfig(
+      optimizer=opt_name, learning_rate=args.learning_rate, seed=1,
+      dtype='bfloat16', param_dtype=spec.param_dtype,
+      lora_rank=args.lora_rank if spec.lora else 0, lora_alpha=args.lora_alpha,
+      lora_quant=spec.quant)
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1), jax.devices()[:1])
+  setup = init_train(tcfg, mesh, model=(model, params, None, 'benchmark'))
+  del params
+  state = setup.state
   info = {'optimizer': opt_name, 'base_dtype': jnp.dtype(base_dtype).name,
           'attention_impl': impl, 'chunk_size': args.chunk_size}
   if spec.lora:
-    lcfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
-                           quant=spec.quant)
-    train_model = lora.apply_lora(model, lcfg)
-    if spec.quant:  # init + quantize in one jit: no full bf16 tree kept
-      frozen = jax.jit(lambda k: lora.quantize_base(train_model, init(k)))(
-          jax.random.key(0))
-    else:
-      frozen = jax.jit(init)(jax.random.key(0))
-    params = lora.init_lora_params(train_model, jax.random.key(1),
-                                   dtype=jnp.float32)
+    lcfg = tcfg.lora_config()
     info |= {'lora_rank': lcfg.rank, 'lora_alpha': lcfg.alpha,
              'lora_targets': ','.join(lcfg.targets), 'quant': spec.quant,
-             'frozen_gb': tree_gb(frozen)}
-  else:
-    train_model, frozen = model, None
-    params = jax.jit(init)(jax.random.key(0))
-  opt_state = opt.init(params)
-  step = make_train_step(train_model, opt, **(
-      {'chunk_size': args.chunk_size} if args.chunk_size else {}))
-  extra = () if frozen is None else (frozen,)
+             'frozen_gb': tree_gb(state.frozen)}
+  step = make_train_step(setup.model, setup.optimizer,
+                         chunk_size=args.chunk_size).jitted
+  extra = () if state.frozen is None else (state.frozen,)
 
   def compile_step(p, s, b):
     compiled = step.lower(p, s, b, *extra).compile()
     return compiled, lambda p, s, b: compiled(p, s, b, *extra)
 
-  return Setup(params, opt_state, frozen, compile_step, info)
+  return Setup(state.params, state.opt_state, state.frozen, compile_step, info)
 
 
 def setup_tutorial(args, cfg, spec: Variant, b0) -> Setup:

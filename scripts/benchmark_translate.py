@@ -3,7 +3,7 @@
 Both translate MTNT `valid.en-fr.tsv` with the same params and prompts
 (`[BOS] + "Translate this into French:\\n" + src + "\\n"`), greedy:
 
-  ours      `gemma_mt.translate.Translator`: prefill + on-device while loop,
+  ours      `gemma_mt.translator.Translator`: prefill + on-device while loop,
             bucketed shapes, stops each row at EOS / end of line
   tutorial  gemma 2.0.8's `gemma.sampler.Sampler` with `total_generation_steps`
             as the tutorial calls it, but `return_logits=False` (its default,
@@ -56,13 +56,13 @@ def load_model(args):
   """(config, params, tokenizer); `--random_init`, or a `--model` that is an
   architecture but no released model (e.g. `tiny`), gets random weights:
   speed only (outputs run to the token budget), or smoke tests."""
-  from gemma_mt import pretrained
+  from gemma_mt import weights
   if args.random_init or (args.checkpoint is None
-                          and args.model not in pretrained.MODELS):
+                          and args.model not in weights.MODELS):
     from gemma_mt import model as model_lib
-    from gemma_mt.tokenizer import default_tokenizer
-    arch = (args.model if args.model not in pretrained.MODELS
-            else pretrained.spec(args.model).arch)
+    from gemma_mt.weights.embedded import default_tokenizer
+    arch = (args.model if args.model not in weights.MODELS
+            else weights.spec(args.model).arch)
     cfg = model_lib.TransformerConfig.from_name(arch)
     tokenizer = default_tokenizer()
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -72,7 +72,7 @@ def load_model(args):
             'to fit the Gemma 3 tokenizer', flush=True)
       cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
     return cfg, bench_common.random_params(cfg), tokenizer
-  pt = pretrained.load(args.model, args.checkpoint)
+  pt = weights.load(args.model, args.checkpoint)
   return pt.config, pt.params, pt.tokenizer
 
 
@@ -184,7 +184,8 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from gemma_mt.translate import Translator, stop_token_ids
+  from gemma_mt.postprocess import stop_token_ids
+  from gemma_mt.translator import Translator
 
   cfg, params, tok = load_model(args)
   device = jax.devices()[0].device_kind

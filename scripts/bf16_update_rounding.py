@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt import loss as loss_lib
-from gemma_mt import pretrained
+from gemma_mt.train import loss as loss_lib
+from gemma_mt import weights
 from gemma_mt.data import MTNTDatasetBuilder
 from gemma_mt.model import Transformer
 
@@ -28,7 +28,7 @@ def main():
   ap.add_argument('--max_seq_len', type=int, default=128)
   args = ap.parse_args()
 
-  pre = pretrained.load('gemma3_270m')
+  pre = weights.load('gemma3_270m')
   model = Transformer(pre.config, dtype=jnp.bfloat16)
   data = MTNTDatasetBuilder(pre.tokenizer, args.max_seq_len,
                             mtnt_dir=args.mtnt_dir)

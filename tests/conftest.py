@@ -11,7 +11,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 @pytest.fixture(scope='session')
 def tokenizer():
   """Gemma 3 tokenizer rebuilt from the embedded GGUF (cached on disk after the first run)."""
-  from gemma_mt.tokenizer import default_tokenizer
+  from gemma_mt.weights.embedded import default_tokenizer
 
   return default_tokenizer()
 

@@ -105,8 +105,8 @@ def check_greedy_equals_single_device():
 
 def check_translator():
   """Translator(mesh=...) == mesh=None, ids and text (real tokenizer)."""
-  from gemma_mt import translate as T
-  from gemma_mt.tokenizer import default_tokenizer
+  from gemma_mt import translator as T
+  from gemma_mt.weights.embedded import default_tokenizer
 
   tokenizer = default_tokenizer()
   cfg = M.TransformerConfig.tiny(attention_types=(M.LOCAL, M.GLOBAL))

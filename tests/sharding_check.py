@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from gemma_mt import model as M  # noqa: E402
 from gemma_mt import sharding as S  # noqa: E402
+from gemma_mt.weights import orbax_io  # noqa: E402
 from device_checks import run_checks  # noqa: E402
 
 V, B, L = 256, 16, 12
@@ -223,33 +224,32 @@ def check_restore_other_mesh():
   sharded = S.shard_params(params, fsdp8)
   opt_state = S.init_opt_state(optimizer, sharded, fsdp8)
   opt_state = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s))(opt_state)
-  S.save_sharded(f'{tmp}/params', sharded)
-  S.save_sharded(f'{tmp}/opt', opt_state)
+  orbax_io.save_params(f'{tmp}/params', sharded)
+  orbax_io.save_params(f'{tmp}/opt', opt_state)
   want_opt = jax.device_get(opt_state)
   for mesh in (one, mesh24):
     p_sh = S.param_shardings(params, mesh)
-    got = S.restore_sharded(f'{tmp}/params', S.abstract_tree(params, p_sh))
+    got = orbax_io.restore_tree(f'{tmp}/params', orbax_io.abstract_tree(params, p_sh))
     _assert_equal(got, params)
     _assert_shardings(got, p_sh)
     o_sh = S.opt_state_shardings(optimizer, params, mesh, p_sh)
-    got = S.restore_sharded(f'{tmp}/opt', S.abstract_tree(want_opt, o_sh))
+    got = orbax_io.restore_tree(f'{tmp}/opt', orbax_io.abstract_tree(want_opt, o_sh))
     _assert_equal(got, want_opt)
     _assert_shardings(got, o_sh)
     assert type(got[0]).__name__ == 'ScaleByAdamState', type(got[0])
 
-  # One device -> fsdp=8, through load_params_sharded (metadata shapes).
-  S.save_sharded(f'{tmp}/single', S.shard_params(params, one))
-  got = S.load_params_sharded(f'{tmp}/single', fsdp8)
+  # One device -> fsdp=8, through load_params(sharding=mesh) (metadata shapes).
+  orbax_io.save_params(f'{tmp}/single', S.shard_params(params, one))
+  got = orbax_io.load_params(f'{tmp}/single', sharding=fsdp8)
   _assert_equal(got, params)
   _assert_shardings(got, S.param_shardings(params, fsdp8))
   assert got['embedder']['input_embedding'].addressable_shards[0].data.shape == (V // 8, 64)
   # bfloat16 on restore.
-  got = S.load_params_sharded(f'{tmp}/params', mesh24, dtype=jnp.bfloat16)
+  got = orbax_io.load_params(f'{tmp}/params', dtype=jnp.bfloat16, sharding=mesh24)
   assert got['layer_0']['mlp']['linear'].dtype == jnp.bfloat16
 
-  # checkpoints.load_params with a tree of shardings agrees.
-  from gemma_mt import checkpoints
-  got = checkpoints.load_params(f'{tmp}/params',
+  # load_params with a tree of shardings agrees.
+  got = orbax_io.load_params(f'{tmp}/params',
                                 sharding=S.param_shardings(params, mesh24))
   _assert_equal(got, params)
   _assert_shardings(got, S.param_shardings(params, mesh24))
@@ -281,7 +281,7 @@ def _while_bodies_with_all_reduce(hlo_text: str, shape: str) -> list[str]:
 def check_fused_ce():
   """The fused CE on a mesh equals one device, and sums the table gradient
   once, after its loop (not once per chunk inside it)."""
-  from gemma_mt import loss as loss_lib
+  from gemma_mt.train import loss as loss_lib
   rng = np.random.default_rng(0)
   n, d, v = 24, 16, 96
   h = rng.standard_normal((B, n, d)).astype(np.float32)

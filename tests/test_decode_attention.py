@@ -100,9 +100,9 @@ def test_sampler_greedy_same_with_fast_decode(cfg):
 
 @pytest.mark.slow
 def test_real_270m_greedy_same_with_fast_decode(tokenizer, mtnt_dir):
-  from gemma_mt.checkpoints import load_gemma3_270m
+  from gemma_mt.weights.embedded import load_gemma3_270m
   from gemma_mt.data import read_mtnt_tsv
-  from gemma_mt.translate import Translator
+  from gemma_mt.translator import Translator
 
   cfg, params = M.TransformerConfig.gemma3_270m(), load_gemma3_270m()
   pairs, _ = read_mtnt_tsv(mtnt_dir / 'valid' / 'valid.en-fr.tsv')

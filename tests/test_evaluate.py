@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from gemma_mt import cli, postprocess
 from gemma_mt import evaluate as E
-from gemma_mt import translate as T
-from test_translate import make_tiny_translator
+from tiny import make_tiny_translator
 
 
 @pytest.mark.parametrize('text,expected', [
@@ -19,13 +19,13 @@ from test_translate import make_tiny_translator
     ('', False),
 ])
 def test_repeats_itself(text, expected):
-  assert E.repeats_itself(text) is expected
+  assert postprocess.repeats_itself(text) is expected
 
 
 def test_runaway_by_length():
-  assert not E.is_runaway('x' * 30, 'y' * 10)
-  assert E.is_runaway('x' * 31, 'y' * 10)
-  assert E.is_runaway('xxxx', '')  # empty reference counts as length 1
+  assert not postprocess.is_runaway('x' * 30, 'y' * 10)
+  assert postprocess.is_runaway('x' * 31, 'y' * 10)
+  assert postprocess.is_runaway('xxxx', '')  # empty reference counts as length 1
 
 
 def test_score_fields_and_signatures():
@@ -37,7 +37,7 @@ def test_score_fields_and_signatures():
 
 def test_evaluate_cli_end_to_end(mtnt_dir, tokenizer, tmp_path, monkeypatch, capsys):
   tr = make_tiny_translator(tokenizer)
-  monkeypatch.setattr(T, 'build_translator', lambda args: tr)
+  monkeypatch.setattr(cli, 'build_translator', lambda args: tr)
   out = tmp_path / 'hyp.txt'
   rc = E.main(['--mtnt_dir', str(mtnt_dir), '--limit', '3', '--output',
                str(out), '--max_new_tokens', '6', '--batch_size', '4'])
@@ -47,24 +47,82 @@ def test_evaluate_cli_end_to_end(mtnt_dir, tokenizer, tmp_path, monkeypatch, cap
   assert summary['num_sentences'] == 3 and summary['hypotheses'] == str(out)
   assert summary['data_parallel'] is False
   assert summary['data'].endswith('valid/valid.en-fr.tsv')
-  for key in ('bleu', 'bleu_intl', 'chrf'):
-    assert 0 <= summary[key] <= 100
   assert 'tok:intl' in summary['bleu_intl_signature']
   assert summary['sentences_per_second'] > 0 and summary['num_compiles'] == 1
-  assert 0 <= summary['runaway'] <= 3
-  assert 0 < summary['output_tokens'] <= 18
+  assert summary['options']['max_new_tokens'] == 6
   hyps = out.read_text(encoding='utf-8').split('\n')
   assert len(hyps) == 4 and hyps[-1] == ''  # three lines, newline-terminated
-  # The same hypotheses as translating directly.
+  # The same hypotheses as translating directly, and the scores of those.
   from gemma_mt import data
   pairs = data.load_pairs('valid', mtnt_dir=mtnt_dir)[:3]
-  assert hyps[:3] == tr.translate([s for s, _ in pairs], max_new_tokens=6)
+  refs = [r for _, r in pairs]
+  gen = tr.translate_detailed([s for s, _ in pairs], max_new_tokens=6,
+                              max_length_ratio=3.0)
+  assert hyps[:3] == [t.text for t in gen]
+  assert {k: summary[k] for k in ('bleu', 'bleu_intl', 'chrf')} == {
+      k: v for k, v in E.score(hyps[:3], refs).items()
+      if not k.endswith('signature')}
+  assert summary['runaway'] == sum(postprocess.is_runaway(h, r)
+                                   for h, r in zip(hyps, refs))
+  assert summary['output_tokens'] == sum(t.output_tokens for t in gen)
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):
   assert E.parse_args(['--tfds', '--data_parallel']).data_parallel
-  with pytest.raises(SystemExit):
-    E.main(['--limit', '3'])  # no data source
+  assert E.main(['--limit', '3']) == 2  # no data source
   assert '--mtnt_dir' in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    E.main(['--tsv', 'x.tsv', '--limit', '0'])
+  assert E.main(['--tsv', 'x.tsv', '--limit', '0']) == 2
+
+
+def test_report_html_and_tsv(mtnt_dir, tokenizer, tmp_path, monkeypatch):
+  """--report with --compare_checkpoint: every sentence, both systems,
+  sorted by the chrF difference; the HTML parses."""
+  import html.parser
+
+  from gemma_mt import report
+  trs = {None: make_tiny_translator(tokenizer),
+         'other': make_tiny_translator(tokenizer, max_input_tokens=512)}
+  trs['other'].set_params(__import__('tiny').tiny_params(seed=1))
+  monkeypatch.setattr(cli, 'build_translator', lambda a: trs[a.checkpoint])
+  path = tmp_path / 'r.html'
+  assert E.main(['--mtnt_dir', str(mtnt_dir), '--limit', '5', '--output',
+                 str(tmp_path / 'h.txt'), '--max_new_tokens', '4',
+                 '--report', str(path), '--compare_checkpoint', 'other']) == 0
+
+  class Cells(html.parser.HTMLParser):
+    rows, cells, tags = 0, [], []
+    def handle_starttag(self, tag, attrs):
+      if tag in ('meta', 'br', 'link'):  # Void elements: no end tag.
+        return
+      self.tags.append(tag)
+      self.rows += tag == 'tr'
+    def handle_endtag(self, tag):
+      assert self.tags.pop() == tag  # Well nested.
+    def handle_data(self, data):
+      if self.tags and self.tags[-1] == 'td':
+        self.cells.append(data)
+
+  p = Cells()
+  p.feed(path.read_text(encoding='utf-8'))
+  assert p.rows == 6 and not p.tags  # Header + 5 sentences, all closed.
+  from gemma_mt import data
+  pairs = data.load_pairs('valid', mtnt_dir=mtnt_dir)[:5]
+  assert {s for s, _ in pairs} <= set(p.cells)
+  rows = report.rows(pairs, ['a'] * 5, [r for _, r in pairs])
+  assert [r['delta'] for r in rows] == sorted((r['delta'] for r in rows),
+                                              reverse=True)
+  assert all(r['chrf_b'] == 100.0 for r in rows)
+  tsv = report.to_tsv(rows).splitlines()
+  assert len(tsv) == 6 and tsv[0].split('\t')[:3] == ['line', 'source', 'reference']
+
+
+def test_unwritable_outputs_fail_before_translating(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(cli, 'build_translator', lambda a: pytest.fail('loaded'))
+  (tmp_path / 'dir').mkdir()
+  tsv = tmp_path / 'x.tsv'
+  tsv.write_text('1\tHello\tBonjour\n')
+  assert E.main(['--tsv', str(tsv), '--output', str(tmp_path / 'dir')]) == 2
+  assert 'error: --output' in capsys.readouterr().err
+  assert E.main(['--tsv', str(tsv), '--output', str(tmp_path / 'o.txt'),
+                 '--report', str(tmp_path / 'dir')]) == 2
+  assert 'error: --report' in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 
 from gemma_mt import lora as L
 from gemma_mt import model as M
+from gemma_mt import weights
 
 V = 128
 CFG = M.TransformerConfig.tiny(vocab_size=V)
@@ -172,15 +173,18 @@ def test_adapter_checkpoint_round_trip(setup, tmp_path):
   lcfg, _, _, adapters = setup
   adapters = randomize_b(adapters)
   lcfg = L.LoraConfig(rank=4, alpha=8.0, targets=('q', 'kv'), quant='int4')
-  path = L.save_adapters(tmp_path / 'ad', adapters, lcfg)
-  assert sorted(p.name for p in path.iterdir()) == ['adapters', 'lora.json']
-  loaded, loaded_cfg = L.load_adapters(path)
-  assert loaded_cfg == lcfg
+  save = lambda: weights.save_adapters(tmp_path / 'ad', 'tiny', adapters, lcfg,
+                                      base_model='gemma3_270m')
+  path = save()
+  assert sorted(p.name for p in path.iterdir()) == [
+      'adapters', 'gemma_mt.json', 'lora.json']
+  loaded, loaded_cfg, meta = weights.adapters.load(path)
+  assert loaded_cfg == lcfg and meta['base_model'] == 'gemma3_270m'
   assert_frozen(adapters, loaded)  # same tree, bit-for-bit
   with pytest.raises(FileExistsError):
-    L.save_adapters(path, adapters, lcfg)
+    save()
   with pytest.raises(FileNotFoundError):
-    L.load_adapters(tmp_path / 'missing')
+    weights.adapters.load(tmp_path / 'missing')
 
 
 @pytest.mark.parametrize('quant,tile,tol', [('int8', None, 0.02),

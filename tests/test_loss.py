@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import loss as loss_lib
-from gemma_mt import steps
+from gemma_mt.train import loss as loss_lib
+from gemma_mt.train import steps
 from gemma_mt.model import Transformer, TransformerConfig
-from gemma_mt.train import random_params
+from gemma_mt.train.config import TrainingConfig
+from gemma_mt.train.optimizer import learning_rate_schedule, make_optimizer
+from gemma_mt.train.state import TrainState, random_params
 
 V, L, B = 97, 12, 4
 
@@ -210,12 +212,13 @@ def test_sgd_step_is_params_minus_lr_grad(tiny):
   model, params = tiny
   batch = make_batch()
   lr = 0.5
-  opt = steps.make_optimizer(type('C', (), {'learning_rate': lr})())
+  opt = make_optimizer(TrainingConfig(learning_rate=lr))
   grads = jax.jit(jax.grad(
       lambda p: loss_lib.forward_and_loss_fn(p, model, batch)[0]))(params)
   expect = jax.tree.map(lambda p, g: p - lr * g, params, grads)
   step = steps.make_train_step(model, opt)
-  new, _, metrics = step(_copy(params), opt.init(params), batch)
+  state, metrics = step(TrainState(_copy(params), opt.init(params)), batch)
+  new = state.params
   # Same math, separately compiled: equal up to float32 reassociation.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                         atol=1e-6), new, expect)
@@ -242,23 +245,22 @@ def test_grad_accumulation_equals_big_batch(tiny):
 def test_optimizers_and_clipping(tiny):
   model, params = tiny
   batch = make_batch()
-  cfg = type('C', (), {'optimizer': 'adamw', 'learning_rate': 1e-3,
-                       'grad_clip': 1.0, 'weight_decay': 0.1})()
-  opt = steps.make_optimizer(cfg)
-  p, s, m = steps.make_train_step(model, opt)(_copy(params), opt.init(params),
-                                              batch)
+  cfg = TrainingConfig(optimizer='adamw', learning_rate=1e-3, grad_clip=1.0,
+                       weight_decay=0.1)
+  opt = make_optimizer(cfg)
+  _, m = steps.make_train_step(model, opt)(
+      TrainState(_copy(params), opt.init(params)), batch)
   assert np.isfinite(float(m['loss']))
   with pytest.raises(ValueError, match='sgd'):
-    steps.make_optimizer(type('C', (), {'optimizer': 'lion'})())
+    make_optimizer(TrainingConfig(optimizer='lion'))
   # Pure optax on a small tree: adafactor runs; clipped SGD's update has
   # global norm lr * clip.
   tree = {'a': jnp.ones((4, 3)), 'b': jnp.arange(5.0)}
   grads = jax.tree.map(lambda x: 10 * x + 1, tree)
-  opt = steps.make_optimizer(type('C', (), {'optimizer': 'adafactor'})())
+  opt = make_optimizer(TrainingConfig(optimizer='adafactor'))
   u, _ = opt.update(grads, opt.init(tree), tree)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(u))
-  cfg = type('C', (), {'learning_rate': 2.0, 'grad_clip': 1e-3})()
-  opt = steps.make_optimizer(cfg)
+  opt = make_optimizer(TrainingConfig(learning_rate=2.0, grad_clip=1e-3))
   u, _ = opt.update(grads, opt.init(tree), tree)
   np.testing.assert_allclose(steps.global_norm(u), 2e-3, rtol=1e-5)
 
@@ -266,7 +268,20 @@ def test_optimizers_and_clipping(tiny):
 def test_validation_step_sums(tiny):
   model, params = tiny
   batch = make_batch()
-  aux = steps.make_validation_step(model)(params, batch)
+  aux = steps.make_validation_step(model)(TrainState(params, None), batch)
   loss, ref = loss_lib.forward_and_loss_fn(params, model, batch)
   np.testing.assert_allclose(aux['loss_sum'] / aux['num_target_tokens'], loss,
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize('schedule,at', [
+    ('constant', {0: 0.0, 5: 1.0, 10: 2.0, 30: 2.0}),
+    ('linear', {0: 0.0, 10: 2.0, 20: 1.0, 30: 0.0}),
+    ('cosine', {0: 0.0, 10: 2.0, 20: 1.0, 30: 0.0}),
+])
+def test_learning_rate_schedules(schedule, at):
+  """Warm-up to the peak over 10 steps, then the schedule ends at step 30."""
+  cfg = TrainingConfig(learning_rate=2.0, warmup_steps=10, lr_schedule=schedule)
+  lr = learning_rate_schedule(cfg, total_steps=30)
+  for step, want in at.items():
+    np.testing.assert_allclose(float(lr(step)), want, atol=1e-6)

@@ -34,7 +34,7 @@ def batch(lengths, L, seed=0):
   return jnp.asarray(tokens, jnp.int32), jnp.asarray(mask)
 
 
-def random_params(cfg, seed=1):
+def params_with_nonzero_norms(cfg, seed=1):
   tokens, mask = batch([4], 4)
   m = M.Transformer(cfg)
   params = m.init(jax.random.key(seed), tokens, M.positions_from_mask(mask),
@@ -87,7 +87,7 @@ def test_gemma1_2b_layout():
 @pytest.mark.parametrize('name', CONFIGS)
 def test_logits_equal_official(name):
   cfg = CONFIGS[name]
-  params = random_params(cfg)
+  params = params_with_nonzero_norms(cfg)
   tokens, mask = batch([12, 7, 3], 12)
   pos, attn = M.positions_from_mask(mask), M.causal_mask(mask)
   ours, _ = jax.jit(M.Transformer(cfg).apply)({'params': params}, tokens, pos, attn)
@@ -102,7 +102,7 @@ def test_logits_equal_official(name):
 @pytest.mark.parametrize('name', ['gemma3', 'gemma2'])
 def test_fused_attention_path_equals_einsum(name):
   cfg = CONFIGS[name].replace(attn_logits_soft_cap=None)
-  params = random_params(cfg)
+  params = params_with_nonzero_norms(cfg)
   tokens, mask = batch([12, 5], 12)
   args = (tokens, M.positions_from_mask(mask), M.causal_mask(mask))
   a, _ = jax.jit(M.Transformer(cfg).apply)({'params': params}, *args)
@@ -112,7 +112,7 @@ def test_fused_attention_path_equals_einsum(name):
 
 def test_packed_segments_equal_separate_rows():
   cfg = CONFIGS['gemma3']
-  params = random_params(cfg)
+  params = params_with_nonzero_norms(cfg)
   m = M.Transformer(cfg)
   apply = jax.jit(m.apply)
   a, _ = batch([5], 5, seed=3)
@@ -133,7 +133,7 @@ def test_packed_segments_equal_separate_rows():
 def test_kv_cache_decoding_equals_full_forward(name):
   """Prefill right-padded prompts, then decode one token at a time."""
   cfg = CONFIGS[name]
-  params = random_params(cfg)
+  params = params_with_nonzero_norms(cfg)
   apply = jax.jit(M.Transformer(cfg).apply)
   lengths, P, steps, S = [6, 3], 6, 5, 16
   prompt, pmask = batch(lengths, P, seed=5)
@@ -171,7 +171,7 @@ def test_kv_cache_decoding_equals_full_forward(name):
 
 def test_bf16_compute_close_to_float32():
   cfg = CONFIGS['gemma3']
-  params = random_params(cfg)
+  params = params_with_nonzero_norms(cfg)
   tokens, mask = batch([12, 9], 12)
   args = (tokens, M.positions_from_mask(mask), M.causal_mask(mask))
   f32, _ = jax.jit(M.Transformer(cfg).apply)({'params': params}, *args)
@@ -183,7 +183,7 @@ def test_bf16_compute_close_to_float32():
 
 def test_remat_same_gradients():
   cfg = CONFIGS['gemma3']
-  params = random_params(cfg)
+  params = params_with_nonzero_norms(cfg)
   tokens, mask = batch([12, 9], 12)
   args = (tokens, M.positions_from_mask(mask), M.causal_mask(mask))
   def loss(p, remat):
@@ -210,7 +210,7 @@ SENTENCES = [
 
 @pytest.fixture(scope='module')
 def real_270m(tokenizer):
-  from gemma_mt.checkpoints import load_gemma3_270m
+  from gemma_mt.weights.embedded import load_gemma3_270m
   params = load_gemma3_270m()
   rows = [tokenizer.tokenize(s, add_eos=False) for s in SENTENCES]
   L = max(map(len, rows))

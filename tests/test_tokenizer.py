@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from gemma_mt import gguf_file
-from gemma_mt import tokenizer as tokenizer_lib
+from gemma_mt.weights import embedded, gguf
 from gemma_mt.tokenizer import GemmaTokenizer
 
 PROMPT = 'Translate this into French:\nHello, my name is Morgane.\n'
@@ -91,41 +90,41 @@ def test_missing_and_invalid_files_name_the_path(tmp_path):
   missing = tmp_path / 'nope' / 'tokenizer.model'
   with pytest.raises(FileNotFoundError, match='nope'):
     GemmaTokenizer.from_file(missing)
-  with pytest.raises(FileNotFoundError, match='nope'):
-    GemmaTokenizer.from_gguf(tmp_path / 'nope.gguf')
+  with pytest.raises(gguf.GGUFError, match='nope'):
+    gguf.tokenizer_from_gguf(tmp_path / 'nope.gguf')
   garbage = tmp_path / 'garbage.model'
   garbage.write_bytes(b'not a sentencepiece model')
   with pytest.raises(ValueError, match='garbage.model'):
     GemmaTokenizer.from_file(garbage)
-  with pytest.raises(ValueError, match='garbage.model'):
-    GemmaTokenizer.from_gguf(garbage)
+  with pytest.raises(gguf.GGUFError, match='garbage.model'):
+    gguf.tokenizer_from_gguf(garbage)
   with pytest.raises(ValueError):
     GemmaTokenizer.from_serialized(b'\x00\x01junk')
 
 
 def test_default_tokenizer_reads_the_cache(tokenizer, tmp_path, monkeypatch):
-  tokenizer.save(tmp_path / tokenizer_lib.TOKENIZER_FILENAME)
+  tokenizer.save(tmp_path / 'tokenizer.model')
 
   def no_gguf(*args, **kwargs):
     raise AssertionError('the GGUF must not be parsed when the cache exists')
 
-  monkeypatch.setattr(gguf_file, 'embedded_gguf_path', no_gguf)
-  monkeypatch.setenv(gguf_file.CACHE_ENV, str(tmp_path))
-  cached = tokenizer_lib.default_tokenizer()
+  monkeypatch.setattr(embedded, 'embedded_gguf_path', no_gguf)
+  monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path))
+  cached = embedded.default_tokenizer()
   assert cached.tokenize(PROMPT).tolist() == tokenizer.tokenize(PROMPT).tolist()
-  assert tokenizer_lib.default_tokenizer(tmp_path) is cached  # Same dir, same object.
+  assert embedded.default_tokenizer(tmp_path) is cached  # Same dir, same object.
 
 
 def test_cache_dir_resolution(tmp_path, monkeypatch):
-  monkeypatch.setenv(gguf_file.CACHE_ENV, str(tmp_path / 'env'))
-  assert gguf_file.default_cache_dir() == tmp_path / 'env'
-  assert gguf_file.default_cache_dir(tmp_path / 'arg') == tmp_path / 'arg'
+  monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / 'env'))
+  assert embedded.default_cache_dir() == tmp_path / 'env'
+  assert embedded.default_cache_dir(tmp_path / 'arg') == tmp_path / 'arg'
   assert (tmp_path / 'arg').is_dir()
 
 
 def test_embedded_gguf_path_is_assembled_and_verified(tokenizer):
   # The `tokenizer` fixture has already assembled the file into the cache.
-  path = gguf_file.embedded_gguf_path()
+  path = embedded.embedded_gguf_path()
   assert path.is_file() and path.stat().st_size > 200_000_000
   with path.open('rb') as f:
     assert f.read(4) == b'GGUF'

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import pretrained, steps
-from gemma_mt import train as train_lib
+from gemma_mt import sharding, weights
+from gemma_mt.train import checkpoints as ckpt_lib
+from gemma_mt.train import config as config_lib
+from gemma_mt.train import loop, main as train_main, state as state_lib, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / 'configs' / 'tiny_test.py'
@@ -43,7 +45,7 @@ def xla_cache(tmp_path_factory):
 
 
 def tiny_config(workdir, mtnt_dir, **kw):
-  cfg = train_lib.load_config_file(TINY)
+  cfg = config_lib.load_config_file(TINY)
   return dataclasses.replace(cfg, workdir=str(workdir), mtnt_dir=str(mtnt_dir),
                              **(OVERRIDES | kw))
 
@@ -75,7 +77,7 @@ def assert_trees_equal(a, b):
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, mtnt_dir, xla_cache):
   workdir = tmp_path_factory.mktemp('full')
-  params = train_lib.train_loop(tiny_config(workdir, mtnt_dir))
+  params = loop.train_loop(tiny_config(workdir, mtnt_dir))
   return workdir, jax.device_get(params)
 
 
@@ -95,7 +97,7 @@ def test_uninterrupted_run_outputs(uninterrupted):
                  if p.name.isdigit())
   assert ckpts == [2, 4]
   # The tuned model loads like any model dir.
-  loaded = pretrained.load_dir(workdir / 'final')
+  loaded = weights.load_dir(workdir / 'final')
   assert loaded.arch == 'tiny'
   assert loaded.tokenizer.vocab_size == 262_144
   assert_trees_equal(loaded.params, params)
@@ -119,7 +121,7 @@ def test_sigkill_then_resume_cli(uninterrupted, tmp_path, mtnt_dir,
   out = proc.communicate(timeout=600)[0]
   assert proc.returncode == 0, out[-3000:]
   assert 'resumed from step 2' in out
-  loaded = pretrained.load_dir(tmp_path / 'final')
+  loaded = weights.load_dir(tmp_path / 'final')
   assert_trees_equal(loaded.params, expect)
   assert (tmp_path / 'loss.png').exists()
 
@@ -131,68 +133,75 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mtnt_dir,
   def poisoned(*a, **kw):
     step_fn, count = real(*a, **kw), [0]
 
-    def wrapped(params, opt_state, batch, *frozen):
-      params, opt_state, m = step_fn(params, opt_state, batch, *frozen)
+    def wrapped(state, batch):
+      state, m = step_fn(state, batch)
       count[0] += 1
       if count[0] == 3:
         m = dict(m, loss=jnp.float32(jnp.nan))
-      return params, opt_state, m
+      return state, m
     return wrapped
 
   monkeypatch.setattr(steps, 'make_train_step', poisoned)
   cfg = tiny_config(tmp_path, mtnt_dir, eval_every_n=0)
-  with pytest.raises(train_lib.TrainingDivergedError,
+  with pytest.raises(loop.TrainingDivergedError,
                      match=r'at step 3 .*last good checkpoint: step 2'):
-    train_lib.train_loop(cfg)
+    loop.train_loop(cfg)
   ckpts = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
   assert ckpts == ['2']
   assert not (tmp_path / 'final').exists()
   with pytest.raises(ValueError, match='--resume'):
-    train_lib.train_loop(cfg)  # Never silently restarts over checkpoints.
+    loop.train_loop(cfg)  # Never silently restarts over checkpoints.
   # The kept checkpoint restores, finite.
-  module, params, _, _ = train_lib.init_model(cfg)
-  opt_state = steps.make_optimizer(cfg).init(params)
-  mngr = train_lib.checkpoint_manager(cfg)
-  p, _, data_step = train_lib.restore_checkpoint(mngr, 2, params, opt_state)
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1))
+  state = state_lib.init_train(cfg, mesh).state
+  mngr = ckpt_lib.checkpoint_manager(cfg)
+  state, data_step = ckpt_lib.restore_checkpoint(mngr, 2, state)
   mngr.close()
   assert data_step == 2
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in jax.tree.leaves(state.params))
 
 
 def test_parse_args_types_and_errors():
-  cfg = train_lib.parse_args(
+  cfg = train_main.parse_args(
       ['--config', str(TINY), '--max_steps', '7', '--learning_rate=0.5',
        '--grad_clip=none', '--remat', '--packing=false', '--mtnt_dir', '/x'])
   assert (cfg.max_steps, cfg.learning_rate, cfg.grad_clip, cfg.remat,
           cfg.packing, cfg.mtnt_dir, cfg.model) == (7, 0.5, None, True, False,
                                                     '/x', 'tiny')
-  assert train_lib.parse_args(['--max_steps=none']).max_steps is None
-  assert train_lib.parse_args([]).model == 'gemma3_270m'
-  with pytest.raises(ValueError, match=r'unknown option --lr; valid options:.*'
-                     r'--learning_rate'):
-    train_lib.parse_args(['--lr=1'])
-  with pytest.raises(ValueError, match='expects int'):
-    train_lib.parse_args(['--batch_size=four'])
-  with pytest.raises(ValueError, match='true/false'):
-    train_lib.parse_args(['--remat=maybe'])
+  assert train_main.parse_args(['--max_steps=none']).max_steps is None
+  assert train_main.parse_args([]).model == 'gemma3_270m'
+  assert train_main.parse_args(['--packing', '--seed', '3']).packing
 
 
-def test_main_reports_bad_options(capsys):
-  assert train_lib.main(['--bogus=1']) == 2
-  assert 'valid options' in capsys.readouterr().err
-  assert train_lib.main(['--config', 'nope.py']) == 2
+@pytest.mark.parametrize('argv,message', [
+    (['--lr=1'], 'error: unrecognized arguments: --lr=1'),
+    (['--batch_size=four'], "--batch_size: expects int, got 'four'"),
+    (['--remat=maybe'], "--remat: expects true/false, got 'maybe'"),
+    (['--config', 'nope.py'], 'error: config file not found: nope.py'),
+    (['--batch_size', '-2'], 'error: --batch_size must be >= 1, got -2'),
+    (['--grad_accum_steps', '0'], '--grad_accum_steps must be >= 1'),
+    (['--learning_rate', '-1'], '--learning_rate must be > 0, got -1.0'),
+    (['--dtype', 'float99'], "--dtype: unknown dtype 'float99'"),
+    (['--optimizer', 'lion'], '--optimizer must be one of'),
+    (['--lr_schedule', 'step'], '--lr_schedule must be one of'),
+])
+def test_main_reports_bad_options_in_one_line(argv, message, capsys):
+  assert train_main.main(argv) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1, err
 
 
 def test_configs_load():
   for name in ('mtnt_gemma3_270m', 'tutorial_gemma_2b_it', 'tiny_test'):
-    cfg = train_lib.load_config_file(ROOT / 'configs' / f'{name}.py')
-    train_lib.check_config(cfg)
-  tut = train_lib.load_config_file(ROOT / 'configs' / 'tutorial_gemma_2b_it.py')
+    cfg = config_lib.load_config_file(ROOT / 'configs' / f'{name}.py')
+    cfg.check()
+  tut = config_lib.load_config_file(ROOT / 'configs' / 'tutorial_gemma_2b_it.py')
   assert (tut.model, tut.optimizer, tut.learning_rate, tut.batch_size,
           tut.max_seq_len, tut.eval_every_n) == ('gemma_2b_it', 'sgd', 1e-4, 4,
                                                  128, 20)
   with pytest.raises(ValueError, match='multiple'):
-    train_lib.check_config(dataclasses.replace(tut, grad_accum_steps=3))
+    dataclasses.replace(tut, grad_accum_steps=3).check()
 
 
 # ------------------------------------------------------------------ LoRA
@@ -202,13 +211,13 @@ def test_configs_load():
 def lora_run(tmp_path_factory, mtnt_dir, xla_cache):
   workdir = tmp_path_factory.mktemp('lora')
   cfg = tiny_config(workdir, mtnt_dir, lora_rank=4, lora_alpha=8.0)
-  merged = train_lib.train_loop(cfg)
+  merged = loop.train_loop(cfg)
   return cfg, workdir, jax.device_get(merged)
 
 
 def test_lora_trains_adapters_only(lora_run):
   cfg, workdir, merged = lora_run
-  base = pretrained.load_dir(workdir / 'base')
+  base = weights.load_dir(workdir / 'base')
   # Checkpoints hold the adapters and their optimizer state, nothing else.
   import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as ckptr:
@@ -219,11 +228,11 @@ def test_lora_trains_adapters_only(lora_run):
   assert keys and all(k.endswith(("_lora_a']", "_lora_b']")) for k in keys)
   # Merged = base + alpha/rank * A @ B; the adapters dir reloads to it.
   from gemma_mt import lora
-  adapters, lcfg = lora.load_adapters(workdir / 'adapters')
+  adapters, lcfg, _ = weights.adapters.load(workdir / 'adapters')
   assert (lcfg.rank, lcfg.alpha) == (4, 8.0)
   assert lora.count_params(adapters) < 0.2 * lora.count_params(base.params)
-  assert_trees_equal(pretrained.load_dir(workdir / 'adapters').params, merged)
-  assert_trees_equal(pretrained.load_dir(workdir / 'final').params, merged)
+  assert_trees_equal(weights.load_dir(workdir / 'adapters').params, merged)
+  assert_trees_equal(weights.load_dir(workdir / 'final').params, merged)
   moved = [not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(merged), jax.tree.leaves(base.params))]
   assert any(moved)
@@ -236,21 +245,21 @@ def test_lora_resume_equals_uninterrupted(lora_run, tmp_path, mtnt_dir,
                                           xla_cache):
   cfg, _, expect = lora_run
   cfg = dataclasses.replace(cfg, workdir=str(tmp_path))
-  train_lib.train_loop(dataclasses.replace(cfg, max_steps=2))
-  got = train_lib.train_loop(dataclasses.replace(cfg, resume=True))
+  loop.train_loop(dataclasses.replace(cfg, max_steps=2))
+  got = loop.train_loop(dataclasses.replace(cfg, resume=True))
   assert_trees_equal(jax.device_get(got), expect)
 
 
 def test_qlora_int4_run_reloads_exactly(tmp_path, mtnt_dir, xla_cache):
   cfg = tiny_config(tmp_path, mtnt_dir, lora_rank=4, lora_quant='int4',
                     max_steps=2, eval_every_n=2)
-  merged = jax.device_get(train_lib.train_loop(cfg))
+  merged = jax.device_get(loop.train_loop(cfg))
   # load_dir quantizes the base as training did, then merges.
-  assert_trees_equal(pretrained.load_dir(tmp_path / 'adapters').params, merged)
+  assert_trees_equal(weights.load_dir(tmp_path / 'adapters').params, merged)
   with pytest.raises(ValueError, match='lora_rank'):
-    train_lib.check_config(dataclasses.replace(cfg, lora_rank=0))
+    dataclasses.replace(cfg, lora_rank=0).check()
   with pytest.raises(ValueError, match='targets'):
-    train_lib.check_config(dataclasses.replace(cfg, lora_targets='q,ffn'))
+    dataclasses.replace(cfg, lora_targets='q,ffn').check()
 
 
 # ----------------------------------------------- 8 fake devices (subprocess)
@@ -261,7 +270,7 @@ def test_sharded_run_equals_one_device_and_resumes_on_one(
   """data=2 x fsdp=4 on 8 CPU devices == 1 device; its checkpoint resumes
   on 1 device (a mesh-changing restore inside the loop)."""
   kw = dict(batch_size=8, dtype='float32', optimizer='sgd', learning_rate=0.1)
-  ref = jax.device_get(train_lib.train_loop(
+  ref = jax.device_get(loop.train_loop(
       tiny_config(tmp_path / 'one', mtnt_dir, **kw)))
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   proc = run_cli(cli_args(tmp_path / 'eight', mtnt_dir, mesh_data=2,
@@ -269,7 +278,7 @@ def test_sharded_run_equals_one_device_and_resumes_on_one(
   out = proc.communicate(timeout=600)[0]
   assert proc.returncode == 0, out[-3000:]
   assert "8 device(s), mesh {'data': 2, 'fsdp': 4}" in out
-  eight = pretrained.load_dir(tmp_path / 'eight' / 'final').params
+  eight = weights.load_dir(tmp_path / 'eight' / 'final').params
   for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
   # Resume the 8-device run's step-2 checkpoint on this single device.
@@ -277,16 +286,64 @@ def test_sharded_run_equals_one_device_and_resumes_on_one(
   resumed = tmp_path / 'resumed'
   shutil.copytree(tmp_path / 'eight' / 'checkpoints', resumed / 'checkpoints')
   shutil.rmtree(resumed / 'checkpoints' / '4')
-  got = train_lib.train_loop(tiny_config(resumed, mtnt_dir, resume=True, **kw))
+  got = loop.train_loop(tiny_config(resumed, mtnt_dir, resume=True, **kw))
   for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
 
 
 def test_batch_must_split_over_the_mesh(tmp_path, mtnt_dir):
   cfg = tiny_config(tmp_path, mtnt_dir, batch_size=2, grad_accum_steps=2)
-  mesh = train_lib.sharding.make_mesh(train_lib.sharding.MeshConfig(1, 1))
-  train_lib.check_mesh(cfg, mesh)  # 1 row per micro-batch on 1 device: ok.
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1))
+  loop.check_mesh(cfg, mesh)  # 1 row per micro-batch on 1 device: ok.
   fake = type('M', (), {'shape': {'data': 2, 'fsdp': 1}})()
   with pytest.raises(ValueError, match=r'batch_size / grad_accum_steps = 1 '
                      r'rows does not split over the 2 devices'):
-    train_lib.check_mesh(cfg, fake)
+    loop.check_mesh(cfg, fake)
+
+
+# ----------------------------------------------- translation quality
+
+
+def _records(workdir, split):
+  import json
+  lines = (Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r['split'] == split]
+
+
+def _best(workdir):
+  import json
+  best = json.loads((Path(workdir) / 'best.json').read_text())
+  return {k: best[k] for k in ('step', 'bleu', 'bleu_intl', 'chrf', 'runaway')}
+
+
+BLEU_KW = dict(eval_bleu_every_n=2, eval_bleu_sentences=3,
+               eval_bleu_batch_size=4)
+
+
+def test_bleu_evaluation_keeps_the_best_and_resume_keeps_it(
+    tmp_path, mtnt_dir, xla_cache):
+  loop.train_loop(tiny_config(tmp_path / 'a', mtnt_dir, **BLEU_KW))
+  q = _records(tmp_path / 'a', 'valid_translation')
+  assert [r['step'] for r in q] == [0, 2, 4]
+  assert all({'bleu', 'bleu_intl', 'chrf', 'runaway'} <= set(r) for r in q)
+  top = max(q, key=lambda r: (r['chrf'], -r['step']))  # Ties: the first.
+  assert _best(tmp_path / 'a')['step'] == top['step']
+  assert _best(tmp_path / 'a')['chrf'] == top['chrf']
+  assert weights.load_dir(tmp_path / 'a' / 'best').arch == 'tiny'
+  # Stopped after step 2 and resumed: the same record of the best.
+  loop.train_loop(tiny_config(tmp_path / 'b', mtnt_dir, max_steps=2, **BLEU_KW))
+  loop.train_loop(tiny_config(tmp_path / 'b', mtnt_dir, resume=True, **BLEU_KW))
+  assert _best(tmp_path / 'b') == _best(tmp_path / 'a')
+
+
+def test_early_stop_after_patience(tmp_path, mtnt_dir, xla_cache, monkeypatch):
+  from gemma_mt.train import quality
+  chrfs = iter([30.0, 20.0, 25.0, 40.0])  # Best at step 0, then worse.
+  monkeypatch.setattr(quality.QualityTracker, 'score', lambda self, p: dict(
+      bleu=1.0, bleu_intl=1.0, chrf=next(chrfs), runaway=0, seconds=0.0))
+  cfg = tiny_config(tmp_path, mtnt_dir, early_stop_patience=2,
+                    eval_bleu_every_n=1, max_steps=4)
+  loop.train_loop(cfg)
+  assert [r['step'] for r in _records(tmp_path, 'valid_translation')] == [0, 1, 2]
+  assert _records(tmp_path, 'train')[-1]['step'] == 2
+  assert _best(tmp_path)['step'] == 0 and (tmp_path / 'final').is_dir()

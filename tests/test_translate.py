@@ -8,38 +8,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gemma_mt import data, json_api, model as M, translate as T
-
-CFG = M.TransformerConfig.tiny()  # The real tokenizer's 262144-id vocabulary.
-
-
-def tiny_params(seed=0):
-  tokens = jnp.ones((1, 4), jnp.int32)
-  mask = jnp.ones((1, 4), bool)
-  params = M.Transformer(CFG).init(jax.random.key(seed), tokens,
-                                   M.positions_from_mask(mask),
-                                   M.causal_mask(mask))['params']
-  # Larger weights: clear argmax gaps, not near-uniform logits.
-  return jax.tree.map(lambda x: x * 3 if x.ndim > 1 else x, params)
-
-
-def make_tiny_translator(tokenizer, **kw):
-  return T.Translator(CFG, tiny_params(), tokenizer, batch_size=4, **kw)
-
-
-def forcing(params, token: int):
-  """Params under which every step's argmax is `token`, whatever the input.
-
-  Column 0 of the (tied) embedding is large and positive, so the residual
-  stream's dim 0 is too; the final norm keeps only dim 0, so logits are
-  proportional to column 0, where `token` is largest.
-  """
-  table = params['embedder']['input_embedding']
-  table = table.at[:, 0].set(100.0).at[token, 0].set(200.0)
-  scale = jnp.full((CFG.embed_dim,), -1.0).at[0].set(0.0)
-  return {**params, 'embedder': {'input_embedding': table},
-          'final_norm': {'scale': scale}}
-
+from gemma_mt import cli as cli_lib
+from gemma_mt import data, json_api, postprocess, translate as T
+from gemma_mt.sampling import SamplingOptions
+from gemma_mt.translator import InputTooLongError, Translator
+from tiny import CFG, forcing, make_tiny_translator
 
 @pytest.fixture(scope='module')
 def tr(tokenizer):
@@ -76,20 +49,24 @@ def word_id(tokenizer, word):
     ('', 'Hi', (), '', False),
 ])
 def test_clean_translation(raw, source, stops, expected, cut):
-  assert T.clean_translation(raw, source, stops) == (expected, cut)
+  assert postprocess.clean_translation(raw, source, stops) == (expected, cut)
 
 
 def test_stop_token_ids_come_from_the_tokenizer(tokenizer):
-  ids = T.stop_token_ids(tokenizer)
+  ids = postprocess.stop_token_ids(tokenizer)
   assert {tokenizer.eos_id, 106, 107, 108, 248} <= set(ids)  # 248 = <0x0A>
   assert tokenizer.processor.EncodeAsIds('\n') == [107]
   assert word_id(tokenizer, 'Bonjour') not in ids
 
 
-def test_sampling_kwargs_greedy_unless_sampling_options():
-  assert T.sampling_kwargs(None, None, None, 0, 8)['temperature'] == 0.0
-  assert T.sampling_kwargs(None, 40, None, 0, 8)['temperature'] == 1.0
-  assert T.sampling_kwargs(0.3, None, 0.9, 0, 8)['temperature'] == 0.3
+def test_sampling_options_greedy_unless_sampling_options():
+  assert SamplingOptions().temperature == 0.0
+  assert SamplingOptions(top_k=40).temperature == 1.0
+  assert SamplingOptions(top_p=0.9, temperature=0.3).temperature == 0.3
+  args = T.parse_args(['x', '--top_k', '40', '--stop', 'a', '--stop', 'b'])
+  assert args.options == SamplingOptions(top_k=40, stop_sequences=('a', 'b'),
+                                         max_length_ratio=3.0)
+  assert T.parse_args(['x', '--max_length_ratio', '0']).options.max_length_ratio is None
 
 
 def test_split_lines_keeps_alignment():
@@ -141,7 +118,7 @@ def test_stop_rules_end_to_end(tr, tokenizer, forced):
 def test_over_long_inputs(tr, monkeypatch):
   monkeypatch.setattr(tr, 'max_input_tokens', 14)
   long_src = 'one two three four five six seven eight nine ten'
-  with pytest.raises(T.InputTooLongError, match=r'input 1 is \d+ tokens .* limit of 14'):
+  with pytest.raises(InputTooLongError, match=r'input 1 is \d+ tokens .* limit of 14'):
     tr.generate(['Hi', long_src], max_new_tokens=2)
   monkeypatch.setattr(tr, 'truncate', True)
   gen = tr.generate(['Hi', long_src], max_new_tokens=2)
@@ -157,7 +134,8 @@ def test_over_long_inputs(tr, monkeypatch):
     (dict(top_p=0.0), 'top_p'),
     (dict(top_p=1.5), 'top_p'),
     (dict(seed=-1), 'seed'),
-    (dict(max_length_ratio=0), 'max_length_ratio'),
+    (dict(max_length_ratio=-1), 'max_length_ratio'),
+    (dict(stop_sequences='END'), 'stop_sequences'),
 ])
 def test_option_validation(tr, kw, field):
   with pytest.raises(ValueError, match=field):
@@ -201,11 +179,10 @@ def test_json_request_errors(request_text, field):
 
 
 def test_json_defaults_and_sampling_implied():
-  kw = json_api.parse_request({'input_text': 'Hi'})
-  assert kw == dict(sources=['Hi'], temperature=0.0, top_k=None, top_p=None,
-                    max_new_tokens=256, seed=0, stop_sequences=[])
-  kw = json_api.parse_request({'input_text': ['a'], 'top_k': 40, 'top_p': 1})
-  assert (kw['temperature'], kw['top_k'], kw['top_p']) == (1.0, 40, None)
+  sources, opts = json_api.parse_request({'input_text': 'Hi'})
+  assert sources == ['Hi'] and opts == SamplingOptions()
+  _, opts = json_api.parse_request({'input_text': ['a'], 'top_k': 40, 'top_p': 1})
+  assert (opts.temperature, opts.top_k, opts.top_p) == (1.0, 40, None)
 
 
 def test_json_success_and_too_long(tr):
@@ -244,7 +221,7 @@ def test_jsonl_one_response_per_line_in_order(tr):
 # --- CLI ---------------------------------------------------------------------------
 @pytest.fixture
 def cli(tr, monkeypatch):
-  monkeypatch.setattr(T, 'build_translator', lambda args: tr)
+  monkeypatch.setattr(cli_lib, 'build_translator', lambda args: tr)
   def run(argv, stdin=b''):
     monkeypatch.setattr(sys, 'stdin', io.TextIOWrapper(io.BytesIO(stdin)))
     return T.main(argv)
@@ -271,10 +248,10 @@ def test_data_parallel_flag_builds_a_mesh(monkeypatch):
   """--data_parallel: a data-only mesh over the local devices (the 8-device
   decode itself is checked by tests/test_sampler_mesh.py)."""
   seen = []
-  monkeypatch.setattr(T.Translator, 'from_pretrained',
+  monkeypatch.setattr(Translator, 'from_pretrained',
                       lambda *a, **kw: seen.append(kw['mesh']) or 'tr')
-  assert T.build_translator(T.parse_args(['x'])) == 'tr'
-  assert T.build_translator(T.parse_args(['x', '--data_parallel'])) == 'tr'
+  assert cli_lib.build_translator(T.parse_args(['x'])) == 'tr'
+  assert cli_lib.build_translator(T.parse_args(['x', '--data_parallel'])) == 'tr'
   assert seen[0] is None
   n = jax.local_device_count()
   assert dict(seen[1].shape) == {'data': n, 'fsdp': 1}
@@ -297,5 +274,45 @@ def test_data_parallel_flag_builds_a_mesh(monkeypatch):
      'Bonjour, je suis Morgane.'),
 ])
 def test_cut_repetition(text, source, expected):
-  assert T.cut_repetition(text, source) == expected
-  assert T.clean_translation(text, source)[0] == expected
+  assert postprocess.cut_repetition(text, source) == expected
+  assert postprocess.clean_translation(text, source)[0] == expected
+
+
+# --- Beam search and MBR through the Translator, CLI and JSON ----------------------
+def test_beam_and_mbr_through_the_translator(tr):
+  sources = ['Hello', 'Cats are nice']
+  greedy = tr.translate(sources, max_new_tokens=4)
+  assert tr.translate(sources, max_new_tokens=4, beam_size=1) == greedy
+  beam = tr.translate_detailed(sources, max_new_tokens=4, beam_size=3,
+                               length_penalty=0.6)
+  for t in beam:
+    assert len(t.candidates) == 3 and t.text == t.candidates[0]
+  gen = tr.generate(sources, max_new_tokens=4, beam_size=3)
+  for nbest in gen.nbest:
+    assert [h.score for h in nbest] == sorted((h.score for h in nbest),
+                                              reverse=True)
+  mbr = tr.translate_detailed(sources, max_new_tokens=4, mbr=3)
+  from gemma_mt import mbr as mbr_lib
+  for t in mbr:
+    assert t.text == t.candidates[mbr_lib.mbr_select(t.candidates)]
+  with pytest.raises(ValueError, match='beam_size'):
+    tr.translate(sources, beam_size=2, temperature=0.5)
+
+
+def test_beam_options_in_json_and_cli(tr, cli, capfd):
+  ok = json_api.handle_request(tr, {'input_text': 'Hi', 'max_tokens': 3,
+                                    'beam_size': 2, 'length_penalty': 0.5})
+  assert ok['status'] == 'SUCCESS'
+  assert ok['translations'] == tr.translate(['Hi'], max_new_tokens=3,
+                                            beam_size=2, length_penalty=0.5,
+                                            max_length_ratio=None)
+  for bad, field in (({'beam_size': 0}, 'beam_size'),
+                     ({'beam_size': 99}, 'beam_size'),
+                     ({'length_penalty': -1}, 'length_penalty'),
+                     ({'mbr': 2.5}, 'mbr'),
+                     ({'beam_size': 2, 'temperature': 0.7}, 'beam_size')):
+    r = json_api.handle_request(None, {'input_text': 'Hi', **bad})
+    assert r['status'] == 'FAIL' and field in r['error'], (bad, r)
+  assert cli(['Hi', '--max_new_tokens', '3', '--beam_size', '2',
+              '--length_penalty', '0.5', '--max_length_ratio', '0']) == 0
+  assert capfd.readouterr().out.splitlines() == ok['translations']

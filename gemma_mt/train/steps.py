@@ -1,8 +1,9 @@
 """Optimizers and the jitted train / validation steps.
 
-`make_train_step` returns `step(params, opt_state, batch) -> (params,
-opt_state, metrics)`, jitted with params and optimizer state donated (the
-update happens in place, so peak memory is one copy of each). It only calls
+`make_train_step` returns `step(state, batch) -> (state, metrics)` over a
+`TrainState`, jitted with params and optimizer state donated (the update
+happens in place, so peak memory is one copy of each); LoRA's frozen base
+rides along in the state, never donated or updated. It only calls
 `jax.jit`: shardings can be passed through, or the inputs can simply arrive
 already sharded (a data/FSDP mesh) and jit follows them.
 
@@ -21,37 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gemma_mt import loss as loss_lib
-
-OPTIMIZERS = ('sgd', 'adamw', 'adafactor')
-
-
-def make_optimizer(config: Any) -> optax.GradientTransformation:
-  """From a `TrainingConfig` (or anything with its optimizer fields).
-
-  Default: plain SGD at `learning_rate` (the tutorial's 1e-4). `grad_clip`
-  > 0 adds global-norm clipping first; `warmup_steps` a linear warm-up.
-  """
-  name = getattr(config, 'optimizer', 'sgd')
-  lr = getattr(config, 'learning_rate', 1e-4)
-  warmup = getattr(config, 'warmup_steps', 0) or 0
-  if warmup:
-    lr = optax.linear_schedule(0.0, lr, warmup)
-  wd = getattr(config, 'weight_decay', 0.0) or 0.0
-  if name == 'sgd':
-    opt = optax.sgd(lr)
-    if wd:
-      opt = optax.chain(optax.add_decayed_weights(wd), opt)
-  elif name == 'adamw':
-    opt = optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=wd)
-  elif name == 'adafactor':
-    opt = optax.adafactor(lr, weight_decay_rate=wd or None)
-  else:
-    raise ValueError(f'unknown optimizer {name!r}; choose one of {OPTIMIZERS}')
-  clip = getattr(config, 'grad_clip', None)
-  if clip:
-    opt = optax.chain(optax.clip_by_global_norm(clip), opt)
-  return opt
+from gemma_mt import lora
+from gemma_mt.train import loss as loss_lib
+from gemma_mt.train.state import TrainState
 
 
 def global_norm(tree) -> jax.Array:
@@ -82,7 +55,6 @@ def full_params(params, frozen=None):
   """The tree the model applies: `params`, plus the frozen part if any."""
   if frozen is None:
     return params
-  from gemma_mt import lora
   return lora.combine(frozen, params)
 
 
@@ -128,20 +100,22 @@ def make_grad_fn(model, *, grad_accum_steps: int = 1, pad_id: int = 0,
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *,
                     grad_accum_steps: int = 1, pad_id: int = 0,
-                    chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE,
-                    in_shardings=None, out_shardings=None, donate: bool = True,
-                    mesh=None):
-  """Jitted `train_step(params, opt_state, batch, frozen=None)`.
+                    chunk_size: int | None = None, in_shardings=None,
+                    out_shardings=None, donate: bool = True, mesh=None):
+  """`train_step(state, batch) -> (state, metrics)`.
 
-  params and opt_state are donated. For LoRA, `params` are the adapters and
-  `frozen` the base weights (not donated, never updated). metrics: loss
-  (mean over the batch's target tokens, before the update), grad_norm,
-  num_target_tokens, num_tokens.
+  The jitted core is `train_step.jitted(params, opt_state, batch, frozen)`
+  (params and opt_state donated; `in_shardings` / `out_shardings` are its
+  own). For LoRA, `state.params` are the adapters and `state.frozen` the
+  base weights. metrics: loss (mean over the batch's target tokens, before
+  the update), grad_norm, num_target_tokens, num_tokens.
   """
   grad_fn = make_grad_fn(model, grad_accum_steps=grad_accum_steps,
-                         pad_id=pad_id, chunk_size=chunk_size, mesh=mesh)
+                         pad_id=pad_id,
+                         chunk_size=chunk_size or loss_lib.DEFAULT_CHUNK_SIZE,
+                         mesh=mesh)
 
-  def train_step(params, opt_state, batch, frozen=None):
+  def step(params, opt_state, batch, frozen=None):
     loss, aux, grads = grad_fn(params, batch, frozen)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -150,23 +124,33 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
                'num_tokens': aux['num_tokens']}
     return params, opt_state, metrics
 
-  return _jit(train_step, (0, 1) if donate else (), in_shardings,
-              out_shardings)
+  jitted = _jit(step, (0, 1) if donate else (), in_shardings, out_shardings)
+
+  def train_step(state: TrainState, batch):
+    frozen = () if state.frozen is None else (state.frozen,)
+    params, opt_state, metrics = jitted(state.params, state.opt_state, batch,
+                                        *frozen)
+    return state.replace(params=params, opt_state=opt_state), metrics
+
+  train_step.jitted = jitted
+  return train_step
 
 
 def make_validation_step(model, *, pad_id: int = 0,
-                         chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE,
-                         in_shardings=None, out_shardings=None):
-  """Jitted `validation_step(params, batch, frozen=None) -> aux`.
-
-  aux holds loss_sum and the token counts.
+                         chunk_size: int | None = None):
+  """`validation_step(state, batch) -> aux` (loss_sum and token counts).
 
   Sum `loss_sum` and `num_target_tokens` over batches, then divide: the
   validation loss is per target token over the whole split.
   """
+  chunk_size = chunk_size or loss_lib.DEFAULT_CHUNK_SIZE
 
-  def validation_step(params, batch, frozen=None):
+  @jax.jit
+  def jitted(params, batch, frozen=None):
     return loss_lib.loss_sum_fn(full_params(params, frozen), model, batch,
                                 pad_id=pad_id, chunk_size=chunk_size)[1]
 
-  return _jit(validation_step, (), in_shardings, out_shardings)
+  def validation_step(state: TrainState, batch):
+    return jitted(state.params, batch, state.frozen)
+
+  return validation_step

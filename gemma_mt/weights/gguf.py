@@ -1,8 +1,11 @@
-"""Gemma 3 GGUF (llama.cpp) -> official Flax parameter tree, as numpy.
+"""Gemma 3 GGUF (llama.cpp) files: weights and tokenizer, one reader.
 
 The embedded default model ships as a Q4_K_M GGUF (see
-shared/notes/gguf-gemma3-270m.md); this dequantizes it into the exact tree of
-`gemma.gm.nn.Gemma3_*` so every other module only ever sees official params.
+shared/notes/gguf-gemma3-270m.md). `params_from_gguf` dequantizes it into the
+exact tree of `gemma.gm.nn.Gemma3_*`, so every other module only ever sees
+official params; `tokenizer_from_gguf` rebuilds the SentencePiece model from
+the same file's metadata. Every problem with a file is a `GGUFError` naming
+the file and the field.
 """
 
 from __future__ import annotations
@@ -13,17 +16,21 @@ from typing import Any, Mapping
 
 import numpy as np
 
-# The dims of google/gemma-3-270m, as GGUF metadata fields (without the
-# `gemma3.` prefix) -> value. Used to reject a GGUF of another size early.
-GEMMA3_270M_FIELDS: dict[str, int] = {
-  "block_count": 18,
-  "embedding_length": 640,
-  "feed_forward_length": 2048,
-  "attention.head_count": 4,
-  "attention.head_count_kv": 1,
-  "attention.key_length": 256,
-}
-GEMMA3_270M_VOCAB = 262_144
+from gemma_mt.model import TransformerConfig
+from gemma_mt.tokenizer import GemmaTokenizer
+
+# GGUF metadata fields (without the `gemma3.` prefix) that fix the dims.
+_DIM_FIELDS = ("block_count", "embedding_length", "feed_forward_length",
+               "attention.head_count", "attention.head_count_kv",
+               "attention.key_length")
+
+
+def expected_fields(config: TransformerConfig) -> dict[str, int]:
+  """The metadata values a GGUF of `config`'s size holds (to reject others)."""
+  return dict(zip(_DIM_FIELDS, (
+    config.num_layers, config.embed_dim, config.hidden_dim, config.num_heads,
+    config.num_kv_heads, config.head_dim)))
+
 
 # Dequantize big tensors this many rows at a time, so the float32 temporaries
 # of `gguf.quants.dequantize` stay small next to the output array.
@@ -41,6 +48,19 @@ class GGUFError(ValueError):
   """The GGUF file is not a Gemma 3 checkpoint of the expected shape."""
 
 
+def open_reader(path: str | os.PathLike) -> Any:
+  """A `gguf.GGUFReader` of `path`; GGUFError if it is missing or corrupt."""
+  import gguf  # Imported here: only GGUF files need it.
+
+  path = Path(path)
+  if not path.is_file():
+    raise GGUFError(f"GGUF file not found: {path}")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # gguf raises bare ValueErrors / struct errors.
+    raise GGUFError(f"{path}: not a readable GGUF file ({e})") from e
+
+
 def read_metadata(reader: Any, path: str | os.PathLike) -> dict[str, Any]:
   """Returns the architecture + dims, raising a GGUFError naming the field."""
   def field(name: str) -> Any:
@@ -55,7 +75,7 @@ def read_metadata(reader: Any, path: str | os.PathLike) -> dict[str, Any]:
       f"{path}: GGUF metadata field 'general.architecture' is {arch!r}, "
       "expected 'gemma3'"
     )
-  meta = {k: int(field(f"gemma3.{k}")) for k in GEMMA3_270M_FIELDS}
+  meta = {k: int(field(f"gemma3.{k}")) for k in _DIM_FIELDS}
   meta["architecture"] = arch
   return meta
 
@@ -81,19 +101,14 @@ def params_from_gguf(
 
   Tensors are dequantized one at a time (big ones in row chunks) straight
   into `dtype`, so peak memory is about the output size plus one chunk.
-  `expect` (e.g. GEMMA3_270M_FIELDS) pins the dims; without it any gemma3
+  `expect` (`expected_fields(config)`) pins the dims; without it any gemma3
   size is accepted.
   """
-  import gguf  # Imported here: only the conversion needs it.
+  import gguf
 
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"GGUF file not found: {path}")
+  reader = open_reader(path)
   dtype = np.dtype(dtype)
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:  # Corrupt / not a GGUF at all.
-    raise GGUFError(f"{path}: not a readable GGUF file ({e})") from e
   meta = read_metadata(reader, path)
   if expect:
     check_metadata(meta, expect, path)
@@ -171,3 +186,66 @@ def params_from_gguf(
       layer[flax_name] = norm(b + gguf_name, d)
     params[f"layer_{i}"] = layer
   return params
+
+
+def tokenizer_proto_from_gguf(path: str | os.PathLike) -> bytes:
+  """Gemma's SentencePiece ModelProto, rebuilt from GGUF tokenizer metadata."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+
+  reader = open_reader(path)
+
+  def field(name):
+    f = reader.fields.get(name)
+    if f is None:
+      raise GGUFError(f"{path}: GGUF metadata field {name!r} is missing")
+    return f
+
+  def scalar(name):
+    f = field(name)
+    return f.parts[f.data[0]].tolist()[0]
+
+  model = bytes(field("tokenizer.ggml.model").parts[-1]).decode()
+  if model != "llama":
+    raise GGUFError(
+      f"{path}: GGUF metadata field 'tokenizer.ggml.model' is {model!r}, "
+      "not SentencePiece ('llama')"
+    )
+  tokens_f = field("tokenizer.ggml.tokens")
+  tokens = [bytes(tokens_f.parts[i]).decode("utf-8") for i in tokens_f.data]
+  scores_f = field("tokenizer.ggml.scores")
+  scores = np.concatenate([scores_f.parts[i] for i in scores_f.data]).tolist()
+  types_f = field("tokenizer.ggml.token_type")
+  types = np.concatenate([types_f.parts[i] for i in types_f.data]).tolist()
+  bos = scalar("tokenizer.ggml.bos_token_id")
+  eos = scalar("tokenizer.ggml.eos_token_id")
+  unk = scalar("tokenizer.ggml.unknown_token_id")
+  pad = scalar("tokenizer.ggml.padding_token_id")
+
+  proto = pb.ModelProto()
+  for i, (piece, score, type_) in enumerate(zip(tokens, scores, types)):
+    p = proto.pieces.add()
+    p.piece, p.score = piece, score
+    # GGUF token types use SentencePiece's enum values (1 normal, 3 control,
+    # 4 user-defined, 6 byte); none is marked unknown, but SentencePiece
+    # refuses a model without one.
+    p.type = pb.ModelProto.SentencePiece.UNKNOWN if i == unk else type_
+  ts = proto.trainer_spec
+  ts.model_type = pb.TrainerSpec.BPE
+  ts.vocab_size = len(tokens)
+  ts.byte_fallback = True
+  ts.split_digits = True
+  # Without the piece names bos_id()/eos_id() return -1.
+  ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = unk, bos, eos, pad
+  ts.unk_piece, ts.bos_piece = tokens[unk], tokens[bos]
+  ts.eos_piece, ts.pad_piece = tokens[eos], tokens[pad]
+  ns = proto.normalizer_spec
+  ns.name = "identity"
+  ns.add_dummy_prefix = False
+  ns.remove_extra_whitespaces = False
+  ns.escape_whitespaces = True
+  return proto.SerializeToString()
+
+
+def tokenizer_from_gguf(path: str | os.PathLike) -> GemmaTokenizer:
+  """The `GemmaTokenizer` stored in a GGUF file's metadata."""
+  return GemmaTokenizer.from_serialized(tokenizer_proto_from_gguf(path))

@@ -1,0 +1,220 @@
+"""What every command line shares: flags derived from dataclass fields, the
+model/translator flags, and one error handler.
+
+`add_fields` turns a dataclass (`TrainingConfig`, `SamplingOptions`) into
+argparse flags, one per field, typed from the annotation, with the field's
+trailing comment as its help: a field is declared once and every CLI gets it
+the same way. `main_guard` turns an expected error into one `error: ...`
+line and exit status 2; `--debug` (or GEMMA_MT_DEBUG=1) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+DEBUG_ENV = 'GEMMA_MT_DEBUG'
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse, but a bad flag is one line (not usage + error) and exit 2."""
+
+  def __init__(self, *args, **kw):
+    kw.setdefault('allow_abbrev', False)
+    super().__init__(*args, **kw)
+
+  def error(self, message):
+    self.exit(2, f'error: {message} (see {self.prog} --help)\n')
+
+
+# ------------------------------------------------------- flags from fields
+
+
+@functools.cache
+def field_comments(cls) -> dict[str, str]:
+  """{field: its trailing `# comment`} from the class source."""
+  try:
+    src = inspect.getsource(cls)
+  except (OSError, TypeError):
+    return {}
+  pat = re.compile(r'^\s+(\w+):[^#\n]*#\s*(.+)$', re.MULTILINE)
+  return {m[1]: m[2].strip() for m in pat.finditer(src)}
+
+
+def parse_bool(text: str) -> bool:
+  t = text.lower()
+  if t in ('1', 'true', 'yes', 'on'):
+    return True
+  if t in ('0', 'false', 'no', 'off'):
+    return False
+  raise argparse.ArgumentTypeError(f'expects true/false, got {text!r}')
+
+
+def _scalar(tp) -> Callable[[str], object]:
+  def parse(text: str):
+    try:
+      return tp(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f'expects {tp.__name__}, got {text!r}') from None
+  return parse
+
+
+def _optional(parse):
+  def parse_opt(text: str):
+    return None if text.lower() in ('none', 'null', '') else parse(text)
+  return parse_opt
+
+
+def _flag_kwargs(tp) -> dict:
+  """argparse kwargs for a field annotation: bool, int, float, str,
+  `X | None`, or `tuple[str, ...]` (a repeatable flag)."""
+  optional = False
+  if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional, tp = len(args) < len(typing.get_args(tp)), args[0]
+  if typing.get_origin(tp) is tuple:
+    return dict(action='append', type=typing.get_args(tp)[0])
+  if tp is bool:
+    return dict(nargs='?', const=True, type=parse_bool, metavar='BOOL')
+  parse = _scalar(tp)
+  return dict(type=_optional(parse) if optional else parse,
+              metavar=tp.__name__.upper())
+
+
+def add_fields(parser: argparse.ArgumentParser, cls, *,
+               defaults: dict | None = None, only_given: bool = False,
+               skip: tuple[str, ...] = ()) -> None:
+  """One `--field` per dataclass field of `cls`.
+
+  only_given: flags not on the command line leave no attribute (so they
+  can override a config file's values); else `defaults` or the field's
+  default.
+  """
+  hints = typing.get_type_hints(cls)
+  comments = field_comments(cls)
+  aliases = getattr(cls, 'FLAG_ALIASES', {})
+  defaults = defaults or {}
+  for f in dataclasses.fields(cls):
+    if f.name in skip:
+      continue
+    default = defaults.get(f.name, f.default)
+    kw = _flag_kwargs(hints[f.name])
+    help_ = comments.get(f.name, '')
+    if only_given:
+      kw['default'] = argparse.SUPPRESS
+      help_ += f' (default {default!r})'
+    else:
+      kw['default'] = default
+    flags = [f'--{f.name}'] + ([aliases[f.name]] if f.name in aliases else [])
+    parser.add_argument(*flags, dest=f.name, help=help_.strip(), **kw)
+
+
+def from_args(cls, args: argparse.Namespace, base=None, **extra):
+  """`cls` (or `base` replaced) from the fields present in `args`."""
+  given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+           if hasattr(args, f.name)}
+  given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+  given.update(extra)
+  return dataclasses.replace(base, **given) if base is not None else cls(**given)
+
+
+# ------------------------------------------------- translation commands
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  """Which model and how to run it (translate, evaluate)."""
+  from gemma_mt.translator import DEFAULT_MAX_INPUT_TOKENS
+  p.add_argument('--checkpoint', default=None,
+                 help='fine-tuned checkpoint dir (default: the base model)')
+  p.add_argument('--model', default='gemma3_270m',
+                 help='released model name, or the arch of --checkpoint')
+  p.add_argument('--lang_pair', default='en-fr')
+  p.add_argument('--batch_size', type=int, default=32)
+  p.add_argument('--max_input_tokens', type=int,
+                 default=DEFAULT_MAX_INPUT_TOKENS)
+  p.add_argument('--truncate', action='store_true',
+                 help='cut over-long sources instead of failing')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
+                 help='compute dtype (default: float32 on CPU, else bfloat16)')
+  p.add_argument('--data_parallel', action='store_true',
+                 help='split each batch over all local devices (params '
+                      'replicated); --batch_size should be a multiple of '
+                      'the device count')
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+  """`SamplingOptions` as flags; the CLI caps runaways by default."""
+  from gemma_mt.sampling import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
+  add_fields(p, SamplingOptions,
+             defaults={'max_length_ratio': DEFAULT_MAX_LENGTH_RATIO,
+                       'stop_sequences': None})
+
+
+def sampling_options(args: argparse.Namespace):
+  from gemma_mt.sampling import SamplingOptions
+  opts = dict(stop_sequences=tuple(args.stop_sequences or ()))
+  return from_args(SamplingOptions, args, **opts)
+
+
+def build_translator(args):
+  import time
+
+  import jax
+  import jax.numpy as jnp
+
+  from gemma_mt import sharding
+  from gemma_mt.translator import Translator
+  t0 = time.time()
+  dtype = None if args.dtype is None else jnp.dtype(args.dtype)
+  mesh = None
+  if getattr(args, 'data_parallel', False):
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1),
+                              devices=jax.local_devices())
+    n = mesh.devices.size
+    log.info('data parallel over %d devices', n)
+    if args.batch_size % n:
+      log.warning('--batch_size %d is not a multiple of %d devices: batches '
+                  'that do not split run replicated', args.batch_size, n)
+  translator = Translator.from_pretrained(
+      args.model, args.checkpoint, lang_pair=args.lang_pair, dtype=dtype,
+      batch_size=args.batch_size, max_input_tokens=args.max_input_tokens,
+      truncate=args.truncate, mesh=mesh, progress=True)
+  log.info('loaded %s in %.1fs', args.checkpoint or args.model,
+           time.time() - t0)
+  return translator
+
+
+# ---------------------------------------------------------------- errors
+
+
+def main_guard(fn: Callable[[list[str] | None], int],
+               argv: list[str] | None = None) -> int:
+  """Runs a CLI main; an expected error becomes one line and exit 2."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  debug = '--debug' in argv or os.environ.get(DEBUG_ENV, '') not in ('', '0')
+  argv = [a for a in argv if a != '--debug']
+  logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                      format='%(asctime)s %(name)s: %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty.
+  try:
+    return fn(argv)
+  except SystemExit as e:  # argparse: --help (0) or a bad flag (2).
+    return e.code if isinstance(e.code, int) else 2
+  except (ValueError, OSError, RuntimeError, KeyError) as e:
+    if debug:
+      raise
+    msg = str(e).strip() or type(e).__name__
+    print(f'error: {msg}', file=sys.stderr)
+    return 2

@@ -1,0 +1,152 @@
+"""`TrainingConfig`: every field of a run, declared once.
+
+Config files (`configs/*.py`) return one from `get_config()`; every field is
+also a `--flag` of `python -m gemma_mt.train` (`cli.add_fields`), whose help
+is the comment beside the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from gemma_mt import lora
+
+OPTIMIZERS = ('sgd', 'adamw', 'adafactor')
+SCHEDULES = ('constant', 'cosine', 'linear')
+SELECT_BY = ('chrf', 'bleu')
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+  """Everything a run needs; every field can be overridden with --field=value."""
+
+  # Model.
+  model: str = 'gemma3_270m'        # a weights.MODELS name, or 'tiny'
+  checkpoint: str | None = None     # init from this dir instead of `model`
+  init: str = 'pretrained'          # 'pretrained' or 'random' (tests, smoke)
+  dtype: str = 'bfloat16'           # compute dtype
+  param_dtype: str = 'float32'      # master weights; 'bfloat16' = pure bf16
+  attention_impl: str = 'einsum'    # 'einsum', 'jax' or 'cudnn'
+  remat: bool = False               # recompute blocks in the backward pass
+  # LoRA / QLoRA (lora_rank > 0): the base is frozen, adapters train.
+  lora_rank: int = 0                # 0 = full fine-tune
+  lora_alpha: float = 16.0          # adapters scaled by alpha / rank
+  lora_targets: str = 'q,kv,o,gate_up,down'  # subset of lora.TARGETS
+  lora_quant: str | None = None     # QLoRA: 'int8' or 'int4' frozen base
+  # Devices: a ('data', 'fsdp') mesh over all devices; -1 = the rest.
+  mesh_data: int = -1               # data-parallel axis size
+  mesh_fsdp: int = 1                # FSDP axis size (params sharded)
+  # Data.
+  source: str | None = None         # 'tfds' or 'dir'; default from mtnt_dir
+  mtnt_dir: str | None = None       # extracted MTNT release dir
+  lang_pair: str = 'en-fr'          # MTNT pair
+  max_seq_len: int = 128            # tokens per row (longer pairs dropped)
+  truncate: bool = False            # cut long pairs instead of dropping them
+  packing: bool = False             # several pairs per row (segment ids)
+  batch_size: int = 4               # rows per optimizer update
+  eval_batch_size: int | None = None  # default: batch_size
+  num_epochs: int = 1               # passes over the training split
+  max_steps: int | None = None      # stop after this many updates
+  # Optimizer.
+  optimizer: str = 'sgd'            # 'sgd', 'adamw' or 'adafactor'
+  learning_rate: float = 1e-4       # peak learning rate
+  lr_schedule: str = 'constant'     # after warm-up: 'constant', 'cosine' or 'linear' decay to 0
+  warmup_steps: int = 0             # linear warm-up from 0
+  weight_decay: float = 0.0         # decoupled weight decay
+  grad_clip: float | None = None    # global-norm clipping
+  grad_accum_steps: int = 1         # micro-batches per update (same math)
+  loss_chunk_size: int | None = None  # rows of [rows, vocab] logits at a time; None: the loss's default
+  # Loop and outputs.
+  workdir: str = 'runs/mtnt'        # metrics, checkpoints, final/
+  eval_every_n: int = 20            # validation loss every N steps (0: never)
+  eval_max_batches: int | None = None  # validation batches per evaluation
+  eval_bleu_every_n: int = 0        # translate valid and score BLEU/chrF every N steps (0: never)
+  eval_bleu_sentences: int | None = None  # first N valid pairs (None: all of them)
+  eval_bleu_batch_size: int = 64    # sentences per translation batch
+  select_by: str = 'chrf'           # keep workdir/best by 'chrf' or 'bleu'
+  early_stop_patience: int = 0      # stop after N BLEU evaluations without a new best (0: never)
+  log_every_n: int = 10             # train metrics every N steps
+  checkpoint_every_n: int = 100     # checkpoint every N steps
+  keep_checkpoints: int = 2         # newest checkpoints kept
+  resume: bool = False              # continue from the newest checkpoint
+  seed: int = 0                     # data order, init, dropout
+  progress: bool = True             # a tqdm progress bar
+
+  def lora_config(self) -> lora.LoraConfig | None:
+    if self.lora_rank <= 0:
+      return None
+    targets = tuple(t.strip() for t in self.lora_targets.split(',') if t.strip())
+    return lora.LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha,
+                           targets=targets, quant=self.lora_quant)
+
+  def check(self) -> None:
+    """Raises ValueError naming the first bad field (before anything loads)."""
+    positive = ('batch_size', 'grad_accum_steps', 'max_seq_len', 'num_epochs',
+                'log_every_n', 'checkpoint_every_n', 'keep_checkpoints')
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f'--{name} must be >= 1, got {getattr(self, name)}')
+    for name in ('eval_batch_size', 'max_steps', 'eval_max_batches',
+                 'loss_chunk_size', 'eval_bleu_sentences',
+                 'eval_bleu_batch_size'):
+      v = getattr(self, name)
+      if v is not None and v < 1:
+        raise ValueError(f'--{name} must be >= 1 (or none), got {v}')
+    for name in ('eval_every_n', 'warmup_steps', 'lora_rank',
+                 'eval_bleu_every_n', 'early_stop_patience'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'--{name} must be >= 0, got {getattr(self, name)}')
+    if not self.learning_rate > 0:
+      raise ValueError(f'--learning_rate must be > 0, got {self.learning_rate}')
+    if self.weight_decay < 0:
+      raise ValueError(f'--weight_decay must be >= 0, got {self.weight_decay}')
+    if self.batch_size % self.grad_accum_steps:
+      raise ValueError(f'batch_size={self.batch_size} is not a multiple of '
+                       f'grad_accum_steps={self.grad_accum_steps}')
+    if self.lora_quant and self.lora_rank <= 0:
+      raise ValueError('lora_quant needs lora_rank > 0')
+    self.lora_config()  # Raises on bad targets / quant.
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f'--optimizer must be one of {OPTIMIZERS}, got '
+                       f'{self.optimizer!r}')
+    if self.lr_schedule not in SCHEDULES:
+      raise ValueError(f'--lr_schedule must be one of {SCHEDULES}, got '
+                       f'{self.lr_schedule!r}')
+    if self.select_by not in SELECT_BY:
+      raise ValueError(f'--select_by must be one of {SELECT_BY}, got '
+                       f'{self.select_by!r}')
+    if self.early_stop_patience and not self.eval_bleu_every_n:
+      raise ValueError('--early_stop_patience needs --eval_bleu_every_n > 0')
+    if self.init not in ('pretrained', 'random'):
+      raise ValueError(f"--init must be 'pretrained' or 'random', got "
+                       f'{self.init!r}')
+    for name in ('dtype', 'param_dtype'):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(f'--{name}: unknown dtype '
+                         f'{getattr(self, name)!r}') from None
+
+
+def load_config_file(path: str | Path) -> TrainingConfig:
+  """A python file with `get_config() -> TrainingConfig`."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'config file not found: {path}')
+  spec = importlib.util.spec_from_file_location(f'_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # A syntax error or failing import in the file.
+    raise ValueError(f'config file {path}: {type(e).__name__}: {e}') from None
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'{path} defines no get_config()')
+  config = module.get_config()
+  if not isinstance(config, TrainingConfig):
+    raise ValueError(f'{path}: get_config() returned a '
+                     f'{type(config).__name__}, not a TrainingConfig')
+  return config

@@ -1,0 +1,279 @@
+"""The training loop: data, steps, validation, checkpoints, the final model.
+
+As in Google's tutorial: validation loss before the first step, then train
+and validation loss every `eval_every_n` steps. On top: metrics in
+`workdir/metrics.jsonl` and TensorBoard, a loss-curve PNG, orbax checkpoints
+every `checkpoint_every_n` steps that `--resume` continues from with the
+same data order (so a killed and resumed run ends with the same params as an
+uninterrupted one), a stop with the step number on a NaN/inf loss, and the
+final params in `workdir/final` in the format the translation tools load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from gemma_mt import lora, packing, sharding, weights
+from gemma_mt.data import MTNTDatasetBuilder, prefetch_to_device
+from gemma_mt.train import checkpoints, metrics, steps
+from gemma_mt.train.config import TrainingConfig
+from gemma_mt.train.quality import QualityTracker
+from gemma_mt.train.state import (TrainState, init_model, init_train,
+                                  lora_base_dir)
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(FloatingPointError):
+  """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+def make_data(config: TrainingConfig, tokenizer):
+  """(builder, train iterator factory(start_step), total steps)."""
+  builder = MTNTDatasetBuilder(
+      tokenizer, config.max_seq_len, source=config.source,
+      mtnt_dir=config.mtnt_dir, lang_pair=config.lang_pair, seed=config.seed,
+      truncate=config.truncate)
+  if config.packing:
+    data = builder.encode_split('train')
+    kw = dict(pad_id=tokenizer.pad_id, seed=config.seed)
+    plans = [packing.epoch_plan(data, config.batch_size, config.max_seq_len,
+                                epoch=e, **kw)
+             for e in range(config.num_epochs)]
+    total = sum(map(len, plans))
+    train = lambda start: packing.packed_batches(
+        data, config.batch_size, config.max_seq_len,
+        num_epochs=config.num_epochs, start_step=start, plans=plans, **kw)
+  else:
+    total = builder.steps_per_epoch(config.batch_size) * config.num_epochs
+    train = lambda start: builder.get_train_dataset(
+        config.batch_size, config.num_epochs, start_step=start)
+  if config.max_steps is not None:
+    total = min(total, config.max_steps)
+  return builder, train, total
+
+
+def check_mesh(config: TrainingConfig, mesh) -> None:
+  """Every batch (and micro-batch) must split evenly over the devices."""
+  n = sharding.num_batch_shards(mesh)
+  micro = config.batch_size // config.grad_accum_steps
+  eval_bs = config.eval_batch_size or config.batch_size
+  for name, rows in (('batch_size / grad_accum_steps', micro),
+                     ('eval_batch_size', eval_bs)):
+    if rows % n:
+      raise ValueError(f'{name} = {rows} rows does not split over the {n} '
+                       f'devices of mesh {dict(mesh.shape)}')
+
+
+def validation_loss(validation_step, state: TrainState, batches) -> float:
+  """Validation loss per target token over `batches`."""
+  loss_sum, count = 0.0, 0
+  for batch in batches:
+    aux = jax.device_get(validation_step(state, batch))
+    loss_sum += float(aux['loss_sum'])
+    count += int(aux['num_target_tokens'])
+  return loss_sum / max(count, 1)
+
+
+def check_finite(step: int, m: dict, last_good: int | None,
+                 ckpt_dir: Path) -> None:
+  loss, gnorm = float(m['loss']), float(m['grad_norm'])
+  if not (math.isfinite(loss) and math.isfinite(gnorm)):
+    kept = (f'last good checkpoint: step {last_good} in {ckpt_dir} '
+            '(resume with --resume)' if last_good is not None
+            else 'no checkpoint was written')
+    raise TrainingDivergedError(
+        f'non-finite training loss at step {step} (loss={loss}, '
+        f'grad_norm={gnorm}); stopped without saving this state; {kept}')
+
+
+class _Window:
+  """Train metrics since the last log line: loss per target token,
+  tokens/s, and the fraction of time spent waiting for the input pipeline
+  (prefetch keeps it near zero; if it grows, the device starves)."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.loss_sum, self.targets, self.tokens, self.wait = 0.0, 0, 0, 0.0
+    self.t0 = time.time()
+
+  def add(self, m: dict):
+    self.loss_sum += float(m['loss']) * int(m['num_target_tokens'])
+    self.targets += int(m['num_target_tokens'])
+    self.tokens += int(m['num_tokens'])
+
+  def summary(self, m: dict) -> dict:
+    dt = max(time.time() - self.t0, 1e-9)
+    return dict(loss=self.loss_sum / max(self.targets, 1),
+                grad_norm=float(m['grad_norm']), tokens_per_s=self.tokens / dt,
+                input_wait_frac=self.wait / dt)
+
+
+def train_loop(config: TrainingConfig) -> Any:
+  """Runs (or resumes) training; returns the final params."""
+  config.check()
+  workdir = Path(config.workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(
+      json.dumps(dataclasses.asdict(config), indent=2) + '\n')
+
+  mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh_data,
+                                                 config.mesh_fsdp))
+  check_mesh(config, mesh)
+  loaded = init_model(config)
+  tokenizer, arch = loaded[2], loaded[3]
+  builder, train_data, total = make_data(config, tokenizer)
+  setup = init_train(config, mesh, total, loaded)  # Schedule ends at total.
+  state = setup.state
+  mngr = checkpoints.checkpoint_manager(config)
+  ckpt_dir = workdir / 'checkpoints'
+  start = 0
+  latest = mngr.latest_step()
+  if latest is not None:
+    if not config.resume:
+      raise ValueError(f'{ckpt_dir} already holds checkpoints (latest step '
+                       f'{latest}); pass --resume or use another --workdir')
+    state, start = checkpoints.restore_checkpoint(mngr, latest, state)
+    log.info('resumed from step %d', start)
+  last_good = latest
+
+  eval_bs = config.eval_batch_size or config.batch_size
+  valid = list(_take(builder.get_validation_dataset(eval_bs),
+                     config.eval_max_batches))
+  kw = dict(pad_id=tokenizer.pad_id, chunk_size=config.loss_chunk_size)
+  in_sh, out_sh = setup.step_shardings
+  train_step = steps.make_train_step(
+      setup.model, setup.optimizer, grad_accum_steps=config.grad_accum_steps,
+      in_shardings=in_sh, out_shardings=out_sh, mesh=mesh, **kw)
+  validation_step = steps.make_validation_step(setup.model, **kw)
+  put = lambda batch: sharding.shard_batch(batch, mesh)
+  valid = [put(b) for b in sharding.host_local_batches(valid)]
+  writer = metrics.MetricsWriter(workdir)
+  what = (f'LoRA adapters ({lora.count_params(state.params) / 1e6:.2f}M '
+          f'params)' if state.frozen is not None else 'all params')
+  log.info('training %s (%s) on %d device(s), mesh %s: %s, %d steps from '
+           'step %d', config.model, arch, mesh.size, dict(mesh.shape), what,
+           total, start)
+
+  def run_eval(step):
+    loss = validation_loss(validation_step, state, valid)
+    writer.write('valid', step, loss=loss)
+    log.info('step %d: validation loss %.4f', step, loss)
+
+  quality = None
+  if config.eval_bleu_every_n > 0:
+    quality = QualityTracker(config, loaded[0].config, tokenizer,
+                             builder.load_pairs('valid'), arch,
+                             plain_params(state, config))
+
+  def run_quality(step) -> bool:
+    """Scores the weights, keeps best/; True when it is time to stop."""
+    scores = quality.score(plain_params(state, config))
+    writer.write('valid_translation', step, **scores)
+    new = quality.update(step, plain_params(state, config), scores)
+    log.info('step %d: BLEU %.2f, chrF %.2f, %d runaways%s', step,
+             scores['bleu'], scores['chrf'], scores['runaway'],
+             ' (new best)' if new else '')
+    return quality.should_stop()
+
+  if start == 0 and config.eval_every_n > 0:
+    run_eval(0)
+  if start == 0 and quality is not None:
+    run_quality(0)
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=total, initial=start, disable=not config.progress,
+             unit='step', dynamic_ncols=True)
+  window = _Window()
+  pending = None  # (step, device metrics): checked one step late, no stall.
+
+  def flush():
+    nonlocal pending
+    if pending is None:
+      return
+    step, m = pending[0], jax.device_get(pending[1])
+    pending = None
+    check_finite(step, m, last_good, ckpt_dir)
+    window.add(m)
+    bar.update(1)
+    if step % config.log_every_n == 0 or step == total:
+      values = window.summary(m)
+      writer.write('train', step, **values)
+      bar.set_postfix(loss=f'{values["loss"]:.3f}',
+                      tok_s=f'{values["tokens_per_s"]:.0f}')
+      window.reset()
+
+  try:
+    it = prefetch_to_device(
+        sharding.host_local_batches(train_data(start)), put)
+    for step in range(start + 1, total + 1):
+      t_wait = time.perf_counter()
+      batch = next(it)
+      window.wait += time.perf_counter() - t_wait
+      state, m = train_step(state, batch)
+      flush()  # The previous step's metrics, while this one runs.
+      pending = (step, m)
+      if step % config.checkpoint_every_n == 0 or step == total:
+        flush()
+        checkpoints.save_checkpoint(mngr, step, state)
+        last_good = step
+      if config.eval_every_n > 0 and (step % config.eval_every_n == 0
+                                      or step == total):
+        flush()
+        run_eval(step)
+      if quality is not None and (step % config.eval_bleu_every_n == 0
+                                  or step == total):
+        flush()
+        if run_quality(step):
+          log.info('early stop at step %d: no new best %s in %d evaluations '
+                   '(best: step %d)', step, config.select_by,
+                   config.early_stop_patience, quality.best['step'])
+          if step % config.checkpoint_every_n:
+            checkpoints.save_checkpoint(mngr, step, state)
+          break
+    flush()
+  finally:
+    bar.close()
+    writer.close()
+    mngr.close()
+
+  if state.frozen is not None:
+    adapters = weights.save_adapters(
+        workdir / 'adapters', arch, state.params, config.lora_config(),
+        base_model=config.model, base_checkpoint=lora_base_dir(config),
+        overwrite=True)
+    log.info('adapters in %s', adapters)
+  params = plain_params(state, config)
+  final = weights.save(workdir / 'final', arch, params, tokenizer,
+                       overwrite=True)
+  metrics.plot_losses(writer.path, workdir / 'loss.png')
+  log.info('final params in %s%s', final, '' if quality is None or
+           quality.best is None else f'; best ({config.select_by} '
+           f'{quality.best[config.select_by]:.2f} at step '
+           f'{quality.best["step"]}) in {workdir / "best"}')
+  return params
+
+
+def plain_params(state: TrainState, config: TrainingConfig):
+  """The model's weights as one plain tree (LoRA: adapters merged)."""
+  if state.frozen is None:
+    return state.params
+  return lora.merge_lora(lora.combine(state.frozen, state.params),
+                         config.lora_config())
+
+
+def _take(it, n):
+  for i, x in enumerate(it):
+    if n is not None and i >= n:
+      return
+    yield x

@@ -1,0 +1,43 @@
+"""`python -m gemma_mt.train`: a config file, then any field as a flag.
+
+    python -m gemma_mt.train --config configs/mtnt_gemma3_270m.py \\
+        --mtnt_dir ../shared/data/mtnt --max_steps 20 --eval_max_batches 4
+"""
+
+from __future__ import annotations
+
+import sys
+
+from gemma_mt import cli
+from gemma_mt.train.config import TrainingConfig, load_config_file
+
+
+def parse_args(argv: list[str] | None = None) -> TrainingConfig:
+  """`--config FILE` (a `get_config()` file), then `--field value` overrides."""
+  p = cli.ArgumentParser(prog='python -m gemma_mt.train',
+                         description=__doc__.split('\n')[0])
+  p.add_argument('--config', default=None, metavar='FILE',
+                 help='python file with get_config() -> TrainingConfig')
+  cli.add_fields(p, TrainingConfig, only_given=True)
+  args = p.parse_args(argv)
+  base = load_config_file(args.config) if args.config else TrainingConfig()
+  config = cli.from_args(TrainingConfig, args, base=base)
+  config.check()
+  return config
+
+
+def run(argv: list[str] | None = None) -> int:
+  from gemma_mt import sharding
+  from gemma_mt.train.loop import train_loop
+  config = parse_args(argv)
+  sharding.maybe_initialize_distributed()  # Before anything touches devices.
+  train_loop(config)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.main_guard(run, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

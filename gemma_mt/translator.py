@@ -1,0 +1,273 @@
+"""`Translator`: sentences in, one line of translation each out.
+
+It prompts exactly as training does (`[BOS] + format_prompt(src)`), decodes
+batches on the device (`sampler.Sampler`, one jit per shape bucket) and
+turns the ids into text (`postprocess`). A translation ends at the first of
+EOS / `<end_of_turn>`, the first generated newline, the per-input token
+budget (`SamplingOptions.limit`), or a stop sequence (matched on the text
+after generation; it never stops the device loop early).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_mt import data, postprocess, sharding, weights
+from gemma_mt import model as M
+from gemma_mt import mbr as mbr_lib
+from gemma_mt.sampler import Hypothesis, Sampler
+from gemma_mt.sampling import SamplingOptions
+
+DEFAULT_MAX_INPUT_TOKENS = 1024
+
+
+class InputTooLongError(ValueError):
+  """An input whose prompt exceeds `max_input_tokens` (and truncate=False)."""
+
+  def __init__(self, index: int, length: int, limit: int):
+    self.index, self.length, self.limit = index, length, limit
+    super().__init__(
+        f'input {index} is {length} tokens long with the prompt, over the '
+        f'limit of {limit} (max_input_tokens); shorten it or pass '
+        f'truncate=True (--truncate) to cut the source')
+
+
+@dataclasses.dataclass
+class Generation:
+  """Raw output of `Translator.generate`, one entry per input."""
+
+  token_ids: list[np.ndarray]  # generated ids, incl. the stop token if any
+  input_tokens: list[int]      # prompt length, BOS included (0: blank input)
+  output_tokens: list[int]     # == len(token_ids[i])
+  stop_reasons: list[str]      # 'eos' | 'newline' | 'max_tokens' | 'blank'
+  truncated: list[bool]        # source was cut to fit max_input_tokens
+  nbest: list[list[Hypothesis]] | None = None  # beam search: K best, best first
+
+
+@dataclasses.dataclass
+class Translation:
+  text: str
+  input_tokens: int
+  output_tokens: int
+  stop_reason: str  # as in Generation, or 'stop_sequence'
+  candidates: list[str] | None = None  # beam/MBR: the n-best texts, best first
+
+
+def default_dtype():
+  """bfloat16 on accelerators; float32 on CPU, where bf16 matmuls are slow."""
+  return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+
+
+def _options(options: SamplingOptions | None, kw: dict) -> SamplingOptions:
+  if options is not None and kw:
+    raise TypeError(f'give options= or keyword options, not both: {sorted(kw)}')
+  return options if options is not None else SamplingOptions(**kw)
+
+
+class Translator:
+  """Sentences in, translations out; batched, KV-cached, bucketed shapes.
+
+  `model_or_config` is a `Transformer` (its dtype is the compute dtype; a
+  different `dtype` is an error) or a `TransformerConfig` (built with
+  `dtype`, default `default_dtype()`). Floating params are cast to the
+  compute dtype once, so each decode step reads them at that width.
+
+  `fast_decode` (`model.Transformer`): decode steps attend with one Pallas
+  kernel; None: on for a bf16 model on one GPU.
+
+  `mesh` (a `sharding.make_mesh` mesh): decode data-parallel over its
+  devices, params replicated (FSDP-sharded if the mesh has fsdp > 1) and
+  each batch split by rows; a `batch_size` divisible by the device count
+  keeps full batches split. None: one device. `progress`: a tqdm bar over
+  the sentences of each call.
+  """
+
+  def __init__(self, model_or_config, params: Any, tokenizer,
+               lang_pair: str = 'en-fr', dtype: Any = None, *,
+               batch_size: int = 32,
+               max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
+               truncate: bool = False, cache_size: int = 16,
+               max_pad_ratio: float | None = None,
+               mesh: jax.sharding.Mesh | None = None,
+               fast_decode: bool | None = None, progress: bool = False):
+    if isinstance(model_or_config, M.Transformer):
+      model = model_or_config
+      if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
+        raise ValueError(f'dtype={jnp.dtype(dtype).name} but the given '
+                         f'Transformer computes in {jnp.dtype(model.dtype).name}'
+                         '; pass a TransformerConfig or a matching model')
+    else:
+      model = M.Transformer(model_or_config, dtype=dtype or default_dtype())
+    if fast_decode is None:  # Triton: GPU and bf16; one device (the
+      fast_decode = (jax.default_backend() == 'gpu'  # partitioner can't
+                     and jnp.dtype(model.dtype) == jnp.bfloat16  # split it).
+                     and (mesh is None or mesh.size == 1)) or model.fast_decode
+    model = model.clone(fast_decode=fast_decode)
+    if tokenizer.vocab_size > model.config.vocab_size:
+      raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, the model '
+                       f'only {model.config.vocab_size}')
+    data.format_prompt('', lang_pair)  # Validates lang_pair.
+    self.model, self.tokenizer, self.lang_pair = model, tokenizer, lang_pair
+    self.max_input_tokens = max_input_tokens
+    self.truncate = truncate
+    self._mesh = mesh
+    params = self._placed(params)
+    self._stop_ids = postprocess.stop_token_ids(tokenizer)
+    self._newline_ids = postprocess.newline_ids(tokenizer, self._stop_ids)
+    self.sampler = Sampler(model, params, pad_id=tokenizer.pad_id,
+                           stop_ids=self._stop_ids, batch_size=batch_size,
+                           cache_size=cache_size, max_pad_ratio=max_pad_ratio,
+                           mesh=mesh, progress=progress)
+
+  def _placed(self, params):
+    """Floating params cast to the compute dtype, on the device (else the
+    sampler places them on its mesh)."""
+    dt = self.model.dtype
+    params = jax.tree.map(
+        lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating)
+        else p, params)
+    return params if self._mesh is not None else jax.device_put(params)
+
+  def set_params(self, params) -> None:
+    """New weights of the same shapes (e.g. during training): the compiled
+    executables are reused."""
+    params = self._placed(params)
+    if self._mesh is not None:
+      params = sharding.sampling_params(params, self._mesh)
+    self.sampler.params = params
+
+  @classmethod
+  def from_pretrained(cls, model: str = 'gemma3_270m', checkpoint=None, *,
+                      mesh: jax.sharding.Mesh | None = None,
+                      **kw) -> 'Translator':
+    """The embedded base model, a released one, or a training checkpoint.
+
+    With a data-only `mesh`, params are restored straight onto its devices.
+    """
+    on_mesh = mesh is not None and mesh.shape['fsdp'] == 1
+    p = weights.load(model, checkpoint,
+                     sharding=sharding.replicated(mesh) if on_mesh else None)
+    return cls(p.config, p.params, p.tokenizer, mesh=mesh, **kw)
+
+  @property
+  def num_compiles(self) -> int:
+    return self.sampler.num_compiles
+
+  @property
+  def compiled_shapes(self) -> list[tuple]:
+    return list(self.sampler.compiled_shapes)
+
+  # --- Prompts -----------------------------------------------------------------
+  def prompt_tokens(self, source: str) -> np.ndarray:
+    """`[BOS] + format_prompt(source)`, as in training (source stripped)."""
+    return self.tokenizer.tokenize(
+        data.format_prompt(source.strip(), self.lang_pair), add_eos=False)
+
+  def _fit(self, index: int, source: str) -> tuple[np.ndarray, bool]:
+    ids = self.prompt_tokens(source)
+    if len(ids) <= self.max_input_tokens:
+      return ids, False
+    if not self.truncate:
+      raise InputTooLongError(index, len(ids), self.max_input_tokens)
+    # Cut the source (never the instruction) until the prompt fits.
+    src_ids = self.tokenizer.tokenize(source.strip(), add_bos=False,
+                                      add_eos=False)
+    keep = len(src_ids) - (len(ids) - self.max_input_tokens)
+    while keep > 0:
+      ids = self.prompt_tokens(self.tokenizer.decode(src_ids[:keep]))
+      if len(ids) <= self.max_input_tokens:
+        return ids, True
+      keep -= len(ids) - self.max_input_tokens
+    raise ValueError(f'max_input_tokens={self.max_input_tokens} leaves no '
+                     f'room for input {index}\'s source')
+
+  # --- Generation --------------------------------------------------------------
+  def generate(self, sources: Sequence[str],
+               options: SamplingOptions | None = None, *,
+               batch_size: int | None = None, **kw) -> Generation:
+    """Token ids and usage counts (`options`, or its fields as keywords).
+
+    Greedy ignores top_k/top_p; `beam_size` (or `mbr`) > 1 runs beam search
+    and fills `nbest`. Blank sources are not sent to the model.
+    All inputs are checked before any is decoded.
+    """
+    if isinstance(sources, str):
+      raise TypeError('sources must be a list of strings, not one string')
+    opts = _options(options, kw)
+    fitted = [None if not s.strip() else self._fit(i, s)
+              for i, s in enumerate(sources)]
+    todo = [i for i, f in enumerate(fitted) if f is not None]
+    prompts = [fitted[i][0] for i in todo]
+    limits = [opts.limit(len(p)) for p in prompts]
+    nbest = None
+    if opts.search_width > 1:
+      beams = self.sampler.beam_search(
+          prompts, max_new_tokens=limits, beam_size=opts.search_width,
+          length_penalty=opts.length_penalty, batch_size=batch_size)
+      outs = [b[0].ids for b in beams]
+      nbest = [[] for _ in sources]
+      for i, b in zip(todo, beams):
+        nbest[i] = b
+    else:
+      outs = self.sampler.generate(
+          prompts, max_new_tokens=limits,
+          temperature=float(opts.temperature), top_k=opts.top_k,
+          top_p=opts.top_p, seed=opts.seed, batch_size=batch_size)
+    ids = [np.zeros(0, np.int32)] * len(sources)
+    for i, out in zip(todo, outs):
+      ids[i] = out
+    return Generation(
+        token_ids=ids,
+        input_tokens=[0 if f is None else len(f[0]) for f in fitted],
+        output_tokens=[len(x) for x in ids],
+        stop_reasons=[self._stop_reason(x, f is None)
+                      for x, f in zip(ids, fitted)],
+        truncated=[f is not None and f[1] for f in fitted], nbest=nbest)
+
+  def _stop_reason(self, ids: np.ndarray, blank: bool) -> str:
+    if blank:
+      return 'blank'
+    last = int(ids[-1]) if len(ids) else None
+    if last in self._newline_ids:
+      return 'newline'
+    if last in self._stop_ids:
+      return 'eos'
+    return 'max_tokens'
+
+  def translate_detailed(self, sources: Sequence[str],
+                         options: SamplingOptions | None = None, *,
+                         batch_size: int | None = None,
+                         **kw) -> list[Translation]:
+    """Translations with usage and stop reasons (options as in `generate`)."""
+    opts = _options(options, kw)
+    gen = self.generate(sources, opts, batch_size=batch_size)
+    clean = lambda ids, src: postprocess.clean_translation(
+        self.tokenizer.decode(ids), src, opts.stop_sequences)
+    out = []
+    for i, src in enumerate(sources):
+      ids, reason = gen.token_ids[i], gen.stop_reasons[i]
+      text, cut = clean(ids, src)
+      candidates = None
+      if gen.nbest is not None and gen.nbest[i]:
+        candidates = [clean(h.ids, src)[0] for h in gen.nbest[i]]
+        if opts.mbr > 1:  # The n-best of a beam of N, best first.
+          pick = mbr_lib.mbr_select(candidates, opts.mbr_utility)
+          ids = gen.nbest[i][pick].ids
+          text, cut = clean(ids, src)
+          reason = self._stop_reason(ids, False)
+      out.append(Translation(text, gen.input_tokens[i], len(ids),
+                             'stop_sequence' if cut else reason, candidates))
+    return out
+
+  def translate(self, sources: Sequence[str],
+                options: SamplingOptions | None = None, *,
+                batch_size: int | None = None, **kw) -> list[str]:
+    """One line of text per source, in order (options as in `generate`)."""
+    return [t.text for t in self.translate_detailed(
+        sources, options, batch_size=batch_size, **kw)]

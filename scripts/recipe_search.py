@@ -1,0 +1,126 @@
+"""Recipe search and decoding table: train a grid, select by dev chrF, decode.
+
+    python scripts/recipe_search.py --config configs/mtnt_gemma3_270m.py \
+        --mtnt_dir ../shared/data/mtnt --grid grid.json --out results.json
+
+`--grid` is a JSON list of runs, each {"name": ..., **TrainingConfig
+overrides}; every run trains with `--eval_bleu_every_n` and keeps its
+`best/` by chrF on valid. The winner (best chrF) and the extra `--decode`
+checkpoints (names -> dirs, "base" = the untuned model) are then decoded on
+all of valid.en-fr with greedy, beam 4, beam 4 + each `--length_penalties`
+value, and MBR `--mbr`. One process: the persistent compilation cache and
+in-process executables are shared by all runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+
+def train_grid(base, grid, root: Path) -> list[dict]:
+  from gemma_mt.train.loop import train_loop
+  rows = []
+  for run in grid:
+    run = dict(run)
+    name = run.pop('name')
+    cfg = dataclasses.replace(base, workdir=str(root / name), **run)
+    t0 = time.time()
+    train_loop(cfg)
+    best = json.loads((root / name / 'best.json').read_text())
+    curve = [json.loads(x) for x in
+             (root / name / 'metrics.jsonl').read_text().splitlines()]
+    rows.append({'name': name, 'overrides': run, 'best': best,
+                 'seconds': round(time.time() - t0, 1),
+                 'chrf_curve': [(r['step'], r['chrf']) for r in curve
+                                if r['split'] == 'valid_translation']})
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def decode_table(checkpoints: dict[str, str | None], pairs, lps, mbr: int,
+                 batch_size: int) -> list[dict]:
+  from gemma_mt import evaluate
+  from gemma_mt.sampling import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
+  from gemma_mt.translator import Translator
+  base = SamplingOptions(max_length_ratio=DEFAULT_MAX_LENGTH_RATIO)
+  decodes = [('greedy', base), ('beam4', base.replace(beam_size=4))]
+  decodes += [(f'beam4_lp{a}', base.replace(beam_size=4, length_penalty=a))
+              for a in lps]
+  decodes += [(f'mbr{mbr}', base.replace(mbr=mbr))]
+  rows = []
+  for name, ckpt in checkpoints.items():
+    tr = Translator.from_pretrained('gemma3_270m', ckpt, batch_size=batch_size)
+    for label, opts in decodes:
+      _, s = evaluate.evaluate(tr, pairs, opts)
+      rows.append({'checkpoint': name, 'decode': label, **{k: s[k] for k in (
+          'bleu', 'bleu_intl', 'chrf', 'runaway', 'seconds',
+          'sentences_per_second', 'num_compiles', 'bleu_signature',
+          'bleu_intl_signature', 'chrf_signature')}})
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--config', required=True)
+  p.add_argument('--mtnt_dir', required=True)
+  p.add_argument('--grid', default=None, help='JSON file: list of runs')
+  p.add_argument('--workdir', default='runs/recipe')
+  p.add_argument('--decode', default='{}',
+                 help='JSON {name: checkpoint dir or null for the base}')
+  p.add_argument('--decode_winner', action='store_true',
+                 help='also decode the grid winner best/')
+  p.add_argument('--length_penalties', default='0.6,1.0')
+  p.add_argument('--mbr', type=int, default=8)
+  p.add_argument('--decode_limit', type=int, default=None,
+                 help='decode only the first N valid pairs')
+  p.add_argument('--batch_size', type=int, default=64)
+  p.add_argument('--overrides', default='{}',
+                 help='JSON TrainingConfig overrides for every run')
+  p.add_argument('--out', required=True)
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  cache = Path(args.workdir) / 'xla_cache'
+  jax.config.update('jax_compilation_cache_dir', str(cache))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+  from gemma_mt import data
+  from gemma_mt.train.config import load_config_file
+  base = dataclasses.replace(load_config_file(args.config),
+                             mtnt_dir=args.mtnt_dir, progress=False,
+                             **json.loads(args.overrides))
+  root = Path(args.workdir).absolute()
+  out = {'device': str(jax.devices()[0].device_kind),
+         'jax': jax.__version__, 'base_config': dataclasses.asdict(base)}
+  t0 = time.time()
+  if args.grid:
+    out['grid'] = train_grid(base, json.loads(Path(args.grid).read_text()),
+                             root)
+    winner = max(out['grid'], key=lambda r: r['best']['chrf'])
+    out['winner'] = winner['name']
+  checkpoints = json.loads(args.decode)
+  if args.decode_winner:
+    checkpoints[f'winner:{out["winner"]}'] = str(root / out['winner'] / 'best')
+  if checkpoints:
+    pairs = data.load_pairs('valid', mtnt_dir=args.mtnt_dir)[:args.decode_limit]
+    lps = [float(x) for x in args.length_penalties.split(',') if x]
+    out['decoding'] = decode_table(checkpoints, pairs, lps, args.mbr,
+                                   args.batch_size)
+  out['seconds'] = round(time.time() - t0, 1)
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(args.out).write_text(json.dumps(out, indent=2) + '\n')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
