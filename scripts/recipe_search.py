@@ -26,20 +26,38 @@ from pathlib import Path
 import jax
 
 
-def train_grid(base, grid, root: Path) -> list[dict]:
+def train_grid(base, grid, root: Path, winner: dict | None,
+               budget_s: float | None = None) -> list[dict]:
+  """Trains each run; one with "inherit": true starts from `winner`'s
+  overrides (an earlier grid's best run) and changes what it names."""
   from gemma_mt.train.loop import train_loop
   rows = []
+  t0 = time.time()
   for run in grid:
     run = dict(run)
     name = run.pop('name')
+    if budget_s is not None and time.time() - t0 > budget_s:
+      rows.append({'name': name, 'skipped': f'over --budget_s {budget_s}'})
+      print(json.dumps(rows[-1]), flush=True)
+      continue
+    if run.pop('inherit', False):
+      if winner is None:
+        raise ValueError(f'{name}: "inherit" needs --previous results')
+      run = {**winner['overrides'], **run}
     cfg = dataclasses.replace(base, workdir=str(root / name), **run)
-    t0 = time.time()
-    train_loop(cfg)
+    t1 = time.time()
+    try:
+      train_loop(cfg)
+    except Exception as e:  # One failed run must not lose the others.
+      rows.append({'name': name, 'overrides': run,
+                   'error': f'{type(e).__name__}: {e}'[:2000]})
+      print(json.dumps(rows[-1]), flush=True)
+      continue
     best = json.loads((root / name / 'best.json').read_text())
     curve = [json.loads(x) for x in
              (root / name / 'metrics.jsonl').read_text().splitlines()]
     rows.append({'name': name, 'overrides': run, 'best': best,
-                 'seconds': round(time.time() - t0, 1),
+                 'seconds': round(time.time() - t1, 1),
                  'chrf_curve': [(r['step'], r['chrf']) for r in curve
                                 if r['split'] == 'valid_translation']})
     print(json.dumps(rows[-1]), flush=True)
@@ -60,7 +78,13 @@ def decode_table(checkpoints: dict[str, str | None], pairs, lps, mbr: int,
   for name, ckpt in checkpoints.items():
     tr = Translator.from_pretrained('gemma3_270m', ckpt, batch_size=batch_size)
     for label, opts in decodes:
-      _, s = evaluate.evaluate(tr, pairs, opts)
+      try:
+        _, s = evaluate.evaluate(tr, pairs, opts)
+      except Exception as e:  # Keep the rest of the table.
+        rows.append({'checkpoint': name, 'decode': label,
+                     'error': f'{type(e).__name__}: {e}'[:2000]})
+        print(json.dumps(rows[-1]), flush=True)
+        continue
       rows.append({'checkpoint': name, 'decode': label, **{k: s[k] for k in (
           'bleu', 'bleu_intl', 'chrf', 'runaway', 'seconds',
           'sentences_per_second', 'num_compiles', 'bleu_signature',
@@ -78,7 +102,11 @@ def main(argv=None) -> int:
   p.add_argument('--decode', default='{}',
                  help='JSON {name: checkpoint dir or null for the base}')
   p.add_argument('--decode_winner', action='store_true',
-                 help='also decode the grid winner best/')
+                 help='also decode the best run best/ (this grid and --previous)')
+  p.add_argument('--previous', action='append', default=[],
+                 help='results JSON of an earlier grid (same --workdir): its '
+                      'runs compete for the winner; "inherit" runs start '
+                      'from its winner')
   p.add_argument('--length_penalties', default='0.6,1.0')
   p.add_argument('--mbr', type=int, default=8)
   p.add_argument('--decode_limit', type=int, default=None,
@@ -86,6 +114,8 @@ def main(argv=None) -> int:
   p.add_argument('--batch_size', type=int, default=64)
   p.add_argument('--overrides', default='{}',
                  help='JSON TrainingConfig overrides for every run')
+  p.add_argument('--budget_s', type=float, default=None,
+                 help='start no new run after this many seconds')
   p.add_argument('--out', required=True)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
@@ -103,15 +133,24 @@ def main(argv=None) -> int:
   out = {'device': str(jax.devices()[0].device_kind),
          'jax': jax.__version__, 'base_config': dataclasses.asdict(base)}
   t0 = time.time()
+  best = lambda rows: max((r for r in rows if 'best' in r),
+                          key=lambda r: r['best']['chrf'])
+  earlier = [r for f in args.previous
+             for r in json.loads(Path(f).read_text()).get('grid', [])]
+  out['grid'] = []
   if args.grid:
     out['grid'] = train_grid(base, json.loads(Path(args.grid).read_text()),
-                             root)
-    winner = max(out['grid'], key=lambda r: r['best']['chrf'])
-    out['winner'] = winner['name']
+                             root, best(earlier) if earlier else None,
+                             args.budget_s)
+  if earlier or out['grid']:
+    out['winner'] = best(earlier + out['grid'])['name']
   checkpoints = json.loads(args.decode)
   if args.decode_winner:
     checkpoints[f'winner:{out["winner"]}'] = str(root / out['winner'] / 'best')
   if checkpoints:
+    root_s = str(root)
+    checkpoints = {k: v and v.replace('$ROOT', root_s)
+                   for k, v in checkpoints.items()}
     pairs = data.load_pairs('valid', mtnt_dir=args.mtnt_dir)[:args.decode_limit]
     lps = [float(x) for x in args.length_penalties.split(',') if x]
     out['decoding'] = decode_table(checkpoints, pairs, lps, args.mbr,
