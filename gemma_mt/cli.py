@@ -5,7 +5,9 @@ model/translator flags, and one error handler.
 argparse flags, one per field, typed from the annotation, with the field's
 trailing comment as its help: a field is declared once and every CLI gets it
 the same way. `main_guard` turns an expected error into one `error: ...`
-line and exit status 2; `--debug` (or GEMMA_MT_DEBUG=1) shows the traceback.
+line and exit status 2 (`--debug` or GEMMA_MT_DEBUG=1 shows the traceback)
+and turns on JAX's persistent compilation cache, so the second run of a
+command compiles nothing (`--compile_cache_dir`, `--no_compile_cache`).
 """
 
 from __future__ import annotations
@@ -21,21 +23,70 @@ import sys
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 DEBUG_ENV = 'GEMMA_MT_DEBUG'
+CACHE_ENV = 'GEMMA_MT_CACHE'  # As `weights.embedded`: one cache home.
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse, but a bad flag is one line (not usage + error) and exit 2."""
+  """argparse, but a bad flag is one line (not usage + error) and exit 2;
+  with the flags every CLI shares (`add_common_args`)."""
 
   def __init__(self, *args, **kw):
     kw.setdefault('allow_abbrev', False)
     super().__init__(*args, **kw)
+    add_common_args(self)
 
   def error(self, message):
     self.exit(2, f'error: {message} (see {self.prog} --help)\n')
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+  """Read by `main_guard` before anything runs; here for --help and so the
+  CLI's own parser accepts them."""
+  g = p.add_argument_group('every command')
+  g.add_argument('--debug', action='store_true',
+                 help=f'show tracebacks (or set {DEBUG_ENV}=1)')
+  g.add_argument('--compile_cache_dir', default=None, metavar='DIR',
+                 help='persistent XLA compilation cache (default: '
+                      f'${CACHE_ENV} or ~/.cache/gemma_mt, /xla)')
+  g.add_argument('--no_compile_cache', action='store_true',
+                 help='compile everything afresh')
+
+
+def default_compile_cache_dir() -> Path:
+  root = os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'gemma_mt'
+  return Path(root).expanduser() / 'xla'
+
+
+class CompileCacheStats:
+  """Counts the persistent cache's hits and misses (jax monitoring events)."""
+
+  def __init__(self):
+    self.hits = self.misses = 0
+
+  def __call__(self, event: str, **kw):
+    if event == '/jax/compilation_cache/cache_hits':
+      self.hits += 1
+    elif event == '/jax/compilation_cache/cache_misses':
+      self.misses += 1
+
+
+def enable_compile_cache(path: str | os.PathLike) -> CompileCacheStats:
+  """Compiled executables go to `path` and are reused by later processes:
+  the second run of a command compiles nothing."""
+  import jax
+  path = Path(path).expanduser()
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', str(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  stats = CompileCacheStats()
+  jax.monitoring.register_event_listener(stats)
+  return stats
 
 
 # ------------------------------------------------------- flags from fields
@@ -203,11 +254,20 @@ def main_guard(fn: Callable[[list[str] | None], int],
                argv: list[str] | None = None) -> int:
   """Runs a CLI main; an expected error becomes one line and exit 2."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  debug = '--debug' in argv or os.environ.get(DEBUG_ENV, '') not in ('', '0')
-  argv = [a for a in argv if a != '--debug']
+  common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  add_common_args(common)
+  known, _ = common.parse_known_args(argv)
+  debug = known.debug or os.environ.get(DEBUG_ENV, '') not in ('', '0')
   logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                       format='%(asctime)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty.
+  stats = None
+  if not (known.no_compile_cache or {'-h', '--help'} & set(argv)):
+    cache = known.compile_cache_dir or default_compile_cache_dir()
+    try:
+      stats = enable_compile_cache(cache)
+    except OSError as e:
+      log.warning('no compile cache at %s: %s', cache, e)
   try:
     return fn(argv)
   except SystemExit as e:  # argparse: --help (0) or a bad flag (2).
@@ -218,3 +278,7 @@ def main_guard(fn: Callable[[list[str] | None], int],
     msg = str(e).strip() or type(e).__name__
     print(f'error: {msg}', file=sys.stderr)
     return 2
+  finally:
+    if stats is not None and (stats.hits or stats.misses):
+      log.info('compile cache: %d hits, %d compiled', stats.hits,
+               stats.misses)

@@ -1,9 +1,15 @@
 """Minimum-Bayes-risk selection: the candidate the others agree with most.
 
-Given N candidate translations of one source (by default the beam search
-n-best), MBR returns the one with the highest expected utility, the mean of
-its sentence chrF (or BLEU) against each other candidate taken as a
-pseudo-reference. Utilities are sacreBLEU's own sentence scores.
+Given N candidate translations of one source, MBR returns the one with the
+highest expected utility, the mean of its sentence chrF (or BLEU) against
+each other candidate taken as a pseudo-reference. Utilities are
+sacreBLEU's own sentence scores.
+
+The candidates are the n-best of one beam search of width N
+(`SamplingOptions(mbr=N)`): deterministic (no seed decides the answer),
+one search per sentence, and the n-best already holds the model's most
+likely alternatives. Sampled candidates (epsilon / nucleus sampling, which
+the literature prefers for large N) are not offered yet.
 """
 
 from __future__ import annotations

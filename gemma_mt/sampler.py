@@ -334,9 +334,9 @@ def split_batches(lengths: Sequence[int], batch_size: int,
   With `max_pad_ratio`, a batch is also closed before a row whose prompt
   bucket would make the batch's padded prompt tokens exceed that many
   times its real ones. Off by default: on a GPU a second batch costs a
-  second decode loop (~1 ms a step for Gemma 3 270M on an H100, up to
-  `max_new_tokens` steps), far more than the padded prefill it saves
-  (64 x 256 prompt slots: ~15 ms); it can pay off on a CPU.
+  second decode loop (up to `max_new_tokens` steps, each bound by kernel
+  count rather than batch size), far more than the padded prefill it
+  saves (BENCHMARKS.md); it can pay off on a CPU.
   """
   batches, cur, real = [], [], 0
   for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):

@@ -38,21 +38,33 @@ def parse_args(argv=None):
   return args
 
 
-def split_lines(text: str) -> list[str]:
-  """Lines split on '\\n' only (not U+2028 & co.), so outputs align with inputs."""
-  lines = text.split('\n')
-  if lines[-1] == '':
-    lines.pop()  # The final newline ends a line; it does not start one.
-  return [line.removesuffix('\r') for line in lines]
+def split_lines(data: bytes | str, where: str = 'input') -> list[str]:
+  """Lines split on '\\n' only (not U+2028 & co.), so outputs align with
+  inputs. A line that is not UTF-8 is reported by number and becomes a
+  blank line (a blank output), so one bad line loses nothing else."""
+  if isinstance(data, str):
+    data = data.encode('utf-8', 'surrogatepass')
+  raw = data.split(b'\n')
+  if raw[-1] == b'':
+    raw.pop()  # The final newline ends a line; it does not start one.
+  lines = []
+  for n, line in enumerate(raw, start=1):
+    try:
+      lines.append(line.removesuffix(b'\r').decode('utf-8'))
+    except UnicodeDecodeError as e:
+      log.warning('%s line %d: invalid UTF-8 at byte %d; skipped (blank '
+                  'output line)', where, n, e.start)
+      lines.append('')
+  return lines
 
 
 def _read_lines(args) -> list[str]:
   if args.sentences:
     return list(args.sentences)
   if args.input:
-    with open(args.input, encoding='utf-8', newline='') as f:
-      return split_lines(f.read())
-  return split_lines(sys.stdin.buffer.read().decode('utf-8'))
+    with open(args.input, 'rb') as f:
+      return split_lines(f.read(), args.input)
+  return split_lines(sys.stdin.buffer.read(), 'stdin')
 
 
 def run(argv=None) -> int:

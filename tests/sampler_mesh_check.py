@@ -103,6 +103,19 @@ def check_greedy_equals_single_device():
   assert [o.tolist() for o in few] == ref[:3]
 
 
+def check_beam_equals_single_device():
+  """Beam search data-parallel (B*K rows split over the mesh) == one device."""
+  params = init_params()
+  kw = dict(max_new_tokens=NEW_TOKENS, beam_size=2, length_penalty=0.6)
+  ref = make_sampler(params).beam_search(PROMPTS[:8], **kw)
+  for name, cfg in MESHES.items():
+    got = make_sampler(params, SH.make_mesh(cfg)).beam_search(PROMPTS[:8], **kw)
+    for a, b in zip(got, ref):
+      assert [h.ids.tolist() for h in a] == [h.ids.tolist() for h in b], name
+      np.testing.assert_allclose([h.logp for h in a], [h.logp for h in b],
+                                 rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 def check_translator():
   """Translator(mesh=...) == mesh=None, ids and text (real tokenizer)."""
   from gemma_mt import translator as T
@@ -143,6 +156,7 @@ def check_translator():
 
 
 CHECKS = {'greedy_equals_single_device': check_greedy_equals_single_device,
+          'beam_equals_single_device': check_beam_equals_single_device,
           'translator': check_translator}
 
 

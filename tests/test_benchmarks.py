@@ -74,7 +74,34 @@ def test_decode_step_benchmark_runs_tiny(tmp_path):
   assert set(res['variants']) == {'fast_decode=False', 'fast_decode=True'}
   for v in res['variants'].values():
     assert v['steps'] == 8 and v['ms_per_step'] > 0  # EOS-only: full budget.
-  assert 0 <= res['identical_bf16_outputs'] <= 2
+
+
+def test_recipe_search_runs_tiny(tmp_path, mtnt_dir):
+  """A one-run grid selected by chrF, then the decoding table of its best."""
+  grid = tmp_path / 'grid.json'
+  grid.write_text(json.dumps([{'name': 'one', 'learning_rate': 0.01}]))
+  out = tmp_path / 'out.json'
+  overrides = dict(max_steps=2, eval_bleu_every_n=1, eval_bleu_sentences=2,
+                   eval_bleu_batch_size=2, eval_every_n=0, batch_size=2,
+                   max_seq_len=48, checkpoint_every_n=2)
+  env = dict(os.environ, PYTHONPATH=str(SCRIPTS.parent))
+  subprocess.run(
+      [sys.executable, str(SCRIPTS / 'recipe_search.py'), '--config',
+       str(SCRIPTS.parent / 'configs' / 'tiny_test.py'), '--mtnt_dir',
+       str(mtnt_dir), '--grid', str(grid), '--workdir', str(tmp_path / 'rs'),
+       '--overrides', json.dumps(overrides), '--decode_winner',
+       '--decode_limit', '2', '--mbr', '2', '--length_penalties', '0.5',
+       '--batch_size', '2', '--out', str(out)],
+      check=True, env=env, capture_output=True, timeout=900)
+  res = json.loads(out.read_text())
+  run = res['grid'][0]
+  assert res['winner'] == 'one' and [s for s, _ in run['chrf_curve']] == [0, 1, 2]
+  best_step, best_chrf = max(run['chrf_curve'], key=lambda x: (x[1], -x[0]))
+  assert (run['best']['step'], run['best']['chrf']) == (best_step, best_chrf)
+  assert [r['decode'] for r in res['decoding']] == [
+      'greedy', 'beam4', 'beam4_lp0.5', 'mbr2']
+  assert all('error' not in r and 'tok:intl' in r['bleu_intl_signature']
+             for r in res['decoding'])
 
 
 if __name__ == '__main__':

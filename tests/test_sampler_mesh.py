@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 CHECK_SCRIPT = Path(__file__).with_name('sampler_mesh_check.py')
-CHECKS = ['greedy_equals_single_device', 'translator']
+CHECKS = ['greedy_equals_single_device', 'beam_equals_single_device',
+          'translator']
 
 
 @pytest.fixture(scope='module')

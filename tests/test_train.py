@@ -149,8 +149,14 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mtnt_dir,
   ckpts = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
   assert ckpts == ['2']
   assert not (tmp_path / 'final').exists()
+  before = (tmp_path / 'config.json').read_bytes()
   with pytest.raises(ValueError, match='--resume'):
-    loop.train_loop(cfg)  # Never silently restarts over checkpoints.
+    # Never silently restarts over checkpoints, nor rewrites the run's files.
+    loop.train_loop(dataclasses.replace(cfg, learning_rate=0.5))
+  assert (tmp_path / 'config.json').read_bytes() == before
+  with pytest.raises(ValueError, match='--resume: no checkpoint in'):
+    loop.train_loop(tiny_config(tmp_path / 'new', mtnt_dir, resume=True))
+  assert not (tmp_path / 'new' / 'config.json').exists()
   # The kept checkpoint restores, finite.
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1))
   state = state_lib.init_train(cfg, mesh).state

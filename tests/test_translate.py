@@ -69,8 +69,12 @@ def test_sampling_options_greedy_unless_sampling_options():
   assert T.parse_args(['x', '--max_length_ratio', '0']).options.max_length_ratio is None
 
 
-def test_split_lines_keeps_alignment():
+def test_split_lines_keeps_alignment(caplog):
   assert T.split_lines('a\r\nb\u2028c\n\nd\n') == ['a', 'b\u2028c', '', 'd']
+  # One undecodable line is skipped by number; the others are kept.
+  assert T.split_lines(b'Hello\n\xff\xfe bad\nCats\n', 'in.txt') == [
+      'Hello', '', 'Cats']
+  assert 'in.txt line 2: invalid UTF-8 at byte 0' in caplog.text
 
 
 # --- Translator ----------------------------------------------------------------------
@@ -316,3 +320,26 @@ def test_beam_options_in_json_and_cli(tr, cli, capfd):
   assert cli(['Hi', '--max_new_tokens', '3', '--beam_size', '2',
               '--length_penalty', '0.5', '--max_length_ratio', '0']) == 0
   assert capfd.readouterr().out.splitlines() == ok['translations']
+
+
+def test_second_process_compiles_nothing(tmp_path, tokenizer):
+  """The persistent compilation cache (on by default in every CLI)."""
+  import re
+  import subprocess
+
+  from gemma_mt import weights
+  from tiny import tiny_params
+  weights.save(tmp_path / 'model', 'tiny', tiny_params(), tokenizer)
+  cmd = [sys.executable, '-m', 'gemma_mt.translate', '--checkpoint',
+         str(tmp_path / 'model'), '--compile_cache_dir', str(tmp_path / 'xla'),
+         '--max_new_tokens', '3', 'Hello', 'Cats are nice']
+  runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(__import__('os').environ, JAX_PLATFORMS='cpu'))
+          for _ in range(2)]
+  counts = []
+  for r in runs:
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r'compile cache: (\d+) hits, (\d+) compiled', r.stderr)
+    counts.append((int(m[1]), int(m[2])))
+  assert counts[0][1] > 0 and counts[1] == (counts[0][0] + counts[0][1], 0)
+  assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.splitlines()) == 2

@@ -123,9 +123,21 @@ def train_loop(config: TrainingConfig) -> Any:
   """Runs (or resumes) training; returns the final params."""
   config.check()
   workdir = Path(config.workdir).absolute()
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f'--workdir {workdir} is a file')
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'config.json').write_text(
-      json.dumps(dataclasses.asdict(config), indent=2) + '\n')
+  mngr = checkpoints.checkpoint_manager(config)
+  ckpt_dir = workdir / 'checkpoints'
+  latest = mngr.latest_step()
+  # Refuse before loading anything, and before touching the run's files.
+  if latest is not None and not config.resume:
+    mngr.close()
+    raise ValueError(f'{ckpt_dir} already holds checkpoints (latest step '
+                     f'{latest}); pass --resume or use another --workdir')
+  if latest is None and config.resume:
+    mngr.close()
+    raise ValueError(f'--resume: no checkpoint in {ckpt_dir}; drop --resume '
+                     'to start a new run there')
 
   mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh_data,
                                                  config.mesh_fsdp))
@@ -135,16 +147,13 @@ def train_loop(config: TrainingConfig) -> Any:
   builder, train_data, total = make_data(config, tokenizer)
   setup = init_train(config, mesh, total, loaded)  # Schedule ends at total.
   state = setup.state
-  mngr = checkpoints.checkpoint_manager(config)
-  ckpt_dir = workdir / 'checkpoints'
   start = 0
-  latest = mngr.latest_step()
   if latest is not None:
-    if not config.resume:
-      raise ValueError(f'{ckpt_dir} already holds checkpoints (latest step '
-                       f'{latest}); pass --resume or use another --workdir')
     state, start = checkpoints.restore_checkpoint(mngr, latest, state)
     log.info('resumed from step %d', start)
+  # Written once the run really starts or resumes.
+  (workdir / 'config.json').write_text(
+      json.dumps(dataclasses.asdict(config), indent=2) + '\n')
   last_good = latest
 
   eval_bs = config.eval_batch_size or config.batch_size
