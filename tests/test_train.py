@@ -168,6 +168,19 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mtnt_dir,
              for x in jax.tree.leaves(state.params))
 
 
+def test_blown_up_params_are_divergence_and_never_saved(tmp_path, mtnt_dir,
+                                                       xla_cache):
+  """lr 1e30: the loss of step 1 is finite (it is computed before the
+  update) but the params it leaves are not sane; nothing is saved."""
+  cfg = tiny_config(tmp_path, mtnt_dir, optimizer='sgd', learning_rate=1e30,
+                    checkpoint_every_n=1, eval_every_n=0)
+  with pytest.raises(loop.TrainingDivergedError,
+                     match=r'diverged at step 1 .*param_norm=.*no checkpoint '
+                           r'was written'):
+    loop.train_loop(cfg)
+  assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
+
+
 def test_parse_args_types_and_errors():
   cfg = train_main.parse_args(
       ['--config', str(TINY), '--max_steps', '7', '--learning_rate=0.5',

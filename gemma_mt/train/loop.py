@@ -83,16 +83,28 @@ def validation_loss(validation_step, state: TrainState, batches) -> float:
   return loss_sum / max(count, 1)
 
 
+# The params' global norm may grow this many times its initial value before
+# the run counts as diverged (fine-tuning moves weights by a few percent).
+MAX_PARAM_GROWTH = 100.0
+
+
 def check_finite(step: int, m: dict, last_good: int | None,
-                 ckpt_dir: Path) -> None:
+                 ckpt_dir: Path, max_param_norm: float) -> None:
+  """Raises TrainingDivergedError on a non-finite loss or gradient, or
+  params that are non-finite or blew up: such a state is never saved, so
+  every checkpoint written is one whose loss and params were sane."""
   loss, gnorm = float(m['loss']), float(m['grad_norm'])
-  if not (math.isfinite(loss) and math.isfinite(gnorm)):
-    kept = (f'last good checkpoint: step {last_good} in {ckpt_dir} '
-            '(resume with --resume)' if last_good is not None
-            else 'no checkpoint was written')
-    raise TrainingDivergedError(
-        f'non-finite training loss at step {step} (loss={loss}, '
-        f'grad_norm={gnorm}); stopped without saving this state; {kept}')
+  pnorm = float(m['param_norm'])
+  if (math.isfinite(loss) and math.isfinite(gnorm) and math.isfinite(pnorm)
+      and pnorm <= max_param_norm):
+    return
+  kept = (f'last good checkpoint: step {last_good} in {ckpt_dir} '
+          '(resume with --resume, at a lower --learning_rate)'
+          if last_good is not None else 'no checkpoint was written')
+  raise TrainingDivergedError(
+      f'training diverged at step {step} (loss={loss:.4g}, grad_norm='
+      f'{gnorm:.4g}, param_norm={pnorm:.4g}, limit {max_param_norm:.4g}); '
+      f'stopped without saving this state; {kept}')
 
 
 class _Window:
@@ -204,6 +216,8 @@ def train_loop(config: TrainingConfig) -> Any:
   bar = tqdm(total=total, initial=start, disable=not config.progress,
              unit='step', dynamic_ncols=True)
   window = _Window()
+  max_param_norm = MAX_PARAM_GROWTH * max(
+      float(steps.global_norm(state.params)), 1.0)
   pending = None  # (step, device metrics): checked one step late, no stall.
 
   def flush():
@@ -212,7 +226,7 @@ def train_loop(config: TrainingConfig) -> Any:
       return
     step, m = pending[0], jax.device_get(pending[1])
     pending = None
-    check_finite(step, m, last_good, ckpt_dir)
+    check_finite(step, m, last_good, ckpt_dir, max_param_norm)
     window.add(m)
     bar.update(1)
     if step % config.log_every_n == 0 or step == total:

@@ -108,7 +108,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
   (params and opt_state donated; `in_shardings` / `out_shardings` are its
   own). For LoRA, `state.params` are the adapters and `state.frozen` the
   base weights. metrics: loss (mean over the batch's target tokens, before
-  the update), grad_norm, num_target_tokens, num_tokens.
+  the update), grad_norm, param_norm (after the update), num_target_tokens,
+  num_tokens.
   """
   grad_fn = make_grad_fn(model, grad_accum_steps=grad_accum_steps,
                          pad_id=pad_id,
@@ -120,6 +121,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {'loss': loss, 'grad_norm': global_norm(grads),
+               'param_norm': global_norm(params),  # After the update.
                'num_target_tokens': aux['num_target_tokens'],
                'num_tokens': aux['num_tokens']}
     return params, opt_state, metrics
