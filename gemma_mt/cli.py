@@ -260,7 +260,8 @@ def main_guard(fn: Callable[[list[str] | None], int],
   debug = known.debug or os.environ.get(DEBUG_ENV, '') not in ('', '0')
   logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                       format='%(asctime)s %(name)s: %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty.
+  for chatty in ('absl', 'jax'):  # orbax; jax's backend probing.
+    logging.getLogger(chatty).setLevel(logging.WARNING)
   stats = None
   if not (known.no_compile_cache or {'-h', '--help'} & set(argv)):
     cache = known.compile_cache_dir or default_compile_cache_dir()

@@ -75,6 +75,8 @@ def loads(text: str) -> Any:
                       object_pairs_hook=_no_duplicates)
   except json.JSONDecodeError as e:
     raise RequestError(f'invalid JSON: {e}') from None
+  except RecursionError:
+    raise RequestError('invalid JSON: nested too deeply') from None
 
 
 def _is_int(x) -> bool:

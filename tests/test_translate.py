@@ -343,3 +343,45 @@ def test_second_process_compiles_nothing(tmp_path, tokenizer):
     counts.append((int(m[1]), int(m[2])))
   assert counts[0][1] > 0 and counts[1] == (counts[0][0] + counts[0][1], 0)
   assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.splitlines()) == 2
+
+
+def test_jsonl_fuzz_one_response_each_and_never_internal(tr):
+  """Random bytes and random JSON values: one response per line, in order,
+  and never an internal error."""
+  import random
+  rng = random.Random(0)
+  fields = list(json_api.FIELDS) + ['foo']
+  atoms = [None, True, False, 0, -1, 1, 2.5, 1e400, -0.0, 10**30, '', 'Hi',
+           '\ud800', '\x00', 'a' * 3000, [], {}, ['Hi', 3], [''], ['Hi']]
+
+  def value(depth=0):
+    r = rng.random()
+    if depth < 3 and r < 0.15:
+      return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+    if depth < 3 and r < 0.3:
+      return {rng.choice(fields): value(depth + 1) for _ in range(rng.randint(0, 3))}
+    return rng.choice(atoms)
+
+  lines = []
+  for i in range(200):
+    kind = i % 4
+    if kind == 0:
+      lines.append(bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))
+                   .replace(b'\n', b' '))
+    elif kind == 1:
+      lines.append(json.dumps(value()).encode())
+    else:  # Mostly well-formed requests with random field values.
+      req = {'input_text': rng.choice(['Hi', ['Hi', 'Cats'], value()])}
+      for f in rng.sample(fields[1:], rng.randint(0, 3)):
+        req[f] = value(2)
+      req.setdefault('max_tokens', 2)
+      lines.append(json.dumps(req).encode())
+  lines.append(b'[' * 100000)  # Deep nesting.
+  out = io.StringIO()
+  n = json_api.serve_jsonl(tr, io.BytesIO(b'\n'.join(lines) + b'\n'), out)
+  responses = [json.loads(x) for x in out.getvalue().splitlines()]
+  assert n == len(responses) == len(lines)
+  for r in responses:
+    assert r['status'] in ('SUCCESS', 'FAIL')
+    assert 'internal error' not in r.get('error', ''), r
+  assert any(r['status'] == 'SUCCESS' for r in responses)
