@@ -219,6 +219,15 @@ def sampling_options(args: argparse.Namespace):
   return from_args(SamplingOptions, args, **opts)
 
 
+def check_model_args(args) -> None:
+  """One-line errors for model flags, before anything loads."""
+  for name in ('batch_size', 'max_input_tokens'):
+    if getattr(args, name) < 1:
+      raise ValueError(f'--{name} must be >= 1, got {getattr(args, name)}')
+  if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
+    raise ValueError(f'--checkpoint {args.checkpoint}: no such directory')
+
+
 def build_translator(args):
   import time
 
@@ -227,6 +236,7 @@ def build_translator(args):
 
   from gemma_mt import sharding
   from gemma_mt.translator import Translator
+  check_model_args(args)
   t0 = time.time()
   dtype = None if args.dtype is None else jnp.dtype(args.dtype)
   mesh = None

@@ -133,6 +133,7 @@ def parse_args(argv=None):
   if args.limit is not None and args.limit < 1:
     p.error('--limit must be >= 1')
   args.options = cli.sampling_options(args)
+  cli.check_model_args(args)
   return args
 
 

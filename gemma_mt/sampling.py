@@ -15,6 +15,9 @@ import numbers
 from typing import ClassVar
 
 DEFAULT_MAX_NEW_TOKENS = 256
+# A translation of one line never needs more; larger budgets only size the
+# KV cache (B x (prompt + budget) slots) toward out-of-memory.
+MAX_NEW_TOKENS_LIMIT = 8192
 # CLI default: French runs ~1.2-1.5x the English token count, so 3x the
 # whole prompt never cuts a real translation but bounds a runaway one.
 DEFAULT_MAX_LENGTH_RATIO = 3.0
@@ -71,8 +74,9 @@ class SamplingOptions:
         raise OptionError(name, f'must be {what}, got {getattr(self, name)!r}')
 
     opt = lambda x, check: x is None or check(x)
-    need(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-         'max_new_tokens', 'an int >= 1')
+    need(_is_int(self.max_new_tokens)
+         and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+         'max_new_tokens', f'an int in [1, {MAX_NEW_TOKENS_LIMIT}]')
     need(_is_num(self.temperature) and self.temperature >= 0, 'temperature',
          'a finite number >= 0')
     need(opt(self.top_k, lambda k: _is_int(k) and k >= 1), 'top_k',

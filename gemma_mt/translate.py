@@ -35,6 +35,7 @@ def parse_args(argv=None):
   if args.sentences and args.input:
     p.error('give sentences as arguments or --input, not both')
   args.options = cli.sampling_options(args)  # Checked before any loading.
+  cli.check_model_args(args)
   return args
 
 

@@ -7,6 +7,7 @@ and in subprocesses, compile the train step only once.
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,42 @@ def test_uninterrupted_run_outputs(uninterrupted):
   assert loaded.arch == 'tiny'
   assert loaded.tokenizer.vocab_size == 262_144
   assert_trees_equal(loaded.params, params)
+
+
+def _largest_file(d):
+  return max((p for p in d.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _overwrite(path, data):
+  with open(path, 'r+b') as f:
+    f.seek(min(4096, path.stat().st_size // 2))
+    f.write(data)
+
+
+DAMAGE = {
+    'flipped_bytes': lambda d: _overwrite(_largest_file(d / 'state'), b'\xff' * 4096),
+    'truncated': lambda d: os.truncate(_largest_file(d / 'state'), 100),
+    'emptied_meta': lambda d: [p.write_text('') for p in (d / 'meta').rglob('*')
+                               if p.is_file()],
+    'deleted_state': lambda d: shutil.rmtree(d / 'state'),
+}
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back(damage, uninterrupted, tmp_path,
+                                              mtnt_dir, xla_cache, caplog):
+  """Resume checks each checkpoint's CRCs: a damaged newest one is named
+  and moved aside, the older one resumes, and the run ends as if nothing
+  had happened."""
+  workdir, expect = uninterrupted
+  shutil.copytree(workdir / 'checkpoints', tmp_path / 'checkpoints')
+  shutil.copytree(workdir / 'checkpoints.crc', tmp_path / 'checkpoints.crc')
+  DAMAGE[damage](tmp_path / 'checkpoints' / '4')
+  with caplog.at_level('WARNING'):
+    got = loop.train_loop(tiny_config(tmp_path, mtnt_dir, resume=True))
+  assert f"checkpoint {tmp_path / 'checkpoints' / '4'} is damaged" in caplog.text
+  assert (tmp_path / 'checkpoints' / '4.damaged').is_dir()
+  assert_trees_equal(jax.device_get(got), expect)  # Resumed from step 2.
 
 
 def test_sigkill_then_resume_cli(uninterrupted, tmp_path, mtnt_dir,

@@ -385,3 +385,21 @@ def test_jsonl_fuzz_one_response_each_and_never_internal(tr):
     assert r['status'] in ('SUCCESS', 'FAIL')
     assert 'internal error' not in r.get('error', ''), r
   assert any(r['status'] == 'SUCCESS' for r in responses)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['x', '--batch_size', '0'], 'error: --batch_size must be >= 1, got 0'),
+    (['x', '--max_new_tokens', '1000000000', '--max_length_ratio', '0'],
+     'error: max_new_tokens must be an int in [1, 8192], got 1000000000'),
+    (['x', '--checkpoint', '/no/such/dir'],
+     'error: --checkpoint /no/such/dir: no such directory'),
+    (['x', '--top_p', '2'], 'error: top_p must be None or a number in (0, 1]'),
+    (['x', '--temperature', 'hot'], "--temperature: expects float, got 'hot'"),
+])
+def test_cli_bad_flags_one_line_before_loading(argv, message, capsys,
+                                               monkeypatch):
+  monkeypatch.setattr(cli_lib, 'build_translator',
+                      lambda a: pytest.fail('loaded a model'))
+  assert T.main(argv) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1, err

@@ -161,7 +161,7 @@ def train_loop(config: TrainingConfig) -> Any:
   state = setup.state
   start = 0
   if latest is not None:
-    state, start = checkpoints.restore_checkpoint(mngr, latest, state)
+    state, start, latest = checkpoints.restore_latest(mngr, state)
     log.info('resumed from step %d', start)
   # Written once the run really starts or resumes.
   (workdir / 'config.json').write_text(
