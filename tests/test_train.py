@@ -403,3 +403,27 @@ def test_early_stop_after_patience(tmp_path, mtnt_dir, xla_cache, monkeypatch):
   assert [r['step'] for r in _records(tmp_path, 'valid_translation')] == [0, 1, 2]
   assert _records(tmp_path, 'train')[-1]['step'] == 2
   assert _best(tmp_path)['step'] == 0 and (tmp_path / 'final').is_dir()
+
+
+def test_sigkill_keeps_the_best_record(tmp_path, mtnt_dir, xla_cache):
+  """kill -9 after step 2's BLEU evaluation, then --resume: best.json is the
+  best over every evaluation of both processes, not of the second alone."""
+  args = cli_args(tmp_path, mtnt_dir, **BLEU_KW)
+  proc = run_cli(args, xla_cache)
+  metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline and not (
+      metrics.exists() and
+      any(r['step'] == 2 for r in _records(tmp_path, 'valid_translation'))):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL
+  proc = run_cli(args + ['--resume'], xla_cache)
+  out = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, out[-3000:]
+  q = _records(tmp_path, 'valid_translation')
+  assert [r['step'] for r in q] == [0, 2, 4]
+  top = max(q, key=lambda r: (r['chrf'], -r['step']))
+  assert (_best(tmp_path)['step'], _best(tmp_path)['chrf']) == (top['step'],
+                                                                 top['chrf'])
