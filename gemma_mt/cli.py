@@ -25,10 +25,11 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+from gemma_mt.cache import CACHE_ENV, cache_home
+
 log = logging.getLogger(__name__)
 
 DEBUG_ENV = 'GEMMA_MT_DEBUG'
-CACHE_ENV = 'GEMMA_MT_CACHE'  # As `weights.embedded`: one cache home.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -58,8 +59,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def default_compile_cache_dir() -> Path:
-  root = os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'gemma_mt'
-  return Path(root).expanduser() / 'xla'
+  return cache_home() / 'xla'
 
 
 class CompileCacheStats:

@@ -73,7 +73,7 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
       'hit_max_new_tokens': sum(r.stop_reason == 'max_tokens' for r in results),
       'input_tokens': sum(r.input_tokens for r in results),
       'output_tokens': sum(r.output_tokens for r in results),
-      'options': {k: v for k, v in dataclasses.asdict(options).items()},
+      'options': dataclasses.asdict(options),
   }
   return hyps, summary
 

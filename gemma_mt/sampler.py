@@ -118,6 +118,39 @@ class DecodeState(NamedTuple):
   count: jax.Array  # [B] tokens generated so far (incl. the stop token)
 
 
+def _constrain(cache, row_sharding):
+  """Pins the cache's [rows, ...] leaves to `row_sharding` (a mesh's batch
+  sharding; end_index replicated). None: no constraint."""
+  if row_sharding is None:
+    return cache
+  scalar = SH.replicated(row_sharding.mesh)
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, row_sharding if x.ndim else scalar), cache)
+
+
+def _prefill(apply, model, prompt, prompt_len, S, row_sharding):
+  """Right-padded prompts [B, P] into an empty cache of S slots: (hidden
+  state [B, D] of each row's last prompt token, cache)."""
+  B, P = prompt.shape
+  cache = _constrain(M.init_cache(model.config, B, S, dtype=model.dtype),
+                     row_sharding)
+  pmask = jnp.arange(P)[None] < prompt_len[:, None]
+  attn = jnp.zeros((B, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
+  hidden, cache = apply(prompt, M.positions_from_mask(pmask), attn, cache)
+  return hidden[jnp.arange(B), prompt_len - 1], cache
+
+
+def _step(apply, tokens, cache, i, P, prompt_len, row_sharding):
+  """Feeds generated token i-1 of each row (slot P+i-1, position
+  prompt_len+i-1); it sees its own prompt and the generated slots up to
+  itself. Returns (hidden [B, D], cache)."""
+  slots = jnp.arange(cache['positions'].shape[1])[None]
+  seen = (slots < prompt_len[:, None]) | ((slots >= P) & (slots < P + i))
+  hidden, cache = apply(tokens[:, None], (prompt_len + i - 1)[:, None],
+                        seen[:, None, :], cache)
+  return hidden[:, 0], _constrain(cache, row_sharding)
+
+
 def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
            top_k, top_p, max_new_tokens, stop_table, *, model: M.Transformer,
            mode: SamplingMode, budget: int, pad_id: int,
@@ -145,38 +178,20 @@ def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
     keys = _row_keys(seed, row_ids, step)
     return sample_logits(logits, keys, temperature, top_k, top_p, mode)
 
-  def constrain(cache):  # [B, ...] leaves by rows, end_index replicated.
-    if row_sharding is None:
-      return cache
-    scalar = SH.replicated(row_sharding.mesh)
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-        x, row_sharding if x.ndim else scalar), cache)
-
-  cache = constrain(M.init_cache(cfg, B, S, dtype=model.dtype))
-  pmask = jnp.arange(P)[None] < prompt_len[:, None]
-  attn = jnp.zeros((B, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
-  hidden, cache = apply(prompt, M.positions_from_mask(pmask), attn, cache)
-  last = hidden[jnp.arange(B), prompt_len - 1]
+  last, cache = _prefill(apply, model, prompt, prompt_len, S, row_sharding)
   tok = jnp.where(active, sample(logits_of(last), 0), pad_id)
   out = jnp.full((B, budget), pad_id, jnp.int32).at[:, 0].set(tok)
   count = active.astype(jnp.int32)
   done = ~active | stop_table[tok] | (count >= max_new_tokens)
-  slots = jnp.arange(S)[None]
-  in_prompt = slots < prompt_len[:, None]
 
   def cond(state: DecodeState):
     return (state.step < budget) & ~jnp.all(state.done)
 
   def body(state: DecodeState) -> DecodeState:
     i, done = state.step, state.done
-    # Feed token i-1 (slot P+i-1, position prompt_len+i-1); it sees its own
-    # prompt and the generated slots up to itself.
-    seen = in_prompt | ((slots >= P) & (slots < P + i))
-    pos = (prompt_len + i - 1)[:, None]
-    hidden, cache = apply(state.token[:, None], pos, seen[:, None, :],
-                          state.cache)
-    cache = constrain(cache)
-    new = jnp.where(done, pad_id, sample(logits_of(hidden[:, 0]), i))
+    hidden, cache = _step(apply, state.token, state.cache, i, P, prompt_len,
+                          row_sharding)
+    new = jnp.where(done, pad_id, sample(logits_of(hidden), i))
     out = jax.lax.dynamic_update_slice(state.out, new[:, None], (0, i))
     count = state.count + (~done).astype(jnp.int32)
     done = done | stop_table[new] | (count >= max_new_tokens)
@@ -227,8 +242,9 @@ def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
   continuations by log-prob: those among the K best that end on a stop
   token (or at the row's limit) join the finished set, ranked by log-prob
   / ((5 + length) / 6) ** alpha (GNMT; alpha = `length_penalty`, 0 = raw
-  log-prob); the K best that go on stay alive. With K = 1 this is greedy. A row is final when its K-th finished score beats what any
-  alive beam could still reach (its log-prob only falls, and the penalty
+  log-prob); the K best that go on stay alive. With K = 1 this is greedy.
+  A row is final when its K-th finished score beats what any alive beam
+  could still reach (its log-prob only falls, and the penalty
   is largest at the row's limit); the loop ends when every row is final.
   Returns (tokens [B, K, budget], lengths [B, K], logp [B, K],
   scores [B, K]), best first.
@@ -246,22 +262,9 @@ def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
     logits = M.logits_from_hidden(table, hidden, cfg.final_logit_softcap)
     return jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(B, K, -1)
 
-  def constrain(cache):
-    if row_sharding is None:
-      return cache
-    scalar = SH.replicated(row_sharding.mesh)
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-        x, row_sharding if x.ndim else scalar), cache)
-
-  rep = lambda x: jnp.repeat(x, K, axis=0)
-  prompt_bk, len_bk = rep(prompt), rep(prompt_len)
-  cache = constrain(M.init_cache(cfg, B * K, S, dtype=model.dtype))
-  pmask = jnp.arange(P)[None] < len_bk[:, None]
-  attn = jnp.zeros((B * K, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
-  hidden, cache = apply(prompt_bk, M.positions_from_mask(pmask), attn, cache)
-  last = hidden[jnp.arange(B * K), len_bk - 1]
-  slots = jnp.arange(S)[None]
-  in_prompt = slots < len_bk[:, None]
+  len_bk = jnp.repeat(prompt_len, K)  # K rows per prompt, beam-major.
+  last, cache = _prefill(apply, model, jnp.repeat(prompt, K, axis=0), len_bk,
+                         S, row_sharding)
   limit = jnp.where(active, max_new_tokens, 1)[:, None]  # [B, 1]
 
   def extend(state: BeamState, logp) -> BeamState:
@@ -296,7 +299,7 @@ def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
     cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, state.cache)
     return BeamState(
         i + 1, jnp.take_along_axis(tok, keep, axis=1).reshape(-1),
-        constrain(cache),
+        _constrain(cache, row_sharding),
         jnp.take_along_axis(seqs, keep[..., None], axis=1), alive_logp, **fin)
 
   first = jnp.full((B, K), neg).at[:, 0].set(0.0)  # K copies: one counts.
@@ -316,12 +319,9 @@ def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
     return (state.step < budget) & ~jnp.all(final(state))
 
   def body(state: BeamState) -> BeamState:
-    i = state.step
-    seen = in_prompt | ((slots >= P) & (slots < P + i))
-    pos = (len_bk + i - 1)[:, None]
-    hidden, cache = apply(state.token[:, None], pos, seen[:, None, :],
-                          state.cache)
-    return extend(state._replace(cache=cache), log_probs(hidden[:, 0]))
+    hidden, cache = _step(apply, state.token, state.cache, state.step, P,
+                          len_bk, None)  # Constrained after reordering.
+    return extend(state._replace(cache=cache), log_probs(hidden))
 
   state = jax.lax.while_loop(cond, body, state)
   return state.fin_seq, state.fin_len, state.fin_logp, state.fin_score
@@ -491,8 +491,8 @@ class Sampler:
                     SH.decode_sharding(B * K, self.mesh))
     kw = dict(model=self.model, budget=budget, pad_id=self.pad_id,
               row_sharding=row_sharding)
-    fn = (functools.partial(beam_decode, beam_size=K, **kw) if K > 1 or
-          isinstance(mode, tuple) else
+    fn = (functools.partial(beam_decode, beam_size=K, **kw)
+          if isinstance(mode, tuple) else
           functools.partial(decode, mode=mode, **kw))
     exe = jax.jit(fn).lower(*args).compile()
     self.num_compiles += 1

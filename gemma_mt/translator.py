@@ -252,15 +252,17 @@ class Translator:
     out = []
     for i, src in enumerate(sources):
       ids, reason = gen.token_ids[i], gen.stop_reasons[i]
-      text, cut = clean(ids, src)
       candidates = None
-      if gen.nbest is not None and gen.nbest[i]:
-        candidates = [clean(h.ids, src)[0] for h in gen.nbest[i]]
-        if opts.mbr > 1:  # The n-best of a beam of N, best first.
-          pick = mbr_lib.mbr_select(candidates, opts.mbr_utility)
-          ids = gen.nbest[i][pick].ids
-          text, cut = clean(ids, src)
-          reason = self._stop_reason(ids, False)
+      if gen.nbest is not None and gen.nbest[i]:  # Best first.
+        cleaned = [clean(h.ids, src) for h in gen.nbest[i]]
+        candidates = [text for text, _ in cleaned]
+        pick = (mbr_lib.mbr_select(candidates, opts.mbr_utility)
+                if opts.mbr > 1 else 0)
+        ids = gen.nbest[i][pick].ids
+        text, cut = cleaned[pick]
+        reason = self._stop_reason(ids, False)
+      else:
+        text, cut = clean(ids, src)
       out.append(Translation(text, gen.input_tokens[i], len(ids),
                              'stop_sequence' if cut else reason, candidates))
     return out

@@ -47,9 +47,8 @@ def save_checkpoint(mngr, step: int, state: TrainState) -> None:
   mngr.wait_until_finished()
   crc_dir = _crc_dir(mngr)
   crc_dir.mkdir(exist_ok=True)
-  tmp = crc_dir / f'.{step}.json.tmp-{os.getpid()}'
-  tmp.write_text(json.dumps(file_crcs(Path(mngr.directory) / str(step))))
-  os.replace(tmp, crc_dir / f'{step}.json')
+  orbax_io.atomic_write(crc_dir / f'{step}.json', json.dumps(
+      file_crcs(Path(mngr.directory) / str(step))))
   kept = {str(s) for s in mngr.all_steps()}
   for f in crc_dir.glob('*.json'):  # Steps the manager has deleted.
     if f.stem not in kept:

@@ -199,9 +199,10 @@ def train_loop(config: TrainingConfig) -> Any:
 
   def run_quality(step) -> bool:
     """Scores the weights, keeps best/; True when it is time to stop."""
-    scores = quality.score(plain_params(state, config))
+    params = plain_params(state, config)  # LoRA: merged once per evaluation.
+    scores = quality.score(params)
     writer.write('valid_translation', step, **scores)
-    new = quality.update(step, plain_params(state, config), scores)
+    new = quality.update(step, params, scores)
     log.info('step %d: BLEU %.2f, chrF %.2f, %d runaways%s', step,
              scores['bleu'], scores['chrf'], scores['runaway'],
              ' (new best)' if new else '')

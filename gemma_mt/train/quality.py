@@ -12,7 +12,6 @@ best stop the run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from gemma_mt import evaluate, weights
 from gemma_mt.sampling import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.translator import Translator
+from gemma_mt.weights import orbax_io
 
 BEST_DIR, BEST_FILE = 'best', 'best.json'
 
@@ -63,9 +63,8 @@ class QualityTracker:
     weights.save(self.workdir / BEST_DIR, self.arch, params, self.tokenizer,
                  overwrite=True)
     self.best = {'step': step, 'select_by': key, **scores}
-    tmp = self.workdir / f'.{BEST_FILE}.tmp-{os.getpid()}'
-    tmp.write_text(json.dumps(self.best, indent=2) + '\n')
-    os.replace(tmp, self.workdir / BEST_FILE)  # best/ first, then its record.
+    orbax_io.atomic_write(self.workdir / BEST_FILE,  # best/ first, then
+                          json.dumps(self.best, indent=2) + '\n')  # its record.
     self.since_best = 0
     return True
 

@@ -16,20 +16,18 @@ from typing import Any
 
 import numpy as np
 
+from gemma_mt.cache import CACHE_ENV, cache_home  # noqa: F401 (re-export)
 from gemma_mt.model import TransformerConfig
 from gemma_mt.tokenizer import GemmaTokenizer
 from gemma_mt.weights import gguf, orbax_io
 
-CACHE_ENV = 'GEMMA_MT_CACHE'
 # Bump when the GGUF conversion changes, so stale caches are not reused.
 _CONVERT_VERSION = 1
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
   """`cache_dir`, else $GEMMA_MT_CACHE, else ~/.cache/gemma_mt (created)."""
-  if cache_dir is None:
-    cache_dir = os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'gemma_mt'
-  path = Path(cache_dir).expanduser()
+  path = cache_home() if cache_dir is None else Path(cache_dir).expanduser()
   path.mkdir(parents=True, exist_ok=True)
   return path
 
@@ -90,10 +88,8 @@ def load_gemma3_270m(cache_dir: str | os.PathLike | None = None,
 def _cached_tokenizer(cache_dir: Path) -> GemmaTokenizer:
   path = cache_dir / orbax_io.TOKENIZER_FILE
   if not path.exists():
-    proto = gguf.tokenizer_proto_from_gguf(embedded_gguf_path(cache_dir))
-    tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
-    tmp.write_bytes(proto)
-    os.replace(tmp, path)  # Atomic: a half-written model is never seen.
+    orbax_io.atomic_write(
+        path, gguf.tokenizer_proto_from_gguf(embedded_gguf_path(cache_dir)))
   return GemmaTokenizer.from_file(path)
 
 

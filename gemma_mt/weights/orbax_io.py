@@ -83,6 +83,21 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+  """Writes a file through a sibling temp file and a rename: readers see
+  the old file or the whole new one, never a half-written one."""
+  path = Path(path)
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  try:
+    if isinstance(data, str):
+      tmp.write_text(data, encoding='utf-8')
+    else:
+      tmp.write_bytes(data)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
 def abstract_tree(tree: Any, shardings: Any, dtype: Any = None) -> Any:
   """ShapeDtypeStructs of `tree` (arrays or shapes) carrying `shardings`.
 
