@@ -6,7 +6,9 @@ on the `dst` tokens and the EOS, so the loss for predicting token t (from
 position t - 1) is counted where `target_mask[t]` is True; the prompt and the
 padding never are.
 
-Pairs come from TFDS (`mtnt/<pair>`, needs the download) or from an
+Pairs come from TFDS (`mtnt/<pair>`: TFDS's own builder, which downloads
+`MTNT.1.1.tar.gz` or takes a local copy through `place_mtnt_archive`; needs
+the `tfds` extra, TensorFlow) or from an
 extracted MTNT directory (`<dir>/<split>/<split>.<pair>.tsv`, columns: comment
 id, source, target), read with plain Python so that no TensorFlow is needed.
 Real MTNT files contain bad rows (CRLF endings, a row with an extra column,
@@ -128,11 +130,65 @@ def _check_tfds_pair(lang_pair: str) -> None:
     raise ValueError(f"TFDS has no mtnt/{lang_pair}; use a local MTNT dir (source='dir')")
 
 
-def _read_tfds(split: str, lang_pair: str, data_dir=None) -> tuple[list[tuple[str, str]], int]:
-  _check_tfds_pair(lang_pair)
-  import tensorflow_datasets as tfds  # Lazy: pulls in TensorFlow.
+TFDS_INSTALL = "pip install 'gemma_mt[tfds]'"
+MTNT_ARCHIVE = 'MTNT.1.1.tar.gz'
 
-  ds = tfds.load(f'mtnt/{lang_pair}', split=split, data_dir=data_dir, shuffle_files=False)
+
+def _tfds_mtnt():
+  """TFDS's own MTNT builder module; TFDS extracts and reads with TensorFlow."""
+  try:
+    import tensorflow  # noqa: F401  (extraction and tfrecord reading)
+    from tensorflow_datasets.translate.mtnt import mtnt
+  except ImportError as e:
+    raise ValueError(
+        f'the TFDS source needs TensorFlow Datasets and TensorFlow ({e}); '
+        f'{TFDS_INSTALL}, or give --mtnt_dir DIR (an extracted {MTNT_ARCHIVE})') from e
+  return mtnt
+
+
+def tfds_builder(lang_pair: str = 'en-fr', data_dir=None):
+  _check_tfds_pair(lang_pair)
+  return _tfds_mtnt().Mtnt(config=lang_pair, data_dir=data_dir)
+
+
+def place_mtnt_archive(archive: str | os.PathLike, lang_pair: str = 'en-fr',
+                       data_dir=None) -> Path:
+  """Puts a local MTNT.1.1.tar.gz where TFDS's download manager finds it.
+
+  For machines that cannot reach the release URL: TFDS then extracts and
+  prepares it exactly as it would its own download (same cache file, same
+  INFO record), so `tfds_data_dir` works offline.
+  """
+  from tensorflow_datasets.core.download import checksums, resource
+
+  archive = Path(archive)
+  if not archive.is_file():
+    raise ValueError(f'--mtnt_archive {archive}: no such file (want {MTNT_ARCHIVE})')
+  builder = tfds_builder(lang_pair, data_dir)
+  url = _tfds_mtnt().URL_1_1
+  dest = Path(builder.data_dir_root) / 'downloads' / resource.get_dl_fname(url)
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  tmp = dest.with_name(dest.name + '.tmp')
+  tmp.write_bytes(archive.read_bytes())
+  os.replace(tmp, dest)
+  resource.write_info_file(url=url, path=dest, dataset_name='mtnt',
+                           original_fname=MTNT_ARCHIVE,
+                           url_info=checksums.compute_url_info(dest))
+  return dest
+
+
+def _read_tfds(split: str, lang_pair: str, data_dir=None) -> tuple[list[tuple[str, str]], int]:
+  builder = tfds_builder(lang_pair, data_dir)  # Fails first if TFDS is missing.
+  import tensorflow_datasets as tfds
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # noqa: BLE001  (requests, tfds and tf errors alike)
+    raise ValueError(
+        f'TFDS could not prepare mtnt/{lang_pair} in {builder.data_dir_root}: '
+        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}. Offline, give '
+        f'--mtnt_dir DIR (an extracted {MTNT_ARCHIVE}) or --mtnt_archive '
+        f'{MTNT_ARCHIVE}') from e
+  ds = builder.as_dataset(split=split, shuffle_files=False)
   pairs, malformed = [], 0
   for i, ex in enumerate(tfds.as_numpy(ds)):
     result = _clean(ex['src'], ex['dst'])

@@ -46,17 +46,34 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   return out
 
 
+CHUNK = 512  # Sentences translated between two writes of the hypotheses.
+
+
 def evaluate(translator, pairs: Sequence[tuple[str, str]],
              options: SamplingOptions | None = None, *,
-             batch_size: int | None = None) -> tuple[list[str], dict]:
-  """(hypotheses, summary) of translations of `pairs` (greedy by default)."""
+             batch_size: int | None = None,
+             partial: Path | None = None) -> tuple[list[str], dict]:
+  """(hypotheses, summary) of translations of `pairs` (greedy by default).
+
+  `partial`: hypotheses are appended there every CHUNK sentences, so a
+  killed evaluation keeps what it translated.
+  """
   options = options or SamplingOptions()
   sources = [s for s, _ in pairs]
   refs = [r for _, r in pairs]
   compiles = translator.num_compiles
   t0 = time.perf_counter()
-  results = translator.translate_detailed(sources, options,
+  results = []
+  if partial is not None:
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text('', encoding='utf-8')
+  for start in range(0, len(sources), CHUNK):
+    chunk = translator.translate_detailed(sources[start:start + CHUNK], options,
                                           batch_size=batch_size)
+    results += chunk
+    if partial is not None:
+      with partial.open('a', encoding='utf-8') as f:
+        f.write(_lines(r.text for r in chunk))
   seconds = time.perf_counter() - t0
   hyps = [r.text for r in results]
   long_ = [postprocess.too_long(h, r) for h, r in zip(hyps, refs)]
@@ -82,11 +99,9 @@ def default_output_dir() -> Path:
   return Path('workdir') / 'eval' / f'{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
 
 
-def write_hypotheses(path: Path, hyps: Sequence[str]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
+def _lines(hyps) -> str:
   # One line each, whatever the text: the file aligns with the references.
-  path.write_text(''.join(' '.join(h.splitlines()) + '\n' for h in hyps),
-                  encoding='utf-8')
+  return ''.join(' '.join(h.splitlines()) + '\n' for h in hyps)
 
 
 def check_writable(flag: str, path: str | os.PathLike | None) -> None:
@@ -113,6 +128,10 @@ def parse_args(argv=None):
                    help='read mtnt/<pair> from TensorFlow Datasets')
   src.add_argument('--tsv', default=None,
                    help='any MTNT-layout file (id, source, target)')
+  p.add_argument('--tfds_data_dir', default=None,
+                 help='TFDS data dir (default ~/tensorflow_datasets)')
+  p.add_argument('--mtnt_archive', default=None, metavar='FILE',
+                 help=f'local {data.MTNT_ARCHIVE} for --tfds when offline')
   p.add_argument('--split', default='valid', choices=data.SPLITS)
   p.add_argument('--limit', type=int, default=None,
                  help='only the first N pairs')
@@ -130,6 +149,8 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if not (args.mtnt_dir or args.tfds or args.tsv):
     p.error('give --mtnt_dir DIR, --tfds or --tsv FILE')
+  if (args.tfds_data_dir or args.mtnt_archive) and not args.tfds:
+    p.error('--tfds_data_dir and --mtnt_archive go with --tfds')
   if args.limit is not None and args.limit < 1:
     p.error('--limit must be >= 1')
   args.options = cli.sampling_options(args)
@@ -143,8 +164,11 @@ def load_eval_pairs(args) -> tuple[list[tuple[str, str]], str]:
     pairs, bad = data.read_mtnt_tsv(args.tsv)
     where = str(args.tsv)
   else:
+    if args.mtnt_archive:
+      data.place_mtnt_archive(args.mtnt_archive, args.lang_pair, args.tfds_data_dir)
     pairs = data.load_pairs(args.split, source='tfds' if args.tfds else 'dir',
-                            mtnt_dir=args.mtnt_dir, lang_pair=args.lang_pair)
+                            mtnt_dir=args.mtnt_dir, lang_pair=args.lang_pair,
+                            tfds_data_dir=args.tfds_data_dir)
     where = (f'tfds:mtnt/{args.lang_pair}/{args.split}' if args.tfds else
              str(data.tsv_path(args.mtnt_dir, args.split, args.lang_pair)))
   return pairs[:args.limit] if args.limit else pairs, where
@@ -166,14 +190,15 @@ def run(argv=None) -> int:
     check_writable(flag, path)  # Before hours of translating, not after.
   translator = cli.build_translator(args)
   log.info('translating %d pairs from %s', len(pairs), where)
+  partial = output.with_name(output.name + '.partial')
   hyps, summary = evaluate(translator, pairs, args.options,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, partial=partial)
   summary = {'data': where, 'lang_pair': args.lang_pair,
              'model': args.model, 'checkpoint': args.checkpoint,
              'batch_size': args.batch_size,
              'data_parallel': args.data_parallel, **summary,
              'hypotheses': str(output)}
-  write_hypotheses(output, hyps)
+  os.replace(partial, output)  # Complete: the partial file becomes the output.
   hyps_b = None
   if args.compare_checkpoint:
     del translator

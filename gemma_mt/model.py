@@ -410,6 +410,13 @@ class Transformer(nn.Module):
     return logits_from_hidden(table, x, cfg.final_logit_softcap), new_cache
 
 
+def param_shapes(module: Transformer) -> Any:
+  """The params tree of `module` as ShapeDtypeStructs (traced, not compiled)."""
+  x = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(module.init, jax.random.key(0), x, x,
+                        jnp.ones((1, 1, 1), bool))['params']
+
+
 def logits_from_hidden(table: Array, x: Array,
                        softcap: float | None) -> Array:
   """Tied LM head: hidden [..., D] -> logits [..., V], with the soft-cap."""

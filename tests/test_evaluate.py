@@ -126,3 +126,28 @@ def test_unwritable_outputs_fail_before_translating(tmp_path, monkeypatch, capsy
   assert E.main(['--tsv', str(tsv), '--output', str(tmp_path / 'o.txt'),
                  '--report', str(tmp_path / 'dir')]) == 2
   assert 'error: --report' in capsys.readouterr().err
+
+
+def test_killed_evaluation_keeps_the_chunks_it_translated(mtnt_dir, tokenizer,
+                                                          tmp_path, monkeypatch):
+  tr = make_tiny_translator(tokenizer)
+  real, calls = tr.translate_detailed, []
+
+  def dies_on_third_chunk(sources, *a, **kw):
+    calls.append(len(sources))
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(sources, *a, **kw)
+
+  monkeypatch.setattr(tr, 'translate_detailed', dies_on_third_chunk)
+  monkeypatch.setattr(cli, 'build_translator', lambda args: tr)
+  monkeypatch.setattr(E, 'CHUNK', 2)
+  out = tmp_path / 'hyp.txt'
+  with pytest.raises(KeyboardInterrupt):
+    E.main(['--mtnt_dir', str(mtnt_dir), '--limit', '5', '--output', str(out),
+            '--max_new_tokens', '4'])
+  assert calls == [2, 2, 1] and not out.exists()
+  kept = (tmp_path / 'hyp.txt.partial').read_text(encoding='utf-8').splitlines()
+  from gemma_mt import data
+  sources = [s for s, _ in data.load_pairs('valid', mtnt_dir=mtnt_dir)[:4]]
+  assert kept == [t.text for t in real(sources, max_new_tokens=4)]

@@ -205,6 +205,60 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mtnt_dir,
              for x in jax.tree.leaves(state.params))
 
 
+def _tree_files(d: Path) -> dict:
+  return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob('*'))
+          if p.is_file()}
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(batch_size=4), r"data settings differ .*--batch_size 2 → 4.*--force_resume"),
+    (dict(max_seq_len=64), r"--max_seq_len 48 → 64"),
+    (dict(optimizer='sgd'), r"other settings \(--optimizer 'adamw' → 'sgd'\)"),
+    (dict(lora_rank=4), r"--lora_rank 0 → 4"),
+])
+def test_resume_refuses_changed_settings_and_changes_nothing(
+    change, message, uninterrupted, tmp_path, mtnt_dir):
+  workdir, _ = uninterrupted
+  shutil.copytree(workdir, tmp_path / 'run')
+  before = _tree_files(tmp_path / 'run')
+  with pytest.raises(ValueError, match=message):
+    loop.train_loop(tiny_config(tmp_path / 'run', mtnt_dir, resume=True, **change))
+  assert _tree_files(tmp_path / 'run') == before
+
+
+def test_force_resume_goes_on_with_new_data_settings(uninterrupted, tmp_path,
+                                                     mtnt_dir, xla_cache, caplog):
+  workdir, _ = uninterrupted
+  shutil.copytree(workdir, tmp_path / 'run')
+  with caplog.at_level('INFO'):
+    loop.train_loop(tiny_config(tmp_path / 'run', mtnt_dir, resume=True,
+                                force_resume=True, max_seq_len=64, max_steps=5))
+  assert 'resumed from step 4' in caplog.text
+  import json
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['max_seq_len'] == 64
+
+
+def test_checkpoint_of_another_model_is_named_not_moved(uninterrupted, tmp_path,
+                                                        mtnt_dir):
+  """Without config.json to compare, the checkpoint's own tree metadata
+  names the first array that differs; the checkpoints stay where they are."""
+  workdir, _ = uninterrupted
+  shutil.copytree(workdir, tmp_path / 'run')
+  (tmp_path / 'run' / 'config.json').unlink()
+  before = _tree_files(tmp_path / 'run' / 'checkpoints')
+  with pytest.raises(ValueError, match=r'written by another model, optimizer or '
+                     r'LoRA config: the checkpoint has \d+ arrays, \d+ expected'):
+    loop.train_loop(tiny_config(tmp_path / 'run', mtnt_dir, resume=True,
+                                optimizer='sgd'))
+  assert _tree_files(tmp_path / 'run' / 'checkpoints') == before
+
+
+def test_failed_start_leaves_no_workdir(tmp_path, mtnt_dir):
+  with pytest.raises(FileNotFoundError, match='MTNT file not found'):
+    loop.train_loop(tiny_config(tmp_path / 'new', tmp_path / 'no_mtnt'))
+  assert not (tmp_path / 'new').exists()
+
+
 def test_blown_up_params_are_divergence_and_never_saved(tmp_path, mtnt_dir,
                                                        xla_cache):
   """lr 1e30: the loss of step 1 is finite (it is computed before the

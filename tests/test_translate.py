@@ -403,3 +403,37 @@ def test_cli_bad_flags_one_line_before_loading(argv, message, capsys,
   assert T.main(argv) == 2
   err = capsys.readouterr().err
   assert message in err and err.count('\n') == 1, err
+
+
+def _bad_checkpoints(root, tokenizer):
+  from gemma_mt import weights
+  from tiny import tiny_params
+  model = weights.save(root / 'run' / 'final', 'tiny', tiny_params(), tokenizer)
+  (root / 'run' / 'checkpoints').mkdir()
+  (root / 'a_file').write_text('x')
+  (root / 'empty').mkdir()
+  broken = root / 'broken_json'
+  import shutil
+  shutil.copytree(model, broken)
+  (broken / 'gemma_mt.json').write_text('{bad')
+  shutil.copytree(model, root / 'no_meta')
+  (root / 'no_meta' / 'gemma_mt.json').unlink()
+
+
+@pytest.mark.parametrize('ckpt,extra,message', [
+    ('a_file', [], r'--checkpoint {root}/a_file: no such directory'),
+    ('empty', [], r'{root}/empty: expected one orbax checkpoint directory in it, found none'),
+    ('run', [], r'{root}/run is a training workdir; give its model: {root}/run/final'),
+    ('broken_json', [], r'{root}/broken_json/gemma_mt.json: not valid JSON'),
+    ('no_meta', ['--model', 'gemma3_270m'],
+     r'{root}/no_meta: not a gemma3_270m checkpoint \(the checkpoint has 35 arrays, 200 expected\)'),
+])
+def test_bad_checkpoint_dirs_one_line(ckpt, extra, message, tmp_path, tokenizer,
+                                      capsys):
+  _bad_checkpoints(tmp_path, tokenizer)
+  assert T.main(['hi', '--checkpoint', str(tmp_path / ckpt), *extra]) == 2
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if 'compile cache' not in l]
+  assert len(lines) == 1 and lines[0].startswith('error: '), err
+  import re
+  assert re.search(message.format(root=re.escape(str(tmp_path))), lines[0]), err

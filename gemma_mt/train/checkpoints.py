@@ -40,7 +40,7 @@ def checkpoint_manager(config: TrainingConfig):
 def save_checkpoint(mngr, step: int, state: TrainState) -> None:
   # Optimizer state as a leaf list: restores into any optax state structure.
   # The frozen LoRA base is not saved: it is the base model.
-  tree = {'params': state.params, 'opt_state': jax.tree.leaves(state.opt_state)}
+  tree = _saved_like(state)
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(tree),
       meta=ocp.args.JsonSave({'step': step, 'data_step': step})))
@@ -98,6 +98,7 @@ def restore_latest(mngr, state: TrainState) -> tuple[TrainState, int, int]:
   for step in sorted(mngr.all_steps(), reverse=True):
     problem = verify(mngr, step)
     if problem is None:
+      check_tree(directory / str(step), state)
       try:
         restored, data_step = restore_checkpoint(mngr, step, state)
         return restored, data_step, step
@@ -113,10 +114,27 @@ def restore_latest(mngr, state: TrainState) -> tuple[TrainState, int, int]:
                    'renamed *.damaged); drop --resume to start afresh')
 
 
+def _saved_like(state: TrainState) -> dict:
+  return {'params': state.params, 'opt_state': jax.tree.leaves(state.opt_state)}
+
+
+def check_tree(step_dir: Path, state: TrainState) -> None:
+  """ValueError naming the first array that differs between checkpoint and
+  run (another model, optimizer or LoRA config): the checkpoint is fine, the
+  run is not, so it is not moved aside."""
+  try:
+    saved = orbax_io.metadata_tree(step_dir / 'state')
+  except Exception:  # noqa: BLE001  Unreadable metadata: restore decides.
+    return
+  if problem := orbax_io.tree_mismatch(saved, _saved_like(state)):
+    raise ValueError(f'--resume: {step_dir} was written by another model, '
+                     f'optimizer or LoRA config: {problem}')
+
+
 def restore_checkpoint(mngr, step: int,
                        state: TrainState) -> tuple[TrainState, int]:
   """(state, data_step) from checkpoint `step`, in `state`'s shardings."""
-  like = {'params': state.params, 'opt_state': jax.tree.leaves(state.opt_state)}
+  like = _saved_like(state)
   abstract = orbax_io.abstract_tree(like, jax.tree.map(lambda x: x.sharding,
                                                        like))
   out = mngr.restore(step, args=ocp.args.Composite(

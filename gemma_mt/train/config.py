@@ -43,6 +43,8 @@ class TrainingConfig:
   # Data.
   source: str | None = None         # 'tfds' or 'dir'; default from mtnt_dir
   mtnt_dir: str | None = None       # extracted MTNT release dir
+  tfds_data_dir: str | None = None  # TFDS data dir (default ~/tensorflow_datasets)
+  mtnt_archive: str | None = None   # local MTNT.1.1.tar.gz for TFDS when offline
   lang_pair: str = 'en-fr'          # MTNT pair
   max_seq_len: int = 128            # tokens per row (longer pairs dropped)
   truncate: bool = False            # cut long pairs instead of dropping them
@@ -73,6 +75,7 @@ class TrainingConfig:
   checkpoint_every_n: int = 100     # checkpoint every N steps
   keep_checkpoints: int = 2         # newest checkpoints kept
   resume: bool = False              # continue from the newest checkpoint
+  force_resume: bool = False        # resume although the data/batch settings changed
   seed: int = 0                     # data order, init, dropout
   progress: bool = True             # a tqdm progress bar
 
@@ -121,6 +124,10 @@ class TrainingConfig:
                        f'{self.select_by!r}')
     if self.early_stop_patience and not self.eval_bleu_every_n:
       raise ValueError('--early_stop_patience needs --eval_bleu_every_n > 0')
+    if self.mtnt_archive and (self.mtnt_dir or self.source == 'dir'):
+      raise ValueError('--mtnt_archive is for the TFDS source; drop it or --mtnt_dir')
+    if self.mtnt_archive and not Path(self.mtnt_archive).is_file():
+      raise ValueError(f'--mtnt_archive {self.mtnt_archive}: no such file')
     if self.init not in ('pretrained', 'random'):
       raise ValueError(f"--init must be 'pretrained' or 'random', got "
                        f'{self.init!r}')

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 import jax
 
 from gemma_mt import lora, packing, sharding, weights
-from gemma_mt.data import MTNTDatasetBuilder, prefetch_to_device
+from gemma_mt.data import (MTNTDatasetBuilder, place_mtnt_archive,
+                           prefetch_to_device)
 from gemma_mt.train import checkpoints, metrics, steps
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.quality import QualityTracker
@@ -38,10 +40,12 @@ class TrainingDivergedError(FloatingPointError):
 
 def make_data(config: TrainingConfig, tokenizer):
   """(builder, train iterator factory(start_step), total steps)."""
+  if config.mtnt_archive:
+    place_mtnt_archive(config.mtnt_archive, config.lang_pair, config.tfds_data_dir)
   builder = MTNTDatasetBuilder(
       tokenizer, config.max_seq_len, source=config.source,
       mtnt_dir=config.mtnt_dir, lang_pair=config.lang_pair, seed=config.seed,
-      truncate=config.truncate)
+      truncate=config.truncate, tfds_data_dir=config.tfds_data_dir)
   if config.packing:
     data = builder.encode_split('train')
     kw = dict(pad_id=tokenizer.pad_id, seed=config.seed)
@@ -131,12 +135,43 @@ class _Window:
                 input_wait_frac=self.wait / dt)
 
 
+# What a checkpoint's tree depends on, and what the data order depends on.
+_STATE_FIELDS = ('model', 'optimizer', 'lora_rank', 'lora_targets', 'lora_quant',
+                 'param_dtype')
+_DATA_FIELDS = ('batch_size', 'grad_accum_steps', 'max_seq_len', 'packing',
+                'truncate', 'seed', 'lang_pair', 'source', 'mtnt_dir')
+
+
+def check_resume(config: TrainingConfig, saved_config: Path) -> None:
+  """ValueError naming a setting that differs from the run being resumed:
+  the model, optimizer and LoRA settings always (the checkpoint cannot be
+  restored into another state), the data settings unless --force_resume
+  (the run would not continue where it stopped)."""
+  try:
+    saved = json.loads(saved_config.read_text())
+  except (OSError, ValueError):
+    return  # No record to compare with (an older run); restore decides.
+  def diff(fields):
+    return [f'--{f} {saved[f]!r} → {getattr(config, f)!r}' for f in fields
+            if f in saved and saved[f] != getattr(config, f)]
+  if changed := diff(_STATE_FIELDS):
+    raise ValueError(f'--resume: the run in {saved_config.parent} was trained '
+                     f'with other settings ({", ".join(changed)}); its '
+                     'checkpoints cannot continue under these')
+  if (changed := diff(_DATA_FIELDS)) and not config.force_resume:
+    raise ValueError(f'--resume: data settings differ from the run in '
+                     f'{saved_config.parent} ({", ".join(changed)}); the data '
+                     'order would not continue where it stopped. Pass '
+                     '--force_resume to go on anyway')
+
+
 def train_loop(config: TrainingConfig) -> Any:
   """Runs (or resumes) training; returns the final params."""
   config.check()
   workdir = Path(config.workdir).absolute()
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f'--workdir {workdir} is a file')
+  created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
   mngr = checkpoints.checkpoint_manager(config)
   ckpt_dir = workdir / 'checkpoints'
@@ -150,22 +185,34 @@ def train_loop(config: TrainingConfig) -> Any:
     mngr.close()
     raise ValueError(f'--resume: no checkpoint in {ckpt_dir}; drop --resume '
                      'to start a new run there')
-
-  mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh_data,
-                                                 config.mesh_fsdp))
-  check_mesh(config, mesh)
-  loaded = init_model(config)
-  tokenizer, arch = loaded[2], loaded[3]
-  builder, train_data, total = make_data(config, tokenizer)
-  setup = init_train(config, mesh, total, loaded)  # Schedule ends at total.
-  state = setup.state
-  start = 0
   if latest is not None:
-    state, start, latest = checkpoints.restore_latest(mngr, state)
-    log.info('resumed from step %d', start)
-  # Written once the run really starts or resumes.
-  (workdir / 'config.json').write_text(
-      json.dumps(dataclasses.asdict(config), indent=2) + '\n')
+    try:
+      check_resume(config, workdir / 'config.json')
+    except ValueError:
+      mngr.close()
+      raise
+
+  try:  # Until config.json is written, a failure leaves no new files.
+    mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh_data,
+                                                   config.mesh_fsdp))
+    check_mesh(config, mesh)
+    loaded = init_model(config)
+    tokenizer, arch = loaded[2], loaded[3]
+    builder, train_data, total = make_data(config, tokenizer)
+    setup = init_train(config, mesh, total, loaded)  # Schedule ends at total.
+    state = setup.state
+    start = 0
+    if latest is not None:
+      state, start, latest = checkpoints.restore_latest(mngr, state)
+      log.info('resumed from step %d', start)
+    # Written once the run really starts or resumes.
+    (workdir / 'config.json').write_text(
+        json.dumps(dataclasses.asdict(config), indent=2) + '\n')
+  except BaseException:
+    mngr.close()
+    if created:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
   last_good = latest
 
   eval_bs = config.eval_batch_size or config.batch_size

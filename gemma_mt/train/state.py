@@ -50,9 +50,7 @@ def random_params(module: Transformer, seed: int = 0) -> Any:
   Shapes come from `eval_shape`; compiling `module.init` instead takes the
   better part of a minute on a small CPU for a model that trains in seconds.
   """
-  x = jnp.zeros((1, 1), jnp.int32)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), x, x,
-                          jnp.ones((1, 1, 1), bool))['params']
+  shapes = param_shapes(module)
   rng = np.random.default_rng(seed)
 
   def init(path, s):

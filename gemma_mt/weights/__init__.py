@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from gemma_mt import lora
-from gemma_mt.model import Transformer, TransformerConfig
+from gemma_mt.model import Transformer, TransformerConfig, param_shapes
 from gemma_mt.tokenizer import GemmaTokenizer
 from gemma_mt.weights import adapters, embedded, kaggle, orbax_io
 from gemma_mt.weights.orbax_io import CheckpointError
@@ -89,16 +89,23 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
   path = Path(path).expanduser()
   if adapters.is_adapter_dir(path):
     return _load_with_adapters(path, dtype, sharding)
+  if (path / 'checkpoints').is_dir() and not orbax_io.is_orbax_dir(path):
+    kept = [str(path / d) for d in ('best', 'final') if (path / d).is_dir()]
+    raise CheckpointError(f'{path} is a training workdir; give its model: '
+                          f'{" or ".join(kept) or "(none written yet)"}')
   meta = orbax_io.read_meta(path) or {}
   arch = meta.get('arch', default_arch)
   if arch is None:
     raise CheckpointError(f'{path}: no {orbax_io.META_FILE}; pass the model '
                           'name (--model)')
+  config = TransformerConfig.from_name(arch)
   params, tok_path = orbax_io.load_checkpoint_dir(path, dtype=dtype,
                                                   sharding=sharding)
+  if problem := orbax_io.tree_mismatch(params, param_shapes(Transformer(config))):
+    raise CheckpointError(f'{path}: not a {arch} checkpoint ({problem})')
   tokenizer = (GemmaTokenizer.from_file(tok_path) if tok_path is not None
                else embedded.default_tokenizer())
-  return Pretrained(TransformerConfig.from_name(arch), params, tokenizer, arch)
+  return Pretrained(config, params, tokenizer, arch)
 
 
 def save(path: str | os.PathLike, arch: str, params: Any,

@@ -128,6 +128,24 @@ def metadata_tree(path: Path) -> dict:
                       dict(tree))
 
 
+def tree_mismatch(saved: Any, expected: Any) -> str | None:
+  """The first difference in names or shapes between two trees of arrays
+  (or ShapeDtypeStructs), in words; None when they match."""
+  def flat(tree):
+    return {jax.tree_util.keystr(k, simple=True, separator='/'): tuple(v.shape)
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(saved), flat(expected)
+  if len(have) != len(want):
+    return f'the checkpoint has {len(have)} arrays, {len(want)} expected'
+  for name, shape in want.items():
+    if name not in have:
+      extra = sorted(set(have) - set(want))[0]
+      return f'{name} expected, the checkpoint has {extra} instead'
+    if have[name] != shape:
+      return f'{name} is {have[name]} in the checkpoint, {shape} expected'
+  return None
+
+
 def restore_tree(path: str | os.PathLike, abstract: Any) -> Any:
   """Restores the tree at `path` into the layout of `abstract`
   (ShapeDtypeStructs with shardings, see `abstract_tree`), whatever mesh it
