@@ -199,6 +199,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                  help='cut over-long sources instead of failing')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
                  help='compute dtype (default: float32 on CPU, else bfloat16)')
+  p.add_argument('--static_batching', action='store_true',
+                 help='decode fixed batches to the end (default: continuous '
+                      'batching, finished rows refilled; one device)')
   p.add_argument('--data_parallel', action='store_true',
                  help='split each batch over all local devices (params '
                       'replicated); --batch_size should be a multiple of '
@@ -251,7 +254,8 @@ def build_translator(args):
   translator = Translator.from_pretrained(
       args.model, args.checkpoint, lang_pair=args.lang_pair, dtype=dtype,
       batch_size=args.batch_size, max_input_tokens=args.max_input_tokens,
-      truncate=args.truncate, mesh=mesh, progress=True)
+      truncate=args.truncate, mesh=mesh, progress=True,
+      continuous=not getattr(args, 'static_batching', False))
   log.info('loaded %s in %.1fs', args.checkpoint or args.model,
            time.time() - t0)
   return translator

@@ -259,7 +259,8 @@ class Attention(nn.Module):
     if self.fast_decode and cache is not None and x.shape[1] == 1:
       # One new token per row: one Pallas kernel (see decode_attention).
       encoded = decode_attention.decode_attention(
-          q * cfg.query_pre_attn_scalar, k, v, mask, end_index + 1,
+          q * cfg.query_pre_attn_scalar, k, v, mask,
+          cache.get('kv_len', end_index + 1),
           cfg.attn_logits_soft_cap)
     elif (self.attention_impl != 'einsum' and cache is None
           and cfg.attn_logits_soft_cap is None):
@@ -394,10 +395,15 @@ class Transformer(nn.Module):
     new_cache = None if cache is None else {
         'end_index': end_index + tokens.shape[1],
         'positions': cache['positions']}
+    # A ring cache (continuous batching) holds valid slots past end_index.
+    shared = {} if cache is None else {
+        k: cache[k] for k in ('positions', 'kv_len') if k in cache}
+    if 'kv_len' in shared:
+      new_cache['kv_len'] = shared['kv_len']
     for i, attn_type in enumerate(cfg.attention_types):
       layer_cache = None
       if cache is not None:
-        layer_cache = dict(cache[f'layer_{i}'], positions=cache['positions'])
+        layer_cache = dict(cache[f'layer_{i}'], **shared)
       x, c = block_cls(cfg, attn_type, self.dtype, self.param_dtype,
                        self.attention_impl, self.fast_decode,
                        name=f'layer_{i}')(

@@ -357,8 +357,12 @@ class Sampler:
   def __init__(self, model: M.Transformer, params: Any, *, pad_id: int,
                stop_ids: Sequence[int], batch_size: int = 32,
                cache_size: int = 16, max_pad_ratio: float | None = None,
-               mesh: jax.sharding.Mesh | None = None, progress: bool = False):
-    """`progress`: a tqdm bar over sentences. `mesh`: decode data-parallel
+               mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+               continuous: bool = False):
+    """`progress`: a tqdm bar over sentences. `continuous`: `generate`
+    calls with more prompts than `batch_size` run through `batch_size`
+    refilled slots (`continuous.ContinuousDecoder`; one device only).
+    `mesh`: decode data-parallel
     over its devices (module docstring);
     `params` may then be anywhere (host, one device): they are placed with
     `sharding.sampling_params`. None: the default device, as given."""
@@ -390,6 +394,9 @@ class Sampler:
     # Device batches run and tokens of their longest rows (the loop's steps).
     self.batches_run = 0
     self.loop_steps = 0
+    if continuous and mesh is not None and mesh.size > 1:
+      raise ValueError('continuous batching runs on one device; drop the mesh')
+    self.continuous = continuous
 
   def generate(self, prompts: Sequence[np.ndarray], *,
                max_new_tokens: int | Sequence[int],
@@ -407,6 +414,14 @@ class Sampler:
     scalars = (np.int32(seed), np.float32(temperature or 1.0),
                np.int32(top_k or 0),
                np.float32(1.0 if top_p is None else top_p))
+
+    batch_size = batch_size or self.batch_size
+    if self.continuous and len(prompts) > batch_size:
+      from gemma_mt.continuous import ContinuousDecoder
+      limits = self._check(prompts, max_new_tokens)
+      with self._bar(len(prompts)) as bar:
+        return ContinuousDecoder(self, batch_size).generate(
+            prompts, limits, mode, scalars, bar)
 
     def run(batch, B, P, budget):
       tokens, lens, active, ids, limits = batch
@@ -443,15 +458,9 @@ class Sampler:
   def _batched(self, prompts, max_new_tokens, batch_size, run):
     """Checks, sorts into buckets, runs each batch, restores input order."""
     batch_size = batch_size or self.batch_size
-    if any(len(p) == 0 for p in prompts):
-      raise ValueError('empty prompt: every prompt needs at least one token')
-    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64),
-                             (len(prompts),))
-    if len(prompts) and limits.min() < 1:
-      raise ValueError(f'max_new_tokens must be >= 1, got {limits.min()}')
+    limits = self._check(prompts, max_new_tokens)
     results: list = [None] * len(prompts)
-    bar = tqdm.tqdm(total=len(prompts), unit='sent', disable=not self.progress,
-                    dynamic_ncols=True, leave=False)
+    bar = self._bar(len(prompts))
     for idx in split_batches([len(p) for p in prompts], batch_size,
                              self.max_pad_ratio):
       n = len(idx)
@@ -472,6 +481,20 @@ class Sampler:
     bar.close()
     return results
 
+  def _check(self, prompts, max_new_tokens) -> np.ndarray:
+    """The per-prompt limits; ValueError on an empty prompt or limit < 1."""
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError('empty prompt: every prompt needs at least one token')
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64),
+                             (len(prompts),))
+    if len(prompts) and limits.min() < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {limits.min()}')
+    return limits
+
+  def _bar(self, total: int):
+    return tqdm.tqdm(total=total, unit='sent', disable=not self.progress,
+                     dynamic_ncols=True, leave=False)
+
   def _call(self, key, rows, *extra):
     """Runs the executable of `key` on per-row inputs (split over the
     mesh, if any) and returns its outputs on the host."""
@@ -481,20 +504,28 @@ class Sampler:
     return jax.device_get(self._executable(key, args)(*args))
 
   def _executable(self, key, args):
+    def make():
+      B, P, budget, mode = key
+      K = mode[1] if isinstance(mode, tuple) else 1
+      row_sharding = (None if self.mesh is None else
+                      SH.decode_sharding(B * K, self.mesh))
+      kw = dict(model=self.model, budget=budget, pad_id=self.pad_id,
+                row_sharding=row_sharding)
+      return (functools.partial(beam_decode, beam_size=K, **kw)
+              if isinstance(mode, tuple) else
+              functools.partial(decode, mode=mode, **kw))
+    return self.compiled(key, make, args)
+
+  def compiled(self, key, make, args, donate=()):
+    """The executable of `key` from the LRU, else jit(make()) compiled for
+    `args` (`donate`: argument numbers whose buffers it may reuse)."""
     exe = self._executables.get(key)
     if exe is not None:
       self._executables.move_to_end(key)
       return exe
-    B, P, budget, mode = key
-    K = mode[1] if isinstance(mode, tuple) else 1
-    row_sharding = (None if self.mesh is None else
-                    SH.decode_sharding(B * K, self.mesh))
-    kw = dict(model=self.model, budget=budget, pad_id=self.pad_id,
-              row_sharding=row_sharding)
-    fn = (functools.partial(beam_decode, beam_size=K, **kw)
-          if isinstance(mode, tuple) else
-          functools.partial(decode, mode=mode, **kw))
-    exe = jax.jit(fn).lower(*args).compile()
+    if jax.default_backend() == 'cpu':
+      donate = ()  # CPU buffers cannot be donated (and it warns).
+    exe = jax.jit(make(), donate_argnums=donate).lower(*args).compile()
     self.num_compiles += 1
     self.compiled_shapes.append(key)
     self._executables[key] = exe

@@ -85,7 +85,10 @@ class Translator:
   devices, params replicated (FSDP-sharded if the mesh has fsdp > 1) and
   each batch split by rows; a `batch_size` divisible by the device count
   keeps full batches split. None: one device. `progress`: a tqdm bar over
-  the sentences of each call.
+  the sentences of each call. `continuous`: more sentences than
+  `batch_size` run through `batch_size` refilled slots (`continuous`; same
+  greedy output; one device: off under a mesh of several); beam search
+  stays static.
   """
 
   def __init__(self, model_or_config, params: Any, tokenizer,
@@ -95,7 +98,8 @@ class Translator:
                truncate: bool = False, cache_size: int = 16,
                max_pad_ratio: float | None = None,
                mesh: jax.sharding.Mesh | None = None,
-               fast_decode: bool | None = None, progress: bool = False):
+               fast_decode: bool | None = None, progress: bool = False,
+               continuous: bool = True):
     if isinstance(model_or_config, M.Transformer):
       model = model_or_config
       if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
@@ -123,7 +127,8 @@ class Translator:
     self.sampler = Sampler(model, params, pad_id=tokenizer.pad_id,
                            stop_ids=self._stop_ids, batch_size=batch_size,
                            cache_size=cache_size, max_pad_ratio=max_pad_ratio,
-                           mesh=mesh, progress=progress)
+                           mesh=mesh, progress=progress,
+                           continuous=continuous and (mesh is None or mesh.size == 1))
 
   def _placed(self, params):
     """Floating params cast to the compute dtype, on the device (else the

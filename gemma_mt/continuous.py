@@ -1,0 +1,203 @@
+"""Continuous batching: a fixed set of slots; a finished row's slot takes the
+next prompt while the others keep decoding.
+
+A static batch runs until its longest row ends, so one runaway holds every
+finished row of its batch. Here (as in JetStream's insert/generate split)
+the device holds `slots` rows of a ring KV cache of S cache slots:
+
+* `insert` prefills up to `INSERT_WIDTH` prompts into a small cache and
+  copies each into a free row, laid out so that its tokens end at the ring's
+  write slot `t`: the row's tokens are ring slots [start, start + length);
+* `chunk` runs up to `CHUNK_STEPS` decode steps for all rows (each writes at
+  `t`, which then moves on, mod S), then returns to the host, which collects
+  finished rows and inserts new prompts into their slots.
+
+A row attends to its own window only, so what other rows hold, and which
+slot it landed in, never changes its output: greedy output equals static
+batching's, and sampling keys depend on (seed, input index, step) as there.
+
+Executables for a whole run: one `chunk` (slots, S, sampling mode) and one
+`insert` per prompt-width bucket (16, 32, 64, ...; MTNT needs 3-4). S is
+`MIN_RING` or the next power of two that holds the longest prompt bucket
+plus the largest budget, so calls with similar inputs share executables.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_mt import model as M
+from gemma_mt.sampler import (MIN_PROMPT_BUCKET, SamplingMode, _prefill,
+                              next_pow2, sample_logits)
+
+INSERT_WIDTH = 8   # prompts prefilled per insert call (one executable per width bucket)
+CHUNK_STEPS = 16   # decode steps between two host checks
+MIN_RING = 512     # cache slots per row, at least
+
+
+class Slots(NamedTuple):
+  """Device state between calls; row r is one slot."""
+
+  cache: dict        # ring KV cache [slots, S, ...], end_index = t
+  t: jax.Array       # the ring slot every row writes next
+  token: jax.Array   # [N] last sampled token (fed next)
+  start: jax.Array   # [N] ring slot of the row's first prompt token
+  length: jax.Array  # [N] tokens of the row in the cache
+  prompt_len: jax.Array  # [N]
+  count: jax.Array   # [N] generated tokens so far (incl. a stop token)
+  limit: jax.Array   # [N] max new tokens of the row
+  done: jax.Array    # [N] finished, or empty
+  row_id: jax.Array  # [N] input index (PRNG stream)
+  out: jax.Array     # [N, budget] generated tokens
+
+
+def _keys(seed, row_ids, steps):
+  """Per-row keys of (seed, input index, step), as `sampler._row_keys`."""
+  base = jax.random.key(seed)
+  rows = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids)
+  return jax.vmap(jax.random.fold_in)(rows, steps)
+
+
+def empty(model: M.Transformer, slots: int, ring: int, budget: int,
+          pad_id: int) -> Slots:
+  cache = M.init_cache(model.config, slots, ring, dtype=model.dtype)
+  cache['kv_len'] = jnp.int32(ring)  # Every slot may hold a row's token.
+  z = jnp.zeros(slots, jnp.int32)
+  return Slots(cache, jnp.int32(0), z, z, z, z, z, z + 1,
+               jnp.ones(slots, bool), z,
+               jnp.full((slots, budget), pad_id, jnp.int32))
+
+
+def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
+           seed, temperature, top_k, top_p, stop_table, *,
+           model: M.Transformer, mode: SamplingMode, pad_id: int) -> Slots:
+  """Prefills prompt [I, P] (right-padded; slot = N for unused rows) and
+  puts row i into slot[i], its tokens ending at the write slot t."""
+  N, S = state.token.shape[0], state.cache['positions'].shape[1]
+  I, P = prompt.shape
+  apply = functools.partial(model.apply, {'params': params}, return_hidden=True)
+  last, small = _prefill(apply, model, prompt, prompt_len, P, None)
+  table = params['embedder']['input_embedding']
+  logits = M.logits_from_hidden(table, last, model.config.final_logit_softcap)
+  tok = sample_logits(logits, _keys(seed, row_id, jnp.zeros(I, jnp.int32)),
+                      temperature, top_k, top_p, mode)
+  start = (state.t - prompt_len) % S
+  rows = jnp.broadcast_to(slot[:, None], (I, P))
+  cols = (start[:, None] + jnp.arange(P)[None]) % S
+  put = lambda big, new: big.at[rows, cols].set(new.astype(big.dtype),
+                                                mode='drop')
+  cache = dict(state.cache)
+  for i in range(model.config.num_layers):
+    layer, new = cache[f'layer_{i}'], small[f'layer_{i}']
+    cache[f'layer_{i}'] = {'k': put(layer['k'], new['k']),
+                           'v': put(layer['v'], new['v'])}
+  cache['positions'] = put(cache['positions'],
+                           jnp.broadcast_to(jnp.arange(P)[None], (I, P)))
+  at = lambda x, v: x.at[slot].set(v, mode='drop')
+  done = stop_table[tok] | (limit <= 1)
+  budget = state.out.shape[1]
+  first = jnp.full((I, budget), pad_id, jnp.int32).at[:, 0].set(tok)
+  return state._replace(
+      cache=cache, token=at(state.token, tok), start=at(state.start, start),
+      length=at(state.length, prompt_len), prompt_len=at(state.prompt_len, prompt_len),
+      count=at(state.count, jnp.ones(I, jnp.int32)), limit=at(state.limit, limit),
+      done=at(state.done, done), row_id=at(state.row_id, row_id),
+      out=state.out.at[slot].set(first, mode='drop'))
+
+
+def chunk(params, state: Slots, seed, temperature, top_k, top_p, stop_table, *,
+          model: M.Transformer, mode: SamplingMode, pad_id: int,
+          steps: int = CHUNK_STEPS) -> Slots:
+  """Up to `steps` decode steps for every unfinished row (fewer if all end)."""
+  S = state.cache['positions'].shape[1]
+  table = params['embedder']['input_embedding']
+  apply = functools.partial(model.apply, {'params': params}, return_hidden=True)
+
+  def body(carry):
+    n, s = carry
+    live = ~s.done
+    cache = dict(s.cache, end_index=s.t)
+    length = s.length + live
+    slots = jnp.arange(S)[None]
+    seen = ((slots - s.start[:, None]) % S) < length[:, None]
+    pos = s.prompt_len + s.count - 1  # Position of the token fed.
+    hidden, cache = apply(s.token[:, None], pos[:, None], seen[:, None, :], cache)
+    logits = M.logits_from_hidden(table, hidden[:, 0],
+                                  model.config.final_logit_softcap)
+    new = sample_logits(logits, _keys(seed, s.row_id, s.count), temperature,
+                        top_k, top_p, mode)
+    new = jnp.where(live, new, pad_id)
+    rows = jnp.arange(new.shape[0])
+    out = s.out.at[rows, jnp.where(live, s.count, s.out.shape[1])].set(
+        new, mode='drop')
+    count = s.count + live
+    done = s.done | (live & (stop_table[new] | (count >= s.limit)))
+    return n + 1, s._replace(cache=cache, t=(s.t + 1) % S,
+                             token=jnp.where(live, new, s.token),
+                             length=length, count=count, done=done, out=out)
+
+  cond = lambda carry: (carry[0] < steps) & ~jnp.all(carry[1].done)
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+class ContinuousDecoder:
+  """Runs prompts through `slots` rows with refills (module docstring).
+
+  Uses a `sampler.Sampler`'s params, stop table and executable cache.
+  """
+
+  def __init__(self, sampler, slots: int):
+    self.sampler, self.slots = sampler, slots
+
+  def generate(self, prompts: Sequence[np.ndarray], limits: np.ndarray,
+               mode: SamplingMode, scalars: tuple, progress=None) -> list:
+    sp = self.sampler
+    model, pad = sp.model, sp.pad_id
+    N = self.slots
+    P_max = max(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
+    budget = next_pow2(int(limits.max()), 16)
+    ring = max(MIN_RING, next_pow2(P_max + budget))
+    kw = dict(model=model, mode=mode, pad_id=pad)
+    state = empty(model, N, ring, budget, pad)
+    results: list = [None] * len(prompts)
+    owner = [-1] * N  # Input index held by each slot, -1: free.
+    queue = list(range(len(prompts)))
+    queue.reverse()  # pop() takes them in input order.
+    while queue or any(o >= 0 for o in owner):
+      free = [r for r in range(N) if owner[r] < 0]
+      while queue and free:
+        take = [queue.pop() for _ in range(min(INSERT_WIDTH, len(free), len(queue)))]
+        W = min(INSERT_WIDTH, N)
+        P = max(next_pow2(len(prompts[i]), MIN_PROMPT_BUCKET) for i in take)
+        tokens = np.full((W, P), pad, np.int32)
+        lens, lim = np.ones(W, np.int32), np.ones(W, np.int32)
+        slot, ids = np.full(W, N, np.int32), np.zeros(W, np.int32)
+        for j, i in enumerate(take):
+          r = free.pop(0)
+          owner[r] = i
+          tokens[j, :len(prompts[i])] = prompts[i]
+          lens[j], lim[j], slot[j], ids[j] = len(prompts[i]), limits[i], r, i
+        args = (sp.params, state, tokens, lens, slot, ids, lim, *scalars,
+                sp._stop_table)
+        exe = sp.compiled(('insert', N, ring, budget, W, P, mode),
+                          lambda: functools.partial(insert, **kw), args, (1,))
+        state = exe(*args)
+      args = (sp.params, state, *scalars, sp._stop_table)
+      exe = sp.compiled(('chunk', N, ring, budget, mode),
+                        lambda: functools.partial(chunk, **kw), args, (1,))
+      state = exe(*args)
+      done, count, out = jax.device_get((state.done, state.count, state.out))
+      for r in range(N):
+        if owner[r] >= 0 and done[r]:
+          results[owner[r]] = out[r, :count[r]].copy()
+          owner[r] = -1
+          if progress is not None:
+            progress.update(1)
+    sp.batches_run += 1
+    return results
