@@ -181,23 +181,31 @@ def handle_request(translator, request: Any,
 
   `max_length_ratio` is the server's runaway cap (`SamplingOptions`).
   """
+  req = None
   try:
     req = loads(request) if isinstance(request, (str, bytes)) else request
     sources, options = parse_request(req)
     results = translator.translate_detailed(
         sources, options.replace(max_length_ratio=max_length_ratio))
-  except RequestError as e:
-    return fail(str(e))
-  except InputTooLongError as e:
-    where = ('input_text' if isinstance(req['input_text'], str)
-             else f'input_text[{e.index}]')
-    return fail(f'{where} is {e.length} tokens long with the prompt, over '
-                f'the limit of {e.limit}')
-  except ValueError as e:  # Other input problems the translator found.
-    return fail(str(e))
+  except ValueError as e:  # RequestError, InputTooLongError, other input problems.
+    return fail(error_message(e, req))
   except Exception as e:  # Never a traceback in the response stream.
     log.exception('request failed')
     return fail(f'internal error: {type(e).__name__}: {e}')
+  return success(results)
+
+
+def error_message(e: ValueError, req: Any) -> str:
+  """What is wrong with a request, naming the field."""
+  if isinstance(e, InputTooLongError):
+    where = ('input_text' if isinstance(req['input_text'], str)
+             else f'input_text[{e.index}]')
+    return (f'{where} is {e.length} tokens long with the prompt, over the '
+            f'limit of {e.limit}')
+  return str(e)
+
+
+def success(results) -> dict:
   return {'status': 'SUCCESS',
           'translations': [r.text for r in results],
           'usage': {'input_tokens': sum(r.input_tokens for r in results),

@@ -192,6 +192,12 @@ class Translator:
     raise ValueError(f'max_input_tokens={self.max_input_tokens} leaves no '
                      f'room for input {index}\'s source')
 
+  def check(self, sources: Sequence[str]) -> None:
+    """InputTooLongError for the first source whose prompt does not fit."""
+    for i, s in enumerate(sources):
+      if s.strip():
+        self._fit(i, s)
+
   # --- Generation --------------------------------------------------------------
   def generate(self, sources: Sequence[str],
                options: SamplingOptions | None = None, *,

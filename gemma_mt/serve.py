@@ -1,0 +1,227 @@
+"""HTTP translation service: the JSON request of `json_api`, over HTTP.
+
+    python -m gemma_mt.serve --checkpoint runs/demo/best --port 8080
+    curl -s localhost:8080/translate -d '{"input_text": "Hello!"}'
+
+`POST /translate` takes the JSONL interface's request and answers its body:
+200 SUCCESS; 4xx FAIL naming the field (400 bad request, 413 too large);
+503 FAIL when the queue is full (with Retry-After). `GET /health` says
+whether the model is loaded and how much is queued.
+
+Starlette + uvicorn: the maintained minimal ASGI pair (FastAPI would add
+pydantic, and requests are already validated by `json_api`). The model runs
+on one worker thread: it takes every queued request, groups those with the
+same sampling options, and translates each group in one call, so
+concurrent requests share one continuous-batching decode. The queue is
+bounded in sentences; a full queue answers 503 at once instead of
+letting latency grow. On SIGTERM / Ctrl-C uvicorn stops accepting, the
+requests in flight are finished and answered, then the worker stops.
+Binds 127.0.0.1 unless `--host` says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import sys
+import threading
+import time
+
+from gemma_mt import cli
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+  pass
+
+
+class Batcher:
+  """Queues (sources, options) and translates them on one thread, grouped."""
+
+  def __init__(self, translator, max_queued: int = 1024,
+               max_length_ratio: float | None = None):
+    self.translator = translator
+    self.max_queued = max_queued
+    self.max_length_ratio = max_length_ratio
+    self.queued = 0  # Sentences waiting or being translated.
+    self.served = 0
+    self._items: collections.deque = collections.deque()
+    self._cv = threading.Condition()
+    self._stop = False
+    self._thread = threading.Thread(target=self._run, name='translator',
+                                    daemon=True)
+    self._thread.start()
+
+  def submit(self, sources, options) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    with self._cv:
+      if self._stop:
+        raise Overloaded('server is shutting down')
+      if self.queued + len(sources) > self.max_queued:
+        raise Overloaded(f'server overloaded: {self.queued} sentences queued '
+                         f'(limit {self.max_queued}); retry later')
+      self.queued += len(sources)
+      self._items.append((sources, options, fut))
+      self._cv.notify()
+    return fut
+
+  def close(self) -> None:
+    """Finishes what is queued, then stops the thread."""
+    with self._cv:
+      self._stop = True
+      self._cv.notify()
+    self._thread.join()
+
+  def _run(self) -> None:
+    while True:
+      with self._cv:
+        while not self._items and not self._stop:
+          self._cv.wait()
+        if not self._items:
+          return
+        items = list(self._items)
+        self._items.clear()
+      groups = collections.defaultdict(list)
+      for item in items:
+        # A sample's PRNG stream follows the input's index in its call, so
+        # sampled requests run alone: same seed, same answer, whoever else
+        # is being served. Greedy and beam requests are merged.
+        opts = item[1]
+        groups[opts if opts.temperature == 0 else (opts, id(item))].append(item)
+      for group in groups.values():
+        self._translate(group)
+
+  def _translate(self, group) -> None:
+    sources = [s for srcs, _, _ in group for s in srcs]
+    opts = group[0][1].replace(max_length_ratio=self.max_length_ratio)
+    try:
+      results = self.translator.translate_detailed(sources, opts)
+    except Exception as e:  # noqa: BLE001  Answered, never raised here.
+      log.exception('translation failed')
+      results, error = None, e
+    at = 0
+    for srcs, _, fut in group:
+      if results is None:
+        fut.set_exception(error)
+      else:
+        fut.set_result(results[at:at + len(srcs)])
+      at += len(srcs)
+    with self._cv:
+      self.queued -= len(sources)
+      self.served += len(group)
+
+
+def make_app(batcher: Batcher, *, max_body_bytes: int = 1 << 20,
+             name: str = ''):
+  """The Starlette app around a running `Batcher`."""
+  from starlette.applications import Starlette
+  from starlette.responses import JSONResponse
+  from starlette.routing import Route
+
+  from gemma_mt import json_api
+
+  started = time.time()
+
+  def answer(body: dict, status: int = 200, **headers) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+  async def read_body(request) -> bytes | None:
+    size = request.headers.get('content-length')
+    if size is not None and size.isdigit() and int(size) > max_body_bytes:
+      return None
+    body = bytearray()
+    async for part in request.stream():
+      body += part
+      if len(body) > max_body_bytes:
+        return None
+    return bytes(body)
+
+  async def translate(request):
+    body = await read_body(request)
+    if body is None:
+      return answer(json_api.fail(f'request body over {max_body_bytes} bytes'),
+                    413)
+    req = None
+    try:
+      req = json_api.loads(body.decode('utf-8'))
+      sources, options = json_api.parse_request(req)
+      batcher.translator.check(sources)
+    except UnicodeDecodeError as e:
+      return answer(json_api.fail(f'invalid UTF-8 at byte {e.start}'), 400)
+    except ValueError as e:
+      return answer(json_api.fail(json_api.error_message(e, req)), 400)
+    try:
+      fut = batcher.submit(sources, options)
+    except Overloaded as e:
+      return answer(json_api.fail(str(e)), 503, **{'Retry-After': '1'})
+    try:
+      results = await asyncio.wrap_future(fut)
+    except ValueError as e:
+      return answer(json_api.fail(json_api.error_message(e, req)), 400)
+    except Exception as e:  # noqa: BLE001
+      return answer(json_api.fail(f'internal error: {type(e).__name__}'), 500)
+    return answer(json_api.success(results))
+
+  async def health(request):
+    return answer({'status': 'ok', 'model': name, 'queued': batcher.queued,
+                   'served': batcher.served,
+                   'uptime_s': round(time.time() - started, 1)})
+
+  return Starlette(routes=[Route('/translate', translate, methods=['POST']),
+                           Route('/health', health, methods=['GET'])])
+
+
+def parse_args(argv=None):
+  p = cli.ArgumentParser(prog='python -m gemma_mt.serve',
+                         description=__doc__.split('\n')[0])
+  p.add_argument('--host', default='127.0.0.1',
+                 help='address to bind (default: loopback only)')
+  p.add_argument('--port', type=int, default=8080)
+  p.add_argument('--max_queued', type=int, default=1024,
+                 help='sentences waiting at most; beyond, requests get 503')
+  p.add_argument('--max_body_bytes', type=int, default=1 << 20,
+                 help='largest request body (413 above)')
+  p.add_argument('--graceful_timeout', type=float, default=60.0,
+                 help='seconds to finish requests in flight on shutdown')
+  cli.add_model_args(p)
+  cli.add_sampling_args(p)
+  args = p.parse_args(argv)
+  if not 0 < args.port < 65536:
+    p.error(f'--port must be in 1..65535, got {args.port}')
+  for flag in ('max_queued', 'max_body_bytes'):
+    if getattr(args, flag) < 1:
+      p.error(f'--{flag} must be >= 1, got {getattr(args, flag)}')
+  args.options = cli.sampling_options(args)
+  cli.check_model_args(args)
+  return args
+
+
+def run(argv=None) -> int:
+  args = parse_args(argv)
+  import uvicorn
+
+  translator = cli.build_translator(args)
+  translator.sampler.progress = False  # One bar per request would be noise.
+  batcher = Batcher(translator, args.max_queued, args.options.max_length_ratio)
+  app = make_app(batcher, max_body_bytes=args.max_body_bytes,
+                 name=args.checkpoint or args.model)
+  config = uvicorn.Config(app, host=args.host, port=args.port,
+                          timeout_graceful_shutdown=args.graceful_timeout,
+                          log_level='info')
+  try:
+    uvicorn.Server(config).run()
+  finally:
+    batcher.close()
+  log.info('served %d requests', batcher.served)
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.main_guard(run, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,184 @@
+"""The HTTP service under a loopback load: every request answered once."""
+
+import concurrent.futures
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from gemma_mt import serve
+from gemma_mt.sampling import SamplingOptions
+from tiny import make_tiny_translator
+
+uvicorn = pytest.importorskip('uvicorn')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class Server:
+  def __init__(self, translator, **kw):
+    self.port = _free_port()
+    self.batcher = serve.Batcher(translator, **kw)
+    app = serve.make_app(self.batcher, max_body_bytes=4096, name='tiny')
+    config = uvicorn.Config(app, host='127.0.0.1', port=self.port,
+                            log_level='warning', timeout_graceful_shutdown=30)
+    self.server = uvicorn.Server(config)
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+    self.thread.start()
+    deadline = time.time() + 30
+    while not self.server.started:
+      assert time.time() < deadline, 'server did not start'
+      time.sleep(0.05)
+
+  def request(self, method, path, body=None, timeout=120):
+    conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
+    conn.request(method, path, body=body)
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read()), dict(r.getheaders())
+    conn.close()
+    return out
+
+  def stop(self):
+    self.server.should_exit = True
+    self.thread.join(60)
+    self.batcher.close()
+
+
+@pytest.fixture(scope='module')
+def tr(tokenizer):
+  return make_tiny_translator(tokenizer)
+
+
+@pytest.fixture(scope='module')
+def server(tr):
+  s = Server(tr, max_queued=10_000)
+  yield s
+  s.stop()
+
+
+GOOD = [{'input_text': f'Sentence {i}.', 'max_tokens': 4} for i in range(6)] + [
+    {'input_text': ['Hello', 'Good night'], 'max_tokens': 3},
+    {'input_text': 'Cats', 'max_tokens': 5, 'temperature': 1, 'seed': 7}]
+BAD = [
+    (b'{"input_text": 3}', 'input_text'),
+    (b'{"input_text": "x", "top_k": 9999}', 'top_k'),
+    (b'{"input_text": "x", "colour": 1}', 'colour'),
+    (b'not json', 'JSON'),
+    (b'\xff\xfe', 'UTF-8'),
+    (json.dumps({'input_text': 'word ' * 2000}).encode(), 'over'),  # 413 or 400.
+]
+
+
+def test_health(server):
+  status, body, _ = server.request('GET', '/health')
+  assert status == 200 and body['status'] == 'ok' and body['model'] == 'tiny'
+
+
+def test_concurrent_mixed_load_every_request_answered_once(server, tr):
+  want = {}
+  for i, req in enumerate(GOOD):
+    opts = SamplingOptions(max_new_tokens=req['max_tokens'],
+                           temperature=req.get('temperature', 0),
+                           seed=req.get('seed', 0))
+    texts = req['input_text']
+    want[i] = tr.translate([texts] if isinstance(texts, str) else texts, opts)
+  served = server.batcher.served
+  jobs = [('good', i % len(GOOD)) for i in range(48)] + [
+      ('bad', i % len(BAD)) for i in range(24)]
+
+  def one(job):
+    kind, i = job
+    body = json.dumps(GOOD[i]).encode() if kind == 'good' else BAD[i][0]
+    return job, server.request('POST', '/translate', body)
+
+  # A client that sends a request and goes away before the answer.
+  gone = socket.create_connection(('127.0.0.1', server.port))
+  body = json.dumps(GOOD[0]).encode()
+  gone.sendall(b'POST /translate HTTP/1.1\r\nHost: x\r\nContent-Length: '
+               + str(len(body)).encode() + b'\r\n\r\n' + body)
+  gone.close()
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    answers = list(pool.map(one, jobs))
+  assert len(answers) == len(jobs)
+  for (kind, i), (status, resp, _) in answers:
+    if kind == 'good':
+      assert status == 200 and resp['status'] == 'SUCCESS', resp
+      assert resp['translations'] == want[i]
+    else:
+      assert status in (400, 413) and resp['status'] == 'FAIL', resp
+      assert BAD[i][1] in resp['error'] or status == 413, resp
+  deadline = time.time() + 60
+  while server.batcher.queued and time.time() < deadline:
+    time.sleep(0.05)
+  # The 48 good ones and the one whose client left: each translated once.
+  assert server.batcher.served - served == 49
+  status, body, _ = server.request('GET', '/health')
+  assert status == 200 and body['queued'] == 0
+
+
+class Slow:
+  """A translator that waits for a signal, to hold requests in flight."""
+
+  def __init__(self, tr):
+    self.tr, self.go = tr, threading.Event()
+
+  def check(self, sources):
+    self.tr.check(sources)
+
+  def translate_detailed(self, sources, options):
+    self.go.wait(60)
+    return self.tr.translate_detailed(sources, options)
+
+
+def test_full_queue_is_503_and_recovers(tr):
+  slow = Slow(tr)
+  s = Server(slow, max_queued=2)
+  try:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      first = pool.submit(s.request, 'POST', '/translate',
+                          json.dumps({'input_text': ['a', 'b'], 'max_tokens': 2}))
+      while s.batcher.queued < 2:
+        time.sleep(0.01)
+      status, body, headers = s.request('POST', '/translate',
+                                        json.dumps({'input_text': 'c'}))
+      assert status == 503 and 'overloaded: 2 sentences queued (limit 2)' in body['error']
+      assert headers.get('retry-after') == '1'
+      slow.go.set()
+      assert first.result()[0] == 200
+    assert s.request('POST', '/translate',
+                     json.dumps({'input_text': 'c', 'max_tokens': 2}))[0] == 200
+  finally:
+    slow.go.set()
+    s.stop()
+
+
+def test_shutdown_finishes_requests_in_flight(tr):
+  slow = Slow(tr)
+  s = Server(slow)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    inflight = pool.submit(s.request, 'POST', '/translate',
+                           json.dumps({'input_text': 'a', 'max_tokens': 2}))
+    while s.batcher.queued < 1:
+      time.sleep(0.01)
+    s.server.should_exit = True  # What SIGTERM does.
+    time.sleep(0.3)
+    slow.go.set()
+    status, body, _ = inflight.result(60)
+  assert status == 200 and body['status'] == 'SUCCESS'
+  s.thread.join(60)
+  assert not s.thread.is_alive()
+  s.batcher.close()
+
+
+def test_cli_flags_one_line(capsys):
+  assert serve.main(['--port', '0']) == 2
+  assert 'error: --port must be in 1..65535, got 0' in capsys.readouterr().err
+  assert serve.main(['--max_queued', '0']) == 2
+  assert '--max_queued must be >= 1' in capsys.readouterr().err
