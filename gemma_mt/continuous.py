@@ -68,9 +68,9 @@ def empty(model: M.Transformer, slots: int, ring: int, budget: int,
           pad_id: int) -> Slots:
   cache = M.init_cache(model.config, slots, ring, dtype=model.dtype)
   cache['kv_len'] = jnp.int32(ring)  # Every slot may hold a row's token.
-  z = jnp.zeros(slots, jnp.int32)
-  return Slots(cache, jnp.int32(0), z, z, z, z, z, z + 1,
-               jnp.ones(slots, bool), z,
+  z = lambda: jnp.zeros(slots, jnp.int32)  # Distinct buffers: all donated.
+  return Slots(cache, jnp.int32(0), z(), z(), z(), z(), z(), z() + 1,
+               jnp.ones(slots, bool), z(),
                jnp.full((slots, budget), pad_id, jnp.int32))
 
 
@@ -147,57 +147,96 @@ def chunk(params, state: Slots, seed, temperature, top_k, top_p, stop_table, *,
 
 
 class ContinuousDecoder:
-  """Runs prompts through `slots` rows with refills (module docstring).
+  """Prompts through `slots` rows with refills (module docstring).
 
-  Uses a `sampler.Sampler`'s params, stop table and executable cache.
+  `add` queues a prompt with a callback; each `step` fills free slots,
+  runs one chunk and calls back the rows that finished. Prompts can be
+  added between steps (the HTTP service does), as long as their prompt
+  bucket plus `budget` fits the ring. Uses a `sampler.Sampler`'s params,
+  stop table and executable cache; one sampling mode per decoder.
   """
 
-  def __init__(self, sampler, slots: int):
-    self.sampler, self.slots = sampler, slots
+  def __init__(self, sampler, slots: int, mode: SamplingMode, scalars: tuple,
+               budget: int, ring: int | None = None):
+    self.sampler, self.slots, self.mode, self.scalars = sampler, slots, mode, scalars
+    self.budget = next_pow2(budget, 16)
+    self.ring = ring or MIN_RING
+    self._kw = dict(model=sampler.model, mode=mode, pad_id=sampler.pad_id)
+    self._state = empty(sampler.model, slots, self.ring, self.budget,
+                        sampler.pad_id)
+    self._owner: list = [None] * slots  # (row id, callback) per slot.
+    self._queue: list = []
+
+  @classmethod
+  def for_prompts(cls, sampler, slots, mode, scalars, prompts, limits):
+    budget = next_pow2(int(limits.max()), 16)
+    P = max(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
+    return cls(sampler, slots, mode, scalars, budget,
+               max(MIN_RING, next_pow2(P + budget)))
+
+  def fits(self, prompt_len: int, limit: int) -> bool:
+    return (limit <= self.budget and
+            next_pow2(prompt_len, MIN_PROMPT_BUCKET) + limit <= self.ring)
+
+  @property
+  def busy(self) -> bool:
+    return bool(self._queue) or any(o is not None for o in self._owner)
+
+  def add(self, prompt: np.ndarray, limit: int, row_id: int, on_done) -> None:
+    """Queues a prompt; `on_done(ids)` gets its generated ids."""
+    if not self.fits(len(prompt), limit):
+      raise ValueError(f'a {len(prompt)}-token prompt with {limit} new tokens '
+                       f'does not fit this decoder (budget {self.budget}, '
+                       f'ring {self.ring})')
+    self._queue.append((prompt, int(limit), int(row_id), on_done))
+
+  def step(self) -> None:
+    sp, N, pad = self.sampler, self.slots, self.sampler.pad_id
+    free = [r for r in range(N) if self._owner[r] is None]
+    W = min(INSERT_WIDTH, N)
+    while self._queue and free:
+      take, self._queue = self._queue[:min(W, len(free))], self._queue[min(W, len(free)):]
+      P = max(next_pow2(len(t[0]), MIN_PROMPT_BUCKET) for t in take)
+      tokens = np.full((W, P), pad, np.int32)
+      lens, lim = np.ones(W, np.int32), np.ones(W, np.int32)
+      slot, ids = np.full(W, N, np.int32), np.zeros(W, np.int32)
+      for j, (prompt, limit, row_id, on_done) in enumerate(take):
+        r = free.pop(0)
+        self._owner[r] = (row_id, on_done)
+        tokens[j, :len(prompt)] = prompt
+        lens[j], lim[j], slot[j], ids[j] = len(prompt), limit, r, row_id
+      args = (sp.params, self._state, tokens, lens, slot, ids, lim,
+              *self.scalars, sp._stop_table)
+      exe = sp.compiled(('insert', N, self.ring, self.budget, W, P, self.mode),
+                        lambda: functools.partial(insert, **self._kw), args, (1,))
+      self._state = exe(*args)
+    args = (sp.params, self._state, *self.scalars, sp._stop_table)
+    exe = sp.compiled(('chunk', N, self.ring, self.budget, self.mode),
+                      lambda: functools.partial(chunk, **self._kw), args, (1,))
+    self._state = exe(*args)
+    done, count, out = jax.device_get(
+        (self._state.done, self._state.count, self._state.out))
+    for r in range(N):
+      if self._owner[r] is not None and done[r]:
+        _, on_done = self._owner[r]
+        self._owner[r] = None
+        on_done(out[r, :count[r]].copy())
 
   def generate(self, prompts: Sequence[np.ndarray], limits: np.ndarray,
-               mode: SamplingMode, scalars: tuple, progress=None) -> list:
-    sp = self.sampler
-    model, pad = sp.model, sp.pad_id
-    N = self.slots
-    P_max = max(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
-    budget = next_pow2(int(limits.max()), 16)
-    ring = max(MIN_RING, next_pow2(P_max + budget))
-    kw = dict(model=model, mode=mode, pad_id=pad)
-    state = empty(model, N, ring, budget, pad)
+               progress=None) -> list:
+    """Generated ids of every prompt, in input order."""
     results: list = [None] * len(prompts)
-    owner = [-1] * N  # Input index held by each slot, -1: free.
-    queue = list(range(len(prompts)))
-    queue.reverse()  # pop() takes them in input order.
-    while queue or any(o >= 0 for o in owner):
-      free = [r for r in range(N) if owner[r] < 0]
-      while queue and free:
-        take = [queue.pop() for _ in range(min(INSERT_WIDTH, len(free), len(queue)))]
-        W = min(INSERT_WIDTH, N)
-        P = max(next_pow2(len(prompts[i]), MIN_PROMPT_BUCKET) for i in take)
-        tokens = np.full((W, P), pad, np.int32)
-        lens, lim = np.ones(W, np.int32), np.ones(W, np.int32)
-        slot, ids = np.full(W, N, np.int32), np.zeros(W, np.int32)
-        for j, i in enumerate(take):
-          r = free.pop(0)
-          owner[r] = i
-          tokens[j, :len(prompts[i])] = prompts[i]
-          lens[j], lim[j], slot[j], ids[j] = len(prompts[i]), limits[i], r, i
-        args = (sp.params, state, tokens, lens, slot, ids, lim, *scalars,
-                sp._stop_table)
-        exe = sp.compiled(('insert', N, ring, budget, W, P, mode),
-                          lambda: functools.partial(insert, **kw), args, (1,))
-        state = exe(*args)
-      args = (sp.params, state, *scalars, sp._stop_table)
-      exe = sp.compiled(('chunk', N, ring, budget, mode),
-                        lambda: functools.partial(chunk, **kw), args, (1,))
-      state = exe(*args)
-      done, count, out = jax.device_get((state.done, state.count, state.out))
-      for r in range(N):
-        if owner[r] >= 0 and done[r]:
-          results[owner[r]] = out[r, :count[r]].copy()
-          owner[r] = -1
-          if progress is not None:
-            progress.update(1)
-    sp.batches_run += 1
+
+    def setter(i):
+      def on_done(ids):
+        results[i] = ids
+        if progress is not None:
+          progress.update(1)
+      return on_done
+
+    for i, (p, limit) in enumerate(zip(prompts, limits)):
+      self.add(p, limit, i, setter(i))
+    while self.busy:
+      self.step()
+    self.sampler.batches_run += 1
     return results

@@ -409,19 +409,15 @@ class Sampler:
     sorted by length and cut into batches (`split_batches`), so similar
     lengths share a prompt bucket; results come back in input order.
     """
-    mode = SamplingMode.of(temperature, top_k, top_p,
-                           self.model.config.vocab_size)
-    scalars = (np.int32(seed), np.float32(temperature or 1.0),
-               np.int32(top_k or 0),
-               np.float32(1.0 if top_p is None else top_p))
-
+    mode, scalars = self.sampling_args(temperature, top_k, top_p, seed)
     batch_size = batch_size or self.batch_size
     if self.continuous and len(prompts) > batch_size:
       from gemma_mt.continuous import ContinuousDecoder
       limits = self._check(prompts, max_new_tokens)
       with self._bar(len(prompts)) as bar:
-        return ContinuousDecoder(self, batch_size).generate(
-            prompts, limits, mode, scalars, bar)
+        return ContinuousDecoder.for_prompts(
+            self, batch_size, mode, scalars, prompts, limits).generate(
+                prompts, limits, bar)
 
     def run(batch, B, P, budget):
       tokens, lens, active, ids, limits = batch
@@ -431,6 +427,14 @@ class Sampler:
       return [out[r, :count[r]] for r in range(B)]
 
     return self._batched(prompts, max_new_tokens, batch_size, run)
+
+  def sampling_args(self, temperature=0.0, top_k=None, top_p=None, seed=0):
+    """(static SamplingMode, traced scalars) of a sampling setting."""
+    mode = SamplingMode.of(temperature, top_k, top_p,
+                           self.model.config.vocab_size)
+    return mode, (np.int32(seed), np.float32(temperature or 1.0),
+                  np.int32(top_k or 0),
+                  np.float32(1.0 if top_p is None else top_p))
 
   def beam_search(self, prompts: Sequence[np.ndarray], *,
                   max_new_tokens: int | Sequence[int], beam_size: int,

@@ -11,8 +11,9 @@ whether the model is loaded and how much is queued.
 Starlette + uvicorn: the maintained minimal ASGI pair (FastAPI would add
 pydantic, and requests are already validated by `json_api`). The model runs
 on one worker thread: it takes every queued request, groups those with the
-same sampling options, and translates each group in one call, so
-concurrent requests share one continuous-batching decode. The queue is
+same sampling options, and translates each group in one call; greedy
+requests (the common case) instead join one running continuous batch
+between two decode chunks, so a short request never waits for a long one. The queue is
 bounded in sentences; a full queue answers 503 at once instead of
 letting latency grow. On SIGTERM / Ctrl-C uvicorn stops accepting, the
 requests in flight are finished and answered, then the worker stops.
@@ -34,6 +35,14 @@ from gemma_mt import cli
 log = logging.getLogger(__name__)
 
 
+# The running batch of greedy requests: up to 256 new tokens (the default)
+# and prompts up to 512 tokens in a ring of 1024 slots; others take the
+# grouped path. One decode executable and a few inserts for the whole life
+# of the server.
+STREAM_BUDGET = 256
+STREAM_RING = 1024
+
+
 class Overloaded(Exception):
   pass
 
@@ -51,6 +60,8 @@ class Batcher:
     self._items: collections.deque = collections.deque()
     self._cv = threading.Condition()
     self._stop = False
+    self._decoder = None      # The continuous batch of greedy requests.
+    self._streaming: set = set()  # Futures of requests in it.
     self._thread = threading.Thread(target=self._run, name='translator',
                                     daemon=True)
     self._thread.start()
@@ -78,21 +89,72 @@ class Batcher:
   def _run(self) -> None:
     while True:
       with self._cv:
-        while not self._items and not self._stop:
+        while not (self._items or self._stop or self._streaming):
           self._cv.wait()
-        if not self._items:
+        if self._stop and not self._items and not self._streaming:
           return
         items = list(self._items)
         self._items.clear()
       groups = collections.defaultdict(list)
       for item in items:
-        # A sample's PRNG stream follows the input's index in its call, so
-        # sampled requests run alone: same seed, same answer, whoever else
-        # is being served. Greedy and beam requests are merged.
-        opts = item[1]
-        groups[opts if opts.temperature == 0 else (opts, id(item))].append(item)
+        if not self._stream(item):
+          # A sample's PRNG stream follows the input's index in its call,
+          # so sampled requests run alone: same seed, same answer, whoever
+          # else is being served. Beam requests with equal options merge.
+          opts = item[1]
+          key = opts if opts.temperature == 0 else (opts, id(item))
+          groups[key].append(item)
       for group in groups.values():
         self._translate(group)
+      if self._streaming:
+        try:
+          self._decoder.step()
+        except Exception as e:  # noqa: BLE001  Fail what was in flight.
+          log.exception('decode step failed')
+          for fut in self._streaming:
+            fut.set_exception(e)
+          self._streaming.clear()
+          self._decoder = None
+
+  def _stream(self, item) -> bool:
+    """Greedy requests join the running continuous batch; False: not one."""
+    sources, options, fut = item
+    opts = options.replace(max_length_ratio=self.max_length_ratio)
+    if opts.temperature != 0 or opts.search_width > 1:
+      return False
+    tr = self.translator
+    fitted, prompts, limits = tr.prepare(sources, opts)
+    if self._decoder is None:
+      from gemma_mt.continuous import ContinuousDecoder
+      mode, scalars = tr.sampler.sampling_args()
+      self._decoder = ContinuousDecoder(tr.sampler, tr.sampler.batch_size,
+                                        mode, scalars, STREAM_BUDGET, STREAM_RING)
+    if not all(self._decoder.fits(len(p), l) for p, l in zip(prompts, limits)):
+      return False
+    todo = [i for i, f in enumerate(fitted) if f is not None]
+    outs: dict = {}
+
+    def finish():
+      fut.set_result(tr.finish(sources, tr.generation(fitted, outs), opts))
+      self._streaming.discard(fut)
+      with self._cv:
+        self.queued -= len(sources)
+        self.served += 1
+
+    def on_done(i):
+      def record(ids):
+        outs[i] = ids
+        if len(outs) == len(todo):
+          finish()
+      return record
+
+    if not todo:
+      finish()
+      return True
+    self._streaming.add(fut)
+    for i, p, limit in zip(todo, prompts, limits):
+      self._decoder.add(p, limit, 0, on_done(i))
+    return True
 
   def _translate(self, group) -> None:
     sources = [s for srcs, _, _ in group for s in srcs]

@@ -211,11 +211,8 @@ class Translator:
     if isinstance(sources, str):
       raise TypeError('sources must be a list of strings, not one string')
     opts = _options(options, kw)
-    fitted = [None if not s.strip() else self._fit(i, s)
-              for i, s in enumerate(sources)]
+    fitted, prompts, limits = self.prepare(sources, opts)
     todo = [i for i, f in enumerate(fitted) if f is not None]
-    prompts = [fitted[i][0] for i in todo]
-    limits = [opts.limit(len(p)) for p in prompts]
     nbest = None
     if opts.search_width > 1:
       beams = self.sampler.beam_search(
@@ -230,8 +227,21 @@ class Translator:
           prompts, max_new_tokens=limits,
           temperature=float(opts.temperature), top_k=opts.top_k,
           top_p=opts.top_p, seed=opts.seed, batch_size=batch_size)
-    ids = [np.zeros(0, np.int32)] * len(sources)
-    for i, out in zip(todo, outs):
+    return self.generation(fitted, dict(zip(todo, outs)), nbest)
+
+  def prepare(self, sources: Sequence[str], options: SamplingOptions):
+    """(fitted, prompts, limits): what `generate` sends to the sampler;
+    `fitted[i]` is None for a blank source (not sent), and `prompts` and
+    `limits` are those of the others, in order."""
+    fitted = [None if not s.strip() else self._fit(i, s)
+              for i, s in enumerate(sources)]
+    prompts = [f[0] for f in fitted if f is not None]
+    return fitted, prompts, [options.limit(len(p)) for p in prompts]
+
+  def generation(self, fitted, outs: dict, nbest=None) -> Generation:
+    """A `Generation` from `prepare`'s `fitted` and {index: ids}."""
+    ids = [np.zeros(0, np.int32)] * len(fitted)
+    for i, out in outs.items():
       ids[i] = out
     return Generation(
         token_ids=ids,
@@ -257,7 +267,12 @@ class Translator:
                          **kw) -> list[Translation]:
     """Translations with usage and stop reasons (options as in `generate`)."""
     opts = _options(options, kw)
-    gen = self.generate(sources, opts, batch_size=batch_size)
+    return self.finish(sources, self.generate(sources, opts,
+                                              batch_size=batch_size), opts)
+
+  def finish(self, sources: Sequence[str], gen: Generation,
+             opts: SamplingOptions) -> list[Translation]:
+    """Text of a `Generation`: cleaned, stop sequences cut, MBR picked."""
     clean = lambda ids, src: postprocess.clean_translation(
         self.tokenizer.decode(ids), src, opts.stop_sequences)
     out = []
