@@ -240,3 +240,21 @@ class ContinuousDecoder:
       self.step()
     self.sampler.batches_run += 1
     return results
+
+
+def generate(sampler, prompts: Sequence[np.ndarray], *,
+             max_new_tokens: int | Sequence[int], temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, slots: int | None = None) -> list[np.ndarray]:
+  """`sampler.generate`'s result, decoded through `slots` (default the
+  sampler's batch size) refilled rows."""
+  if sampler.mesh is not None and sampler.mesh.size > 1:
+    raise ValueError('continuous batching runs on one device; drop the mesh')
+  limits = sampler._check(prompts, max_new_tokens)
+  if not len(prompts):
+    return []
+  mode, scalars = sampler.sampling_args(temperature, top_k, top_p, seed)
+  decoder = ContinuousDecoder.for_prompts(
+      sampler, slots or sampler.batch_size, mode, scalars, prompts, limits)
+  with sampler._bar(len(prompts)) as bar:
+    return decoder.generate(prompts, limits, bar)

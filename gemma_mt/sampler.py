@@ -357,12 +357,8 @@ class Sampler:
   def __init__(self, model: M.Transformer, params: Any, *, pad_id: int,
                stop_ids: Sequence[int], batch_size: int = 32,
                cache_size: int = 16, max_pad_ratio: float | None = None,
-               mesh: jax.sharding.Mesh | None = None, progress: bool = False,
-               continuous: bool = False):
-    """`progress`: a tqdm bar over sentences. `continuous`: `generate`
-    calls with more prompts than `batch_size` run through `batch_size`
-    refilled slots (`continuous.ContinuousDecoder`; one device only).
-    `mesh`: decode data-parallel
+               mesh: jax.sharding.Mesh | None = None, progress: bool = False):
+    """`progress`: a tqdm bar over sentences. `mesh`: decode data-parallel
     over its devices (module docstring);
     `params` may then be anywhere (host, one device): they are placed with
     `sharding.sampling_params`. None: the default device, as given."""
@@ -394,9 +390,6 @@ class Sampler:
     # Device batches run and tokens of their longest rows (the loop's steps).
     self.batches_run = 0
     self.loop_steps = 0
-    if continuous and mesh is not None and mesh.size > 1:
-      raise ValueError('continuous batching runs on one device; drop the mesh')
-    self.continuous = continuous
 
   def generate(self, prompts: Sequence[np.ndarray], *,
                max_new_tokens: int | Sequence[int],
@@ -410,15 +403,6 @@ class Sampler:
     lengths share a prompt bucket; results come back in input order.
     """
     mode, scalars = self.sampling_args(temperature, top_k, top_p, seed)
-    batch_size = batch_size or self.batch_size
-    if self.continuous and len(prompts) > batch_size:
-      from gemma_mt.continuous import ContinuousDecoder
-      limits = self._check(prompts, max_new_tokens)
-      with self._bar(len(prompts)) as bar:
-        return ContinuousDecoder.for_prompts(
-            self, batch_size, mode, scalars, prompts, limits).generate(
-                prompts, limits, bar)
-
     def run(batch, B, P, budget):
       tokens, lens, active, ids, limits = batch
       rows = (tokens, lens, active, ids, *scalars, limits)

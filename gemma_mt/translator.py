@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt import data, postprocess, sharding, weights
+from gemma_mt import continuous, data, postprocess, sharding, weights
 from gemma_mt import model as M
 from gemma_mt import mbr as mbr_lib
 from gemma_mt.sampler import Hypothesis, Sampler
@@ -127,8 +127,8 @@ class Translator:
     self.sampler = Sampler(model, params, pad_id=tokenizer.pad_id,
                            stop_ids=self._stop_ids, batch_size=batch_size,
                            cache_size=cache_size, max_pad_ratio=max_pad_ratio,
-                           mesh=mesh, progress=progress,
-                           continuous=continuous and (mesh is None or mesh.size == 1))
+                           mesh=mesh, progress=progress)
+    self.continuous = continuous and (mesh is None or mesh.size == 1)
 
   def _placed(self, params):
     """Floating params cast to the compute dtype, on the device (else the
@@ -223,10 +223,12 @@ class Translator:
       for i, b in zip(todo, beams):
         nbest[i] = b
     else:
-      outs = self.sampler.generate(
-          prompts, max_new_tokens=limits,
-          temperature=float(opts.temperature), top_k=opts.top_k,
-          top_p=opts.top_p, seed=opts.seed, batch_size=batch_size)
+      kw = dict(max_new_tokens=limits, temperature=float(opts.temperature),
+                top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
+      if self.continuous and len(prompts) > (batch_size or self.sampler.batch_size):
+        outs = continuous.generate(self.sampler, prompts, slots=batch_size, **kw)
+      else:
+        outs = self.sampler.generate(prompts, batch_size=batch_size, **kw)
     return self.generation(fitted, dict(zip(todo, outs)), nbest)
 
   def prepare(self, sources: Sequence[str], options: SamplingOptions):

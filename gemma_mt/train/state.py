@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from gemma_mt import lora, sharding, weights
-from gemma_mt.model import Transformer, TransformerConfig
+from gemma_mt.model import Transformer, TransformerConfig, param_shapes
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.optimizer import make_optimizer
 from gemma_mt.weights.embedded import default_tokenizer
