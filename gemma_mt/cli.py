@@ -186,7 +186,7 @@ def from_args(cls, args: argparse.Namespace, base=None, **extra):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
   """Which model and how to run it (translate, evaluate)."""
-  from gemma_mt.translator import DEFAULT_MAX_INPUT_TOKENS
+  from gemma_mt.sampling import DEFAULT_MAX_INPUT_TOKENS
   p.add_argument('--checkpoint', default=None,
                  help='fine-tuned checkpoint dir (default: the base model)')
   p.add_argument('--model', default='gemma3_270m',

@@ -14,6 +14,8 @@ import math
 import numbers
 from typing import ClassVar
 
+DEFAULT_MAX_INPUT_TOKENS = 1024  # prompt tokens a Translator accepts per input
+
 DEFAULT_MAX_NEW_TOKENS = 256
 # A translation of one line never needs more; larger budgets only size the
 # KV cache (B x (prompt + budget) slots) toward out-of-memory.

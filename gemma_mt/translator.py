@@ -22,9 +22,8 @@ from gemma_mt import continuous, data, postprocess, sharding, weights
 from gemma_mt import model as M
 from gemma_mt import mbr as mbr_lib
 from gemma_mt.sampler import Hypothesis, Sampler
-from gemma_mt.sampling import SamplingOptions
+from gemma_mt.sampling import DEFAULT_MAX_INPUT_TOKENS, SamplingOptions
 
-DEFAULT_MAX_INPUT_TOKENS = 1024
 
 
 class InputTooLongError(ValueError):

@@ -2,7 +2,13 @@
 imports, so every room can be read (and loaded) on its own."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PKG = Path(__file__).resolve().parents[1] / 'gemma_mt'
 
@@ -72,3 +78,14 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
   assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
   assert find_cycle({'a': {'b'}, 'b': set()}) is None
+
+
+@pytest.mark.parametrize('cli', ['translate', 'evaluate', 'serve', 'train'])
+def test_help_starts_without_jax(cli):
+  """`--help` answers before the heavy imports (jax, the model)."""
+  mod = 'train.main' if cli == 'train' else cli
+  code = (f'import sys; import gemma_mt.{mod} as m; rc = m.main(["--help"]); '
+          'assert "jax" not in sys.modules, "jax imported"; print("ok", rc)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, cwd=ROOT)
+  assert out.stdout.strip().endswith('ok 0'), out.stderr[-2000:]

@@ -11,9 +11,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-import jax.numpy as jnp
 
-from gemma_mt import lora
 
 OPTIMIZERS = ('sgd', 'adamw', 'adafactor')
 SCHEDULES = ('constant', 'cosine', 'linear')
@@ -79,7 +77,8 @@ class TrainingConfig:
   seed: int = 0                     # data order, init, dropout
   progress: bool = True             # a tqdm progress bar
 
-  def lora_config(self) -> lora.LoraConfig | None:
+  def lora_config(self) -> 'lora.LoraConfig | None':
+    from gemma_mt import lora  # Here, so that --help does not import jax.
     if self.lora_rank <= 0:
       return None
     targets = tuple(t.strip() for t in self.lora_targets.split(',') if t.strip())
@@ -131,6 +130,7 @@ class TrainingConfig:
     if self.init not in ('pretrained', 'random'):
       raise ValueError(f"--init must be 'pretrained' or 'random', got "
                        f'{self.init!r}')
+    from jax import numpy as jnp  # Here, so that --help does not import jax.
     for name in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, name))

@@ -27,9 +27,9 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
 
 
 def run(argv: list[str] | None = None) -> int:
+  config = parse_args(argv)  # --help and bad flags answer before jax loads.
   from gemma_mt import sharding
   from gemma_mt.train.loop import train_loop
-  config = parse_args(argv)
   sharding.maybe_initialize_distributed()  # Before anything touches devices.
   train_loop(config)
   return 0
