@@ -97,7 +97,15 @@ class Batcher:
         self._items.clear()
       groups = collections.defaultdict(list)
       for item in items:
-        if not self._stream(item):
+        try:
+          streamed = self._stream(item)
+        except Exception as e:  # noqa: BLE001  The thread must live on.
+          log.exception('request failed')
+          item[2].set_exception(e)
+          with self._cv:
+            self.queued -= len(item[0])
+          continue
+        if not streamed:
           # A sample's PRNG stream follows the input's index in its call,
           # so sampled requests run alone: same seed, same answer, whoever
           # else is being served. Beam requests with equal options merge.

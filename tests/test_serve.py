@@ -185,3 +185,21 @@ def test_cli_flags_one_line(capsys):
   assert 'error: --port must be in 1..65535, got 0' in capsys.readouterr().err
   assert serve.main(['--max_queued', '0']) == 2
   assert '--max_queued must be >= 1' in capsys.readouterr().err
+
+
+def test_a_failing_request_does_not_stop_the_server(tr):
+  class Breaks(Slow):
+    def prepare(self, sources, *a):
+      if sources == ['boom']:
+        raise RuntimeError('broken')
+      return self.tr.prepare(sources, *a)
+
+  s = Server(Breaks(tr))
+  try:
+    status, body, _ = s.request('POST', '/translate', json.dumps({'input_text': 'boom'}))
+    assert status == 500 and body['error'] == 'internal error: RuntimeError'
+    status, body, _ = s.request('POST', '/translate',
+                                json.dumps({'input_text': 'ok', 'max_tokens': 2}))
+    assert status == 200 and s.batcher.queued == 0
+  finally:
+    s.stop()
