@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_mt import model as M
-from gemma_mt.sampler import (MIN_PROMPT_BUCKET, SamplingMode, _prefill,
+from gemma_mt.sampler import (MIN_PROMPT_BUCKET, SamplingMode, _prefill, _row_keys,
                               next_pow2, sample_logits)
 
 INSERT_WIDTH = 8   # prompts prefilled per insert call (one executable per width bucket)
@@ -57,13 +57,6 @@ class Slots(NamedTuple):
   out: jax.Array     # [N, budget] generated tokens
 
 
-def _keys(seed, row_ids, steps):
-  """Per-row keys of (seed, input index, step), as `sampler._row_keys`."""
-  base = jax.random.key(seed)
-  rows = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids)
-  return jax.vmap(jax.random.fold_in)(rows, steps)
-
-
 def empty(model: M.Transformer, slots: int, ring: int, budget: int,
           pad_id: int) -> Slots:
   cache = M.init_cache(model.config, slots, ring, dtype=model.dtype)
@@ -85,7 +78,7 @@ def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
   last, small = _prefill(apply, model, prompt, prompt_len, P, None)
   table = params['embedder']['input_embedding']
   logits = M.logits_from_hidden(table, last, model.config.final_logit_softcap)
-  tok = sample_logits(logits, _keys(seed, row_id, jnp.zeros(I, jnp.int32)),
+  tok = sample_logits(logits, _row_keys(seed, row_id, 0),
                       temperature, top_k, top_p, mode)
   start = (state.t - prompt_len) % S
   rows = jnp.broadcast_to(slot[:, None], (I, P))
@@ -130,7 +123,7 @@ def chunk(params, state: Slots, seed, temperature, top_k, top_p, stop_table, *,
     hidden, cache = apply(s.token[:, None], pos[:, None], seen[:, None, :], cache)
     logits = M.logits_from_hidden(table, hidden[:, 0],
                                   model.config.final_logit_softcap)
-    new = sample_logits(logits, _keys(seed, s.row_id, s.count), temperature,
+    new = sample_logits(logits, _row_keys(seed, s.row_id, s.count), temperature,
                         top_k, top_p, mode)
     new = jnp.where(live, new, pad_id)
     rows = jnp.arange(new.shape[0])

@@ -101,10 +101,11 @@ def _row_keys(seed, row_ids, step):
 
   Row ids are input indices, so a sentence's sample does not depend on
   which other sentences share its batch or on the bucket it landed in.
+  `step` is one step for all rows, or one per row (continuous batching).
   """
   base = jax.random.key(seed)
   rows = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids)
-  return jax.vmap(jax.random.fold_in, (0, None))(rows, step)
+  return jax.vmap(jax.random.fold_in)(rows, jnp.broadcast_to(step, row_ids.shape))
 
 
 class DecodeState(NamedTuple):
