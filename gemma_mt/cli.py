@@ -192,6 +192,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument('--model', default='gemma3_270m',
                  help='released model name, or the arch of --checkpoint')
   p.add_argument('--lang_pair', default='en-fr')
+  p.add_argument('--prompt_format', default=None,
+                 choices=('plain', 'chat', 'translategemma'),
+                 help='prompt template (default: the one the checkpoint was '
+                      'trained with, else plain)')
   p.add_argument('--batch_size', type=int, default=32)
   p.add_argument('--max_input_tokens', type=int,
                  default=DEFAULT_MAX_INPUT_TOKENS)
@@ -255,7 +259,8 @@ def build_translator(args):
       args.model, args.checkpoint, lang_pair=args.lang_pair, dtype=dtype,
       batch_size=args.batch_size, max_input_tokens=args.max_input_tokens,
       truncate=args.truncate, mesh=mesh, progress=True,
-      continuous=not getattr(args, 'static_batching', False))
+      continuous=not getattr(args, 'static_batching', False),
+      prompt_format=args.prompt_format)
   log.info('loaded %s in %.1fs', args.checkpoint or args.model,
            time.time() - t0)
   return translator

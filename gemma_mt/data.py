@@ -1,8 +1,9 @@
 """MTNT translation pairs as padded, masked token batches (numpy only).
 
-An example is `[BOS] + format_prompt(src) + dst + [EOS]`, padded with the pad
-id to `max_seq_len`. `target_mask` is aligned with `input_tokens`: it is True
-on the `dst` tokens and the EOS, so the loss for predicting token t (from
+An example is `[BOS] + format_prompt(src) + dst + <end>` (`prompts`: the end
+is EOS for the plain format, `<end_of_turn>` for the turn formats), padded
+with the pad id to `max_seq_len`. `target_mask` is aligned with
+`input_tokens`: it is True on the `dst` tokens and the end marker, so the loss for predicting token t (from
 position t - 1) is counted where `target_mask[t]` is True; the prompt and the
 padding never are.
 
@@ -27,34 +28,23 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gemma_mt import prompts
+from gemma_mt.prompts import LANG_PAIRS, LANGUAGE_NAMES, format_prompt  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 SPLITS = ('train', 'valid', 'test')
-LANGUAGE_NAMES = {'en': 'English', 'fr': 'French', 'ja': 'Japanese'}
-LANG_PAIRS = ('en-fr', 'fr-en', 'en-ja', 'ja-en')
 TFDS_LANG_PAIRS = ('en-fr', 'en-ja', 'fr-en')  # The configs TFDS provides.
 _LAYOUT = (
     'expected layout: <mtnt_dir>/<split>/<split>.<pair>.tsv with three '
     'tab-separated columns (comment id, source, target)'
 )
-
-
-def _check_pair(lang_pair: str) -> tuple[str, str]:
-  if lang_pair not in LANG_PAIRS:
-    raise ValueError(f'Unsupported lang_pair {lang_pair!r}; one of {LANG_PAIRS}')
-  src, dst = lang_pair.split('-')
-  return src, dst
-
-
-def format_prompt(src: str, lang_pair: str = 'en-fr') -> str:
-  """The prompt shared by training and sampling; the model continues with dst."""
-  target = LANGUAGE_NAMES[_check_pair(lang_pair)[1]]
-  return f'Translate this into {target}:\n{src}\n'
+_check_pair = prompts.check_pair
 
 
 class TrainingInput(NamedTuple):
-  input_tokens: np.ndarray  # [B, L] int32, pad id after the EOS.
-  target_mask: np.ndarray  # [B, L] bool, True on dst tokens and the EOS.
+  input_tokens: np.ndarray  # [B, L] int32, pad id after the end marker.
+  target_mask: np.ndarray  # [B, L] bool, True on dst tokens and the end marker.
 
 
 @dataclasses.dataclass
@@ -256,8 +246,10 @@ class MTNTDatasetBuilder:
       seed: int = 0,
       truncate: bool = False,
       tfds_data_dir: str | None = None,
+      prompt_format: str = prompts.DEFAULT,
   ):
     _check_pair(lang_pair)
+    self.prompt_format = prompts.check(prompt_format)
     self.tokenizer = tokenizer
     self.max_seq_len = max_seq_len
     self.source = _resolve_source(source, mtnt_dir)
@@ -279,9 +271,8 @@ class MTNTDatasetBuilder:
 
   def encode_pair(self, src: str, dst: str) -> tuple[np.ndarray, int] | None:
     """(tokens, prompt length) of one example, unpadded; None if it must be dropped."""
-    tok = self.tokenizer
-    prompt = tok.tokenize(format_prompt(src, self.lang_pair), add_bos=True, add_eos=False)
-    target = tok.tokenize(dst, add_bos=False, add_eos=True)
+    prompt = prompts.prompt_ids(self.tokenizer, src, self.lang_pair, self.prompt_format)
+    target = prompts.answer_ids(self.tokenizer, dst, self.prompt_format)
     room = self.max_seq_len - len(prompt)
     if len(target) > room:
       if not self.truncate or room < 1:
@@ -295,6 +286,7 @@ class MTNTDatasetBuilder:
       return self._encoded[split]
     pairs, malformed = self._load_counted(split)
     stats = SplitStats(malformed=malformed)
+    end_id = prompts.answer_ids(self.tokenizer, '', self.prompt_format)[-1]
     L = self.max_seq_len
     tokens = np.full((len(pairs), L), self.tokenizer.pad_id, np.int32)
     mask = np.zeros((len(pairs), L), bool)
@@ -305,7 +297,7 @@ class MTNTDatasetBuilder:
         stats.dropped_too_long += 1
         continue
       seq, prompt_len = encoded
-      stats.truncated += int(seq[-1] != self.tokenizer.eos_id)
+      stats.truncated += int(seq[-1] != end_id)
       tokens[n, : len(seq)] = seq
       mask[n, prompt_len : len(seq)] = True
       n += 1

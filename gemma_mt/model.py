@@ -1,4 +1,4 @@
-"""The Gemma text decoder (Gemma 1, 2 and 3), in Flax linen.
+"""The Gemma text decoder (Gemma 1, 2 and 3; 270M to 27B), in Flax linen.
 
 The parameter tree is name-for-name and shape-for-shape the one of Google's
 official checkpoints (and of `gemma.gm.nn.Gemma3_270M`), so weights load both
@@ -121,6 +121,26 @@ class TransformerConfig:
     return cls._gemma3(26, 1152, 6 * 1152)
 
   @classmethod
+  def gemma3_4b(cls) -> 'TransformerConfig':
+    """Gemma 3 4B's text decoder (also TranslateGemma 4B)."""
+    return cls._gemma3(34, 2560, 2560 * 4, num_heads=8, num_kv_heads=4,
+                       sliding_window_size=1024, global_rope_scale=8.0)
+
+  @classmethod
+  def gemma3_12b(cls) -> 'TransformerConfig':
+    """Gemma 3 12B's text decoder (also TranslateGemma 12B)."""
+    return cls._gemma3(48, 3840, 3840 * 4, num_heads=16, num_kv_heads=8,
+                       sliding_window_size=1024, global_rope_scale=8.0)
+
+  @classmethod
+  def gemma3_27b(cls) -> 'TransformerConfig':
+    """Gemma 3 27B's text decoder (also TranslateGemma 27B): head dim 128,
+    queries scaled by (embed_dim / num_heads) ** -0.5."""
+    return cls._gemma3(62, 5376, 5376 * 4, num_heads=32, num_kv_heads=16,
+                       head_dim=128, query_pre_attn_scalar=(5376 / 32)**-0.5,
+                       sliding_window_size=1024, global_rope_scale=8.0)
+
+  @classmethod
   def tiny(cls, vocab_size: int = 262_144, **kw) -> 'TransformerConfig':
     """A Gemma-3-shaped toy (2 local + 1 global layer) for tests."""
     base = cls._gemma3(3, 64, 128, vocab_size=vocab_size, num_heads=4,
@@ -137,10 +157,29 @@ class TransformerConfig:
       raise ValueError(
           f'unknown model {name!r}; choose one of {sorted(_NAMES)}') from None
 
+  @classmethod
+  def resolve(cls, arch: 'str | TransformerConfig') -> 'TransformerConfig':
+    """An arch name, or a config as is (an imported model of no named size)."""
+    return arch if isinstance(arch, cls) else cls.from_name(arch)
 
-_NAMES = {'gemma_2b': 'gemma_2b', 'gemma2_2b': 'gemma2_2b',
-          'gemma3_270m': 'gemma3_270m', 'gemma3_1b': 'gemma3_1b',
-          'tiny': 'tiny'}
+  def name(self) -> str | None:
+    """The released model name of exactly this config, if any."""
+    return next((n for n in _NAMES if n != 'tiny'
+                 and getattr(TransformerConfig, n)() == self), None)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'TransformerConfig':
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(d) - names):
+      raise ValueError(f'unknown model config fields {unknown}')
+    return cls(**{**d, 'attention_types': tuple(d['attention_types'])})
+
+
+_NAMES = {n: n for n in ('gemma_2b', 'gemma2_2b', 'gemma3_270m', 'gemma3_1b',
+                         'gemma3_4b', 'gemma3_12b', 'gemma3_27b', 'tiny')}
 
 
 # --- Masks and positions -----------------------------------------------------

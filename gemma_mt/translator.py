@@ -1,6 +1,7 @@
 """`Translator`: sentences in, one line of translation each out.
 
-It prompts exactly as training does (`[BOS] + format_prompt(src)`), decodes
+It prompts exactly as training does (`[BOS] + format_prompt(src)` in the
+model's `prompts` format), decodes
 batches on the device (`sampler.Sampler`, one jit per shape bucket) and
 turns the ids into text (`postprocess`). A translation ends at the first of
 EOS / `<end_of_turn>`, the first generated newline, the per-input token
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt import continuous, data, postprocess, sharding, weights
+from gemma_mt import continuous, postprocess, prompts, sharding, weights
 from gemma_mt import model as M
 from gemma_mt import mbr as mbr_lib
 from gemma_mt.sampler import Hypothesis, Sampler
@@ -98,7 +99,8 @@ class Translator:
                max_pad_ratio: float | None = None,
                mesh: jax.sharding.Mesh | None = None,
                fast_decode: bool | None = None, progress: bool = False,
-               continuous: bool = True):
+               continuous: bool = True,
+               prompt_format: str = prompts.DEFAULT):
     if isinstance(model_or_config, M.Transformer):
       model = model_or_config
       if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
@@ -115,8 +117,9 @@ class Translator:
     if tokenizer.vocab_size > model.config.vocab_size:
       raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, the model '
                        f'only {model.config.vocab_size}')
-    data.format_prompt('', lang_pair)  # Validates lang_pair.
+    prompts.format_prompt('', lang_pair, prompt_format)  # Validates both.
     self.model, self.tokenizer, self.lang_pair = model, tokenizer, lang_pair
+    self.prompt_format = prompt_format
     self.max_input_tokens = max_input_tokens
     self.truncate = truncate
     self._mesh = mesh
@@ -157,6 +160,8 @@ class Translator:
     on_mesh = mesh is not None and mesh.shape['fsdp'] == 1
     p = weights.load(model, checkpoint,
                      sharding=sharding.replicated(mesh) if on_mesh else None)
+    if kw.get('prompt_format') is None:  # The format the model was tuned with.
+      kw['prompt_format'] = p.prompt_format
     return cls(p.config, p.params, p.tokenizer, mesh=mesh, **kw)
 
   @property
@@ -170,8 +175,8 @@ class Translator:
   # --- Prompts -----------------------------------------------------------------
   def prompt_tokens(self, source: str) -> np.ndarray:
     """`[BOS] + format_prompt(source)`, as in training (source stripped)."""
-    return self.tokenizer.tokenize(
-        data.format_prompt(source.strip(), self.lang_pair), add_eos=False)
+    return prompts.prompt_ids(self.tokenizer, source.strip(), self.lang_pair,
+                              self.prompt_format)
 
   def _fit(self, index: int, source: str) -> tuple[np.ndarray, bool]:
     ids = self.prompt_tokens(source)

@@ -15,7 +15,12 @@ def gm_transformer(cfg: TransformerConfig, dtype=jnp.float32):
   types = {GLOBAL: gm_modules.AttentionType.GLOBAL,
            'local': gm_modules.AttentionType.LOCAL_SLIDING}
   norm = gm_config.QueryPreAttentionNormalisation
-  assert abs(cfg.query_pre_attn_scalar - cfg.head_dim**-0.5) < 1e-12
+  if abs(cfg.query_pre_attn_scalar - cfg.head_dim**-0.5) < 1e-12:
+    query_norm = norm.BY_ONE_OVER_SQRT_HEAD_DIM
+  else:  # Gemma 3 27B's.
+    assert abs(cfg.query_pre_attn_scalar
+               - (cfg.embed_dim // cfg.num_heads)**-0.5) < 1e-12
+    query_norm = norm.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS
   config = gm_config.TransformerConfig(
       num_embed=cfg.vocab_size, embed_dim=cfg.embed_dim,
       hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads,
@@ -24,7 +29,7 @@ def gm_transformer(cfg: TransformerConfig, dtype=jnp.float32):
       use_post_attn_norm=cfg.use_post_attn_norm,
       use_post_ffw_norm=cfg.use_post_ffw_norm,
       attention_types=tuple(types[t] for t in cfg.attention_types),
-      query_pre_attn_norm=norm.BY_ONE_OVER_SQRT_HEAD_DIM,
+      query_pre_attn_norm=query_norm,
       attn_logits_soft_cap=cfg.attn_logits_soft_cap,
       sliding_window_size=cfg.sliding_window_size,
       transpose_gating_einsum=cfg.transpose_gating_einsum,

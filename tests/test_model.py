@@ -24,6 +24,12 @@ CONFIGS = {
                         attention_types=('global',) * 2),
     'gemma1_mha': small(M.TransformerConfig.gemma_2b(), num_kv_heads=4,
                         attention_types=('global',) * 2),
+    # Gemma 3 4B+ (and TranslateGemma): global RoPE scaled by 8; 27B scales
+    # queries by (embed_dim / num_heads) ** -0.5, not head_dim ** -0.5.
+    'gemma3_4b_style': M.TransformerConfig.tiny(vocab_size=V, global_rope_scale=8.0),
+    'gemma3_27b_style': M.TransformerConfig.tiny(
+        vocab_size=V, global_rope_scale=8.0, head_dim=8,
+        query_pre_attn_scalar=(64 / 4)**-0.5),
 }
 
 
@@ -55,6 +61,9 @@ def flat_shapes(tree):
     (M.TransformerConfig.gemma3_270m, 'Gemma3_270M'),
     (M.TransformerConfig.gemma3_1b, 'Gemma3_1B'),
     (M.TransformerConfig.gemma2_2b, 'Gemma2_2B'),
+    (M.TransformerConfig.gemma3_4b, 'Gemma3_4B'),
+    (M.TransformerConfig.gemma3_12b, 'Gemma3_12B'),
+    (M.TransformerConfig.gemma3_27b, 'Gemma3_27B'),
 ])
 def test_param_tree_matches_official(ours, theirs):
   tokens, mask = batch([4], 4)
@@ -62,10 +71,32 @@ def test_param_tree_matches_official(ours, theirs):
   mine = jax.eval_shape(lambda: M.Transformer(cfg).init(
       jax.random.key(0), tokens, M.positions_from_mask(mask),
       M.causal_mask(mask)))['params']
-  ref = jax.eval_shape(lambda: getattr(gm.nn, theirs)().init(
+  official = getattr(gm.nn, theirs)
+  kw = {'text_only': True} if 'text_only' in official.__dataclass_fields__ else {}
+  ref = jax.eval_shape(lambda: official(**kw).init(
       jax.random.key(0), tokens))['params']
   assert flat_shapes(mine) == flat_shapes(ref)
   assert cfg.num_params() == sum(np.prod(s) for s in flat_shapes(ref).values())
+
+
+@pytest.mark.parametrize('name,theirs', [
+    ('gemma3_270m', 'Gemma3_270M'), ('gemma3_1b', 'Gemma3_1B'),
+    ('gemma3_4b', 'Gemma3_4B'), ('gemma3_12b', 'Gemma3_12B'),
+    ('gemma3_27b', 'Gemma3_27B'), ('gemma2_2b', 'Gemma2_2B'),
+])
+def test_config_matches_official(name, theirs):
+  """What shapes do not show: window, RoPE, query scale, layer pattern."""
+  ours, ref = M.TransformerConfig.from_name(name), getattr(gm.nn, theirs).config
+  assert ours.sliding_window_size == ref.sliding_window_size
+  assert ours.global_rope_scale == ref.global_scale_factor
+  assert ours.local_rope_scale == ref.local_scale_factor
+  assert (ours.local_rope_base, ours.global_rope_base) == (
+      ref.local_base_frequency, ref.global_base_frequency)
+  assert abs(ours.query_pre_attn_scalar - ref.query_pre_attn_scalar()) < 1e-12
+  assert [t == 'global' for t in ours.attention_types] == [
+      t.name == 'GLOBAL' for t in ref.attention_types]
+  assert (ours.final_logit_softcap, ours.attn_logits_soft_cap) == (
+      ref.final_logit_softcap, ref.attn_logits_soft_cap)
 
 
 def test_gemma1_2b_layout():

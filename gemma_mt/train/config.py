@@ -44,6 +44,7 @@ class TrainingConfig:
   tfds_data_dir: str | None = None  # TFDS data dir (default ~/tensorflow_datasets)
   mtnt_archive: str | None = None   # local MTNT.1.1.tar.gz for TFDS when offline
   lang_pair: str = 'en-fr'          # MTNT pair
+  prompt_format: str = 'plain'      # 'plain', 'chat' or 'translategemma' (gemma_mt.prompts)
   max_seq_len: int = 128            # tokens per row (longer pairs dropped)
   truncate: bool = False            # cut long pairs instead of dropping them
   packing: bool = False             # several pairs per row (segment ids)
@@ -127,6 +128,9 @@ class TrainingConfig:
       raise ValueError('--mtnt_archive is for the TFDS source; drop it or --mtnt_dir')
     if self.mtnt_archive and not Path(self.mtnt_archive).is_file():
       raise ValueError(f'--mtnt_archive {self.mtnt_archive}: no such file')
+    if self.prompt_format not in ('plain', 'chat', 'translategemma'):
+      raise ValueError("--prompt_format must be 'plain', 'chat' or "
+                       f"'translategemma', got {self.prompt_format!r}")
     if self.init not in ('pretrained', 'random'):
       raise ValueError(f"--init must be 'pretrained' or 'random', got "
                        f'{self.init!r}')

@@ -45,7 +45,8 @@ def make_data(config: TrainingConfig, tokenizer):
   builder = MTNTDatasetBuilder(
       tokenizer, config.max_seq_len, source=config.source,
       mtnt_dir=config.mtnt_dir, lang_pair=config.lang_pair, seed=config.seed,
-      truncate=config.truncate, tfds_data_dir=config.tfds_data_dir)
+      truncate=config.truncate, tfds_data_dir=config.tfds_data_dir,
+      prompt_format=config.prompt_format)
   if config.packing:
     data = builder.encode_split('train')
     kw = dict(pad_id=tokenizer.pad_id, seed=config.seed)
@@ -139,7 +140,8 @@ class _Window:
 _STATE_FIELDS = ('model', 'optimizer', 'lora_rank', 'lora_targets', 'lora_quant',
                  'param_dtype')
 _DATA_FIELDS = ('batch_size', 'grad_accum_steps', 'max_seq_len', 'packing',
-                'truncate', 'seed', 'lang_pair', 'source', 'mtnt_dir')
+                'truncate', 'seed', 'lang_pair', 'source', 'mtnt_dir',
+                'prompt_format')
 
 
 def check_resume(config: TrainingConfig, saved_config: Path) -> None:
@@ -322,11 +324,11 @@ def train_loop(config: TrainingConfig) -> Any:
     adapters = weights.save_adapters(
         workdir / 'adapters', arch, state.params, config.lora_config(),
         base_model=config.model, base_checkpoint=lora_base_dir(config),
-        overwrite=True)
+        overwrite=True, prompt_format=config.prompt_format)
     log.info('adapters in %s', adapters)
   params = plain_params(state, config)
   final = weights.save(workdir / 'final', arch, params, tokenizer,
-                       overwrite=True)
+                       overwrite=True, prompt_format=config.prompt_format)
   metrics.plot_losses(writer.path, workdir / 'loss.png')
   log.info('final params in %s%s', final, '' if quality is None or
            quality.best is None else f'; best ({config.select_by} '

@@ -37,7 +37,8 @@ class QualityTracker:
     self.options = SamplingOptions(max_length_ratio=DEFAULT_MAX_LENGTH_RATIO)
     self.translator = Translator(
         model_config, params, tokenizer, lang_pair=config.lang_pair,
-        dtype=jnp.dtype(config.dtype), batch_size=config.eval_bleu_batch_size)
+        dtype=jnp.dtype(config.dtype), batch_size=config.eval_bleu_batch_size,
+        prompt_format=config.prompt_format)
     self.best = self._read_best()
     self.since_best = 0
 
@@ -61,7 +62,7 @@ class QualityTracker:
       self.since_best += 1
       return False
     weights.save(self.workdir / BEST_DIR, self.arch, params, self.tokenizer,
-                 overwrite=True)
+                 overwrite=True, prompt_format=self.config.prompt_format)
     self.best = {'step': step, 'select_by': key, **scores}
     orbax_io.atomic_write(self.workdir / BEST_FILE,  # best/ first, then
                           json.dumps(self.best, indent=2) + '\n')  # its record.

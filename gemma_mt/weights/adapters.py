@@ -24,11 +24,12 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
   return (Path(path) / CONFIG_FILE).is_file()
 
 
-def save(path: str | os.PathLike, arch: str, adapters: Any,
+def save(path: str | os.PathLike, meta: dict, adapters: Any,
          lora_config: LoraConfig, *, base_model: str,
          base_checkpoint: str | os.PathLike | None = None,
          overwrite: bool = False) -> Path:
-  """Writes an adapter dir atomically (a killed save leaves nothing)."""
+  """Writes an adapter dir atomically (a killed save leaves nothing);
+  `meta`: the architecture and prompt format (`weights.arch_meta`)."""
   with orbax_io.atomic_dir(path, overwrite) as tmp:
     tmp.mkdir()
     with ocp.StandardCheckpointer() as ckptr:
@@ -36,7 +37,7 @@ def save(path: str | os.PathLike, arch: str, adapters: Any,
       ckptr.wait_until_finished()
     (tmp / CONFIG_FILE).write_text(lora_config.to_json())
     orbax_io.write_meta(tmp, {
-        'arch': arch, 'base_model': base_model,
+        **meta, 'base_model': base_model,
         'base_checkpoint': None if base_checkpoint is None
         else str(Path(base_checkpoint).expanduser().absolute())})
   return Path(path).expanduser().absolute()

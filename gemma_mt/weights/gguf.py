@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -249,3 +249,158 @@ def tokenizer_proto_from_gguf(path: str | os.PathLike) -> bytes:
 def tokenizer_from_gguf(path: str | os.PathLike) -> GemmaTokenizer:
   """The `GemmaTokenizer` stored in a GGUF file's metadata."""
   return GemmaTokenizer.from_serialized(tokenizer_proto_from_gguf(path))
+
+
+# ------------------------------------------------------------------ writing
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+LOCAL_EVERY = 6  # llama.cpp's gemma3: layers 5, 11, ... are global.
+
+
+def check_llama_cpp_config(config: TransformerConfig) -> None:
+  """GGUFError unless llama.cpp's gemma3 runs `config` as we do: it fixes
+  the 5:1 sliding/global pattern, the local RoPE base (10,000) and the query
+  scale (27B's by layer count) instead of reading them from the file."""
+  types = tuple("global" if (i + 1) % LOCAL_EVERY == 0 else "local"
+                for i in range(config.num_layers))
+  scale = ((config.embed_dim / config.num_heads) ** -0.5
+           if config.num_layers == 62 else config.head_dim ** -0.5)
+  problems = [
+    (not config.use_qk_norm, "not a Gemma 3 model (GGUF export covers "
+     "Gemma 3; export Gemma 1/2 to HF and convert with llama.cpp)"),
+    (config.attention_types != types, "its layer pattern is not 5 local : 1 "
+     "global"),
+    (config.local_rope_base != 10_000.0 or config.local_rope_scale != 1.0,
+     "its local RoPE is not base 10,000, unscaled"),
+    (abs(config.query_pre_attn_scalar - scale) > 1e-9,
+     "its query scale is not the one llama.cpp derives"),
+  ]
+  for bad, why in problems:
+    if bad:
+      raise GGUFError(f"cannot write a GGUF llama.cpp would run as this "
+                      f"model: {why}")
+
+
+def _gguf_tensors(params: Any, config: TransformerConfig
+                  ) -> Iterator[tuple[str, np.ndarray, bool]]:
+  """(name, numpy array in GGUF's row order, is_norm) per tensor: the
+  inverse of `params_from_gguf`; norms become 1 + w as llama.cpp wants."""
+  N, K, H, D = (config.num_heads, config.num_kv_heads, config.head_dim,
+                config.embed_dim)
+  a = lambda x: np.asarray(x, np.float32)
+  yield "token_embd.weight", a(params["embedder"]["input_embedding"]), False
+  for i in range(config.num_layers):
+    p, b = params[f"layer_{i}"], f"blk.{i}."
+    attn = p["attn"]
+    if "qkv_einsum" in attn:
+      q, k, v = a(attn["qkv_einsum"]["w"])
+    else:
+      q, (k, v) = a(attn["q_einsum"]["w"]), a(attn["kv_einsum"]["w"])
+    rows = lambda w, n: w.transpose(0, 2, 1).reshape(n * H, D)
+    yield b + "attn_q.weight", rows(q, N), False
+    yield b + "attn_k.weight", rows(k, K), False
+    yield b + "attn_v.weight", rows(v, K), False
+    o = a(attn["attn_vec_einsum"]["w"]).reshape(N * H, D).T
+    yield b + "attn_output.weight", np.ascontiguousarray(o), False
+    yield b + "attn_q_norm.weight", 1 + a(attn["_query_norm"]["scale"]), True
+    yield b + "attn_k_norm.weight", 1 + a(attn["_key_norm"]["scale"]), True
+    gate, up = a(p["mlp"]["gating_einsum"])
+    yield b + "ffn_gate.weight", gate, False
+    yield b + "ffn_up.weight", up, False
+    yield b + "ffn_down.weight", np.ascontiguousarray(
+      a(p["mlp"]["linear"]).T), False
+    for gguf_name, flax_name in _NORMS.items():
+      yield b + gguf_name + ".weight", 1 + a(p[flax_name]["scale"]), True
+  yield "output_norm.weight", 1 + a(params["final_norm"]["scale"]), True
+
+
+def write_gguf(
+  path: str | os.PathLike,
+  config: TransformerConfig,
+  params: Any,
+  tokenizer: GemmaTokenizer,
+  outtype: str = "q8_0",
+  *,
+  name: str = "gemma_mt",
+  chat_template: str | None = None,
+  overwrite: bool = False,
+  progress: Callable[[Iterator], Iterator] = lambda it: it,
+) -> Path:
+  """A Gemma 3 GGUF that llama.cpp runs: weights in `outtype` (norms stay
+  F32), the SentencePiece vocabulary and `chat_template` in the metadata.
+  Written to a temp file and renamed (a killed export leaves nothing)."""
+  import gguf
+
+  if outtype not in OUTTYPES:
+    raise GGUFError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
+  check_llama_cpp_config(config)
+  path = Path(path).expanduser().absolute()
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+  qt, ft = gguf.GGMLQuantizationType, gguf.LlamaFileType
+  qtype = {"f32": qt.F32, "f16": qt.F16, "bf16": qt.BF16, "q8_0": qt.Q8_0}[outtype]
+  w = gguf.GGUFWriter(None, "gemma3")
+  w.add_name(name)
+  w.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16,
+                   "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0}[outtype])
+  w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+  w.add_context_length(131_072 if config.global_rope_scale > 1 else 32_768)
+  w.add_embedding_length(config.embed_dim)
+  w.add_block_count(config.num_layers)
+  w.add_feed_forward_length(config.hidden_dim)
+  w.add_head_count(config.num_heads)
+  w.add_head_count_kv(config.num_kv_heads)
+  w.add_key_length(config.head_dim)
+  w.add_value_length(config.head_dim)
+  w.add_layer_norm_rms_eps(1e-6)
+  w.add_rope_freq_base(config.global_rope_base)
+  w.add_sliding_window(config.sliding_window_size)
+  if config.global_rope_scale != 1.0:
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(config.global_rope_scale)
+  _add_tokenizer(w, tokenizer, chat_template)
+  for tname, x, is_norm in progress(_gguf_tensors(params, config)):
+    if is_norm or qtype == qt.F32:
+      w.add_tensor(tname, x.astype(np.float32))
+    elif qtype == qt.F16:
+      w.add_tensor(tname, x.astype(np.float16))
+    else:
+      w.add_tensor(tname, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    w.write_header_to_file(tmp)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return path
+
+
+def _add_tokenizer(w: Any, tokenizer: GemmaTokenizer,
+                   chat_template: str | None) -> None:
+  """The SentencePiece model as llama.cpp's `llama` tokenizer metadata (what
+  `tokenizer_proto_from_gguf` reads back)."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+
+  proto = pb.ModelProto()
+  proto.ParseFromString(tokenizer.serialized_model_proto())
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list([p.piece.encode("utf-8") for p in proto.pieces])
+  w.add_token_scores([p.score for p in proto.pieces])
+  # SentencePiece's piece types are llama.cpp's token types (2 = unknown).
+  w.add_token_types([int(p.type) for p in proto.pieces])
+  w.add_bos_token_id(tokenizer.bos_id)
+  w.add_eos_token_id(tokenizer.eos_id)
+  w.add_unk_token_id(tokenizer.processor.unk_id())
+  w.add_pad_token_id(tokenizer.pad_id)
+  w.add_add_bos_token(True)
+  w.add_add_eos_token(False)
+  w.add_add_space_prefix(False)
+  eot = tokenizer.processor.PieceToId("<end_of_turn>")
+  if eot != tokenizer.processor.unk_id():
+    w.add_eot_token_id(eot)
+  if chat_template:
+    w.add_chat_template(chat_template)
