@@ -291,3 +291,31 @@ def test_core_modules_do_not_import_tensorflow_or_gemma():
       'assert not bad, bad\n'
   )
   subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize('fmt', ['chat', 'translategemma'])
+def test_turn_formats_mask_the_answer_and_its_end_of_turn(tokenizer, small_dir, fmt):
+  """Turn formats: [BOS] <start_of_turn>user … <end_of_turn>\\n<start_of_turn>
+  model\\n, then the answer and <end_of_turn> (no EOS), which the mask covers
+  exactly; the control pieces are their ids, not spelled out."""
+  from gemma_mt import prompts
+  builder = MTNTDatasetBuilder(tokenizer, 160, mtnt_dir=small_dir, prompt_format=fmt)
+  batch = builder.encode_split('valid')
+  sot, eot = (tokenizer.processor.PieceToId(p) for p in ('<start_of_turn>', '<end_of_turn>'))
+  for tokens, mask, (src, dst) in zip(batch.input_tokens, batch.target_mask, SMALL):
+    n = int((tokens != tokenizer.pad_id).sum())
+    assert tokens[0] == tokenizer.bos_id and tokens[1] == sot
+    assert tokens[n - 1] == eot and tokenizer.eos_id not in tokens
+    assert tokenizer.decode(tokens[mask][:-1]) == dst  # answer, then <end_of_turn>
+    prompt = tokens[:n][~mask[:n]]
+    assert list(tokens[mask]) == list(tokens[len(prompt):n])  # one span
+    assert prompt.tolist() == prompts.prompt_ids(tokenizer, src, 'en-fr', fmt).tolist()
+    assert (prompt == sot).sum() == 2 and (prompt == eot).sum() == 1
+    assert prompt[-3:].tolist() == [sot] + tokenizer.processor.EncodeAsIds('model\n')
+  text = prompts.format_prompt('Hi!', 'en-fr', fmt)
+  assert text.endswith('Hi!<end_of_turn>\n<start_of_turn>model\n')
+  if fmt == 'translategemma':
+    assert 'professional English (en) to French (fr) translator' in text
+    assert text.split('<end_of_turn>')[0].endswith('into French:\n\n\nHi!')
+  with pytest.raises(ValueError, match='unknown prompt format'):
+    prompts.format_prompt('Hi', 'en-fr', 'alpaca')

@@ -320,7 +320,8 @@ def test_configs_load():
 @pytest.fixture(scope='module')
 def lora_run(tmp_path_factory, mtnt_dir, xla_cache):
   workdir = tmp_path_factory.mktemp('lora')
-  cfg = tiny_config(workdir, mtnt_dir, lora_rank=4, lora_alpha=8.0)
+  cfg = tiny_config(workdir, mtnt_dir, lora_rank=4, lora_alpha=8.0,
+                    prompt_format='chat')
   merged = loop.train_loop(cfg)
   return cfg, workdir, jax.device_get(merged)
 
@@ -343,6 +344,9 @@ def test_lora_trains_adapters_only(lora_run):
   assert lora.count_params(adapters) < 0.2 * lora.count_params(base.params)
   assert_trees_equal(weights.load_dir(workdir / 'adapters').params, merged)
   assert_trees_equal(weights.load_dir(workdir / 'final').params, merged)
+  # Trained in the chat format: both outputs say so, for translate/evaluate.
+  assert weights.load_dir(workdir / 'adapters').prompt_format == 'chat'
+  assert weights.load_dir(workdir / 'final').prompt_format == 'chat'
   moved = [not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(merged), jax.tree.leaves(base.params))]
   assert any(moved)

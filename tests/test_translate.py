@@ -437,3 +437,33 @@ def test_bad_checkpoint_dirs_one_line(ckpt, extra, message, tmp_path, tokenizer,
   assert len(lines) == 1 and lines[0].startswith('error: '), err
   import re
   assert re.search(message.format(root=re.escape(str(tmp_path))), lines[0]), err
+
+
+def test_turn_formats_stop_at_end_of_turn(tokenizer, forced):
+  """A model that answers <end_of_turn> at once gives an empty translation
+  after one step (the turn formats' end marker stops decoding); one that
+  never does runs to the token budget."""
+  tr = make_tiny_translator(tokenizer, prompt_format='chat')
+  base = tr.sampler.params
+  tr.sampler.params = forcing(base, 106)
+  res = tr.translate_detailed(['Hello there'], SamplingOptions(max_new_tokens=12))
+  assert res[0].text == '' and res[0].output_tokens == 1 and res[0].stop_reason == 'eos'
+  tr.sampler.params = forcing(base, word_id(tokenizer, 'Bonjour'))
+  res = tr.translate_detailed(['Hello there'], SamplingOptions(max_new_tokens=12))
+  assert res[0].output_tokens == 12 and res[0].stop_reason == 'max_tokens'
+  assert tr.prompt_tokens('Hi')[:2].tolist() == [tokenizer.bos_id, 105]
+
+
+def test_checkpoint_records_its_prompt_format(tokenizer, tmp_path):
+  """translate/evaluate prompt a model the way it was trained; a flag overrides."""
+  from gemma_mt import weights
+  from tiny import tiny_params
+  path = weights.save(tmp_path / 'm', 'tiny', tiny_params(), tokenizer,
+                      prompt_format='translategemma')
+  assert Translator.from_pretrained(checkpoint=path).prompt_format == 'translategemma'
+  assert Translator.from_pretrained(checkpoint=path, prompt_format='plain'
+                                    ).prompt_format == 'plain'
+  with pytest.raises(ValueError, match='unknown prompt format'):
+    weights.save(tmp_path / 'bad', 'tiny', tiny_params(), tokenizer,
+                 prompt_format='alpaca')
+  assert not (tmp_path / 'bad').exists()

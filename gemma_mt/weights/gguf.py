@@ -281,37 +281,30 @@ def check_llama_cpp_config(config: TransformerConfig) -> None:
                       f"model: {why}")
 
 
+# HF tensor -> GGUF tensor: llama.cpp's converter keeps HF's row layout.
+_FROM_HF = {
+  "embed_tokens": "token_embd", "norm": "output_norm",
+  "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+  "o_proj": "attn_output", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
+  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+  "input_layernorm": "attn_norm",
+  "post_attention_layernorm": "post_attention_norm",
+  "pre_feedforward_layernorm": "ffn_norm",
+  "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
 def _gguf_tensors(params: Any, config: TransformerConfig
                   ) -> Iterator[tuple[str, np.ndarray, bool]]:
-  """(name, numpy array in GGUF's row order, is_norm) per tensor: the
-  inverse of `params_from_gguf`; norms become 1 + w as llama.cpp wants."""
-  N, K, H, D = (config.num_heads, config.num_kv_heads, config.head_dim,
-                config.embed_dim)
-  a = lambda x: np.asarray(x, np.float32)
-  yield "token_embd.weight", a(params["embedder"]["input_embedding"]), False
-  for i in range(config.num_layers):
-    p, b = params[f"layer_{i}"], f"blk.{i}."
-    attn = p["attn"]
-    if "qkv_einsum" in attn:
-      q, k, v = a(attn["qkv_einsum"]["w"])
-    else:
-      q, (k, v) = a(attn["q_einsum"]["w"]), a(attn["kv_einsum"]["w"])
-    rows = lambda w, n: w.transpose(0, 2, 1).reshape(n * H, D)
-    yield b + "attn_q.weight", rows(q, N), False
-    yield b + "attn_k.weight", rows(k, K), False
-    yield b + "attn_v.weight", rows(v, K), False
-    o = a(attn["attn_vec_einsum"]["w"]).reshape(N * H, D).T
-    yield b + "attn_output.weight", np.ascontiguousarray(o), False
-    yield b + "attn_q_norm.weight", 1 + a(attn["_query_norm"]["scale"]), True
-    yield b + "attn_k_norm.weight", 1 + a(attn["_key_norm"]["scale"]), True
-    gate, up = a(p["mlp"]["gating_einsum"])
-    yield b + "ffn_gate.weight", gate, False
-    yield b + "ffn_up.weight", up, False
-    yield b + "ffn_down.weight", np.ascontiguousarray(
-      a(p["mlp"]["linear"]).T), False
-    for gguf_name, flax_name in _NORMS.items():
-      yield b + gguf_name + ".weight", 1 + a(p[flax_name]["scale"]), True
-  yield "output_norm.weight", 1 + a(params["final_norm"]["scale"]), True
+  """(name, float32 array, is_norm) per tensor, the inverse of
+  `params_from_gguf`: HF's tensors renamed, norms as llama.cpp's 1 + w."""
+  from gemma_mt.weights import hf
+
+  for name, x in hf.params_to_hf(params, config):
+    *layer, module = name.removeprefix("model.").removesuffix(".weight").split(".")
+    block = f"blk.{layer[1]}." if layer else ""
+    x = np.asarray(x, np.float32)
+    yield f"{block}{_FROM_HF[module]}.weight", (1 + x if x.ndim == 1 else x), x.ndim == 1
 
 
 def write_gguf(

@@ -171,9 +171,10 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> TransformerConfig:
 
 
 def named_config(cfg: TransformerConfig, vocab: int) -> TransformerConfig:
-  """The released config `cfg` is, up to padding/image rows of the vocab
-  (HF: 256,000 for Gemma 1/2 and 262,208 for Gemma 3 4B+; Flax: 256,128 and
-  262,144), else `cfg` with the tokenizer's vocab."""
+  """`cfg` without embedding rows past the tokenizer's `vocab` (Gemma 3
+  4B+'s 64 image placeholders), padded as the released Flax config if it is
+  one (HF Gemma 1/2: 256,000 rows; Flax: 256,128)."""
+  cfg = cfg.replace(vocab_size=min(cfg.vocab_size, vocab))
   for v in (256_128, 262_144):
     named = cfg.replace(vocab_size=v)
     if named.name() is not None and abs(cfg.vocab_size - v) <= 128:
@@ -186,7 +187,13 @@ def named_config(cfg: TransformerConfig, vocab: int) -> TransformerConfig:
 
 def params_to_hf(params: Any, cfg: TransformerConfig,
                  prefix: str = 'model.') -> Iterator[tuple[str, np.ndarray]]:
-  """(name, array) of every HF tensor, one at a time (numpy, as stored)."""
+  """(name, array) of every HF tensor, one at a time (numpy, C-contiguous:
+  safetensors writes an array's memory as is)."""
+  for name, x in _hf_tensors(params, cfg, prefix):
+    yield name, np.ascontiguousarray(x)
+
+
+def _hf_tensors(params, cfg, prefix):
   N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
   a = lambda x: np.asarray(x)
   proj = lambda w, n: a(w).transpose(0, 2, 1).reshape(n * H, D)  # [n,D,H]
@@ -364,14 +371,14 @@ def write_dir(path: str | os.PathLike, cfg: TransformerConfig, params: Any,
         shards.append({})
         size = 0
       shards[-1][name], size = x, size + x.nbytes
-    meta = {'format': 'pt'}
+    st_meta = {'format': 'pt'}
     if len(shards) == 1:
-      save_file(shards[0], tmp / WEIGHTS_FILE, metadata=meta)
+      save_file(shards[0], tmp / WEIGHTS_FILE, metadata=st_meta)
     else:
       weight_map, total = {}, 0
       for i, shard in enumerate(shards):
         name = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-        save_file(shard, tmp / name, metadata=meta)
+        save_file(shard, tmp / name, metadata=st_meta)
         weight_map |= {k: name for k in shard}
         total += sum(x.nbytes for x in shard.values())
       (tmp / INDEX_FILE).write_text(json.dumps(
