@@ -106,18 +106,18 @@ def run(argv=None) -> int:
     prompt = _prompt(pre.prompt_format, args.lang_pair)
     if args.to == 'hf':
       from gemma_mt.weights import hf
-      n = sum(1 for _ in hf.params_to_hf(pre.params, pre.config))
+      n = hf.num_tensors(pre.config)
       out = hf.write_dir(args.out, pre.config, pre.params, pre.tokenizer,
                          dtype=args.dtype, overwrite=args.overwrite,
                          prompt=prompt, progress=_bar(n, 'hf'),
                          meta=weights.arch_meta(pre.arch)
                          | {'prompt_format': pre.prompt_format})
     else:
-      from gemma_mt.weights import gguf
+      from gemma_mt.weights import gguf, hf
       out = gguf.write_gguf(args.out, pre.config, pre.params, pre.tokenizer,
                             args.outtype, chat_template=prompt['chat_template'],
                             overwrite=args.overwrite,
-                            progress=_bar(2 + 14 * pre.config.num_layers,
+                            progress=_bar(hf.num_tensors(pre.config),
                                           args.outtype))
   size = sum(f.stat().st_size for f in ([out] if out.is_file()
                                         else out.rglob('*')))

@@ -128,6 +128,7 @@ def test_hf_export_equals_transformers(name, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(hf, 'SHARD_BYTES', 200_000)
   out = hf.write_dir(tmp_path / 'hf', cfg, params, tokenizer, dtype='float32')
   assert (out / hf.INDEX_FILE).is_file() == (name == 'gemma3')
+  assert hf.num_tensors(cfg) == sum(1 for _ in hf.params_to_hf(params, cfg))
   tokens = np.random.default_rng(0).integers(1, V, (2, 12))  # > the windows
   theirs = client(HF_PY, 'hf_client.py', {'model': str(out),
                                           'tokens': tokens.tolist()}, tmp_path)
@@ -400,6 +401,8 @@ def test_hf_dir_trains_and_translates(tokenizer, tmp_path, mtnt_dir, capsys):
       run, init='pretrained', checkpoint=str(hf_dir), mtnt_dir=str(mtnt_dir),
       max_steps=2, eval_every_n=0, checkpoint_every_n=2, batch_size=2,
       max_seq_len=48, workdir=str(tmp_path / 'run'))
+  half = weights.load_dir(hf_dir, dtype=jnp.bfloat16).params
+  assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
   loop.train_loop(run)
   final = weights.load_dir(tmp_path / 'run/final')
   assert final.config == cfg

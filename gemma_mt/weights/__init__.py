@@ -150,9 +150,9 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
   meta = orbax_io.read_meta(path) or {}
   fmt = meta.get('prompt_format', prompts.DEFAULT)
   if hf.is_hf_dir(path):
-    config, params, tokenizer = hf.read_dir(path)
+    config, params, tokenizer = hf.read_dir(path, dtype or 'float32')
     fmt = meta.get('prompt_format') or hf.prompt_format_of(path)
-    return Pretrained(config, place(params, dtype, sharding), tokenizer,
+    return Pretrained(config, place(params, None, sharding), tokenizer,
                       config.name() or config, fmt)
   arch = arch_from_meta(meta, default_arch, path)
   config = TransformerConfig.resolve(arch)

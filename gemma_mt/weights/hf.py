@@ -223,6 +223,12 @@ def _hf_tensors(params, cfg, prefix):
   yield prefix + 'norm.weight', a(params['final_norm']['scale'])
 
 
+def num_tensors(cfg: TransformerConfig) -> int:
+  """How many tensors `params_to_hf` yields (for progress bars)."""
+  per_layer = 7 + 2 * cfg.use_qk_norm + len(_norm_names(cfg))
+  return 2 + cfg.num_layers * per_layer
+
+
 def _norm_names(cfg: TransformerConfig) -> dict[str, str]:
   if family(cfg) == 'gemma':  # Gemma 1's "post attention" norm is pre-FFW.
     return {'pre_attention_norm': 'input_layernorm',
@@ -349,8 +355,9 @@ def write_dir(path: str | os.PathLike, cfg: TransformerConfig, params: Any,
               progress: Callable[[Iterator], Iterator] = lambda it: it) -> Path:
   """Writes a dir `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-  Weights in `dtype` (bfloat16 or float32), sharded past SHARD_BYTES with
-  an index; the SentencePiece tokenizer with its HF config; `prompt`
+  Weights in `dtype` (bfloat16, float16 or float32), sharded past
+  SHARD_BYTES with an index (each shard written as it fills, so host memory
+  holds one shard, not the model); the SentencePiece tokenizer with its HF config; `prompt`
   (`export._prompt`) as chat template and extra stop id; `meta` as our
   gemma_mt.json. Written to a temp dir and renamed, so a killed export
   leaves nothing.
@@ -363,28 +370,34 @@ def write_dir(path: str | os.PathLike, cfg: TransformerConfig, params: Any,
   hf_config = config_to_hf(cfg, tokenizer) | {'torch_dtype': dtype}
   with atomic_dir(path, overwrite) as tmp:
     tmp.mkdir()
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
+    shards: list[list[str]] = []  # Tensor names per shard, written as filled.
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+      save_file(shard, tmp / f'shard-{len(shards)}', metadata={'format': 'pt'})
+      shards.append(list(shard))
+      shard.clear()
+
     for name, x in progress(params_to_hf(params, cfg)):
       x = np.ascontiguousarray(x.astype(np_dtype))
-      if size and size + x.nbytes > SHARD_BYTES:
-        shards.append({})
+      if shard and size + x.nbytes > SHARD_BYTES:
+        flush()
         size = 0
-      shards[-1][name], size = x, size + x.nbytes
-    st_meta = {'format': 'pt'}
+      shard[name] = x
+      size, total = size + x.nbytes, total + x.nbytes
+    flush()
     if len(shards) == 1:
-      save_file(shards[0], tmp / WEIGHTS_FILE, metadata=st_meta)
+      (tmp / 'shard-0').rename(tmp / WEIGHTS_FILE)
     else:
-      weight_map, total = {}, 0
-      for i, shard in enumerate(shards):
-        name = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-        save_file(shard, tmp / name, metadata=st_meta)
-        weight_map |= {k: name for k in shard}
-        total += sum(x.nbytes for x in shard.values())
+      weight_map = {}
+      for i, names in enumerate(shards):
+        file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+        (tmp / f'shard-{i}').rename(tmp / file)
+        weight_map |= dict.fromkeys(names, file)
       (tmp / INDEX_FILE).write_text(json.dumps(
           {'metadata': {'total_size': total}, 'weight_map': weight_map},
           indent=2) + '\n')
-    del shards
     _write_json(tmp / CONFIG_FILE, hf_config)
     _write_json(tmp / 'generation_config.json', generation_config(
         tokenizer, prompt))
