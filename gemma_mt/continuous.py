@@ -86,10 +86,9 @@ def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
   put = lambda big, new: big.at[rows, cols].set(new.astype(big.dtype),
                                                 mode='drop')
   cache = dict(state.cache)
-  for i in range(model.config.num_layers):
-    layer, new = cache[f'layer_{i}'], small[f'layer_{i}']
-    cache[f'layer_{i}'] = {'k': put(layer['k'], new['k']),
-                           'v': put(layer['v'], new['v'])}
+  for name in (k for k in cache if k.startswith('layer_')):  # (Gemma 4's
+    layer, new = cache[name], small[name]  # KV-sharing layers own none.)
+    cache[name] = {'k': put(layer['k'], new['k']), 'v': put(layer['v'], new['v'])}
   cache['positions'] = put(cache['positions'],
                            jnp.broadcast_to(jnp.arange(P)[None], (I, P)))
   at = lambda x, v: x.at[slot].set(v, mode='drop')

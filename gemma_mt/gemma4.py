@@ -16,8 +16,9 @@ What differs from Gemma 1-3 (`model.py`), and why it is its own module:
 * a mixture-of-experts FFW beside a dense one (26B-A4B): top-k routing,
   renormalised weights, experts run grouped with `jax.lax.ragged_dot`.
 
-Call: `Gemma4(cfg).apply({'params': p}, tokens, positions, attention_mask)`
--> (logits, None), like `model.Transformer`'s training path.
+Calls as `model.Transformer`: `apply({'params': p}, tokens, positions,
+attention_mask, cache=None)` -> (logits, new cache); the cache
+(`init_cache`) holds only the layers that own their keys/values.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ class Gemma4Config:
 
   def replace(self, **kw) -> 'Gemma4Config':
     return dataclasses.replace(self, **kw)
+
+  def name(self) -> str | None:
+    from gemma_mt.model import GEMMA4_NAMES
+    return next((n for n in GEMMA4_NAMES
+                 if getattr(Gemma4Config, n)() == self), None)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {'family': 'gemma4', **dataclasses.asdict(self)}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'Gemma4Config':
+    d = {k: v for k, v in d.items() if k != 'family'}
+    return cls(**{**d, 'attention_types': tuple(d['attention_types'])})
 
   def kv_source(self, i: int) -> int:
     """The layer whose keys/values layer `i` attends with (itself if unshared),
@@ -180,7 +194,7 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, shared_kv):
+  def __call__(self, x, positions, mask, shared_kv, cache, end_index, k_pos):
     cfg = self.config
     N, D = cfg.num_heads, cfg.embed_dim
     K, H, k_eq_v, proportion, base = cfg.attn_dims(self.attn_type)
@@ -195,12 +209,19 @@ class Attention(nn.Module):
       k, v = ein((2, K, D, H), 'kv_einsum')('BSD,CKDH->CBSKH', x)
     k = RMSNorm(param_dtype=self.param_dtype, name='key_norm')(k)
     v = RMSNorm(with_scale=False, name='value_norm')(v)
+    new_cache = None
     if shared_kv is not None:  # A KV-sharing layer: its own k, v unused.
       k, v = shared_kv
     else:
       k = apply_rope(k, positions, base, proportion)
+      if cache is not None:  # Written at end_index; attend over the cache.
+        start = (0, end_index, 0, 0)
+        k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)
+        v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
+        new_cache = {'k': k, 'v': v}
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
     if self.attn_type == LOCAL:
-      mask = mask & sliding_mask(positions, positions, cfg.sliding_window_size)
+      mask = mask & sliding_mask(positions, k_pos, cfg.sliding_window_size)
     B, T, _, _ = q.shape
     qg = q.reshape(B, T, K, N // K, H)
     logits = jnp.einsum('BTKGH,BSKH->BTKGS', qg, k,
@@ -209,7 +230,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, v).reshape(B, T, N, H)
     out = ein((N, H, D), 'attn_vec_einsum')('BTNH,NHD->BTD', encoded)
-    return out, (k, v)
+    return out, (k, v), new_cache
 
 
 class FeedForward(nn.Module):
@@ -290,13 +311,15 @@ class Block(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, per_layer_input, shared_kv):
+  def __call__(self, x, positions, mask, per_layer_input, shared_kv, cache,
+               end_index, k_pos):
     cfg, pd, dt = self.config, self.param_dtype, self.dtype
     norm = lambda name: RMSNorm(param_dtype=pd, name=name)
     skip_scale = self.param('skip_scale', nn.initializers.ones, (1,), pd)
-    h, kv = Attention(cfg, cfg.attention_types[self.index], dt, pd,
-                      name='attn')(norm('pre_attention_norm')(x), positions,
-                                   mask, shared_kv)
+    h, kv, new_cache = Attention(cfg, cfg.attention_types[self.index], dt, pd,
+                                 name='attn')(
+        norm('pre_attention_norm')(x), positions, mask, shared_kv, cache,
+        end_index, k_pos)
     x = x + norm('post_attention_norm')(h)
     if cfg.num_experts:
       dense = FeedForward(cfg.hidden_dim, dt, pd, name='mlp2')(
@@ -313,7 +336,7 @@ class Block(nn.Module):
       g = Einsum((P, D), dt, pd, name='per_layer_projection')(
           '...P,PD->...D', nn.gelu(g) * per_layer_input)
       x = x + norm('post_per_layer_input_norm')(g)
-    return x * skip_scale.astype(x.dtype), kv
+    return x * skip_scale.astype(x.dtype), kv, new_cache
 
 
 class Gemma4(nn.Module):
@@ -322,13 +345,22 @@ class Gemma4(nn.Module):
   config: Gemma4Config
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'  # (only einsum attention here)
+  remat: bool = False
+  fast_decode: bool = False       # (no Pallas decode kernel here)
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array, attention_mask: Array,
                cache: Any = None, *, return_hidden: bool = False):
-    if cache is not None:
-      raise NotImplementedError('Gemma 4 decodes by full forwards for now')
     cfg, pd, dt = self.config, self.param_dtype, self.dtype
+    end_index, k_pos, new_cache = None, positions, None
+    if cache is not None:
+      end_index = cache['end_index']
+      k_pos = jax.lax.dynamic_update_slice(
+          cache['positions'], positions.astype(jnp.int32), (0, end_index))
+      new_cache = {'end_index': end_index + tokens.shape[1], 'positions': k_pos}
+      if 'kv_len' in cache:
+        new_cache['kv_len'] = cache['kv_len']
     D, L, P = cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim
     emb = _Embedder(cfg, pd, dt, name='embedder')
     table = emb.table()
@@ -336,22 +368,26 @@ class Gemma4(nn.Module):
     per_layer = None
     if P:
       per_layer = emb.per_layer_inputs(x, tokens)
+    block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
     kvs: dict[int, tuple[Array, Array]] = {}
     for i in range(L):
       src = cfg.kv_source(i)
-      x, kvs[i] = Block(cfg, i, dt, pd, name=f'layer_{i}')(
+      layer_cache = None if cache is None or src != i else cache[f'layer_{i}']
+      x, kvs[i], c = block_cls(cfg, i, dt, pd, name=f'layer_{i}')(
           x, positions, attention_mask,
           None if per_layer is None else per_layer[..., i, :],
-          kvs[src] if src != i else None)
+          kvs[src] if src != i else None, layer_cache, end_index, k_pos)
+      if c is not None:
+        new_cache[f'layer_{i}'] = c
     x = RMSNorm(param_dtype=pd, name='final_norm')(x)
     if return_hidden:
-      return x, None
+      return x, new_cache
     logits = jnp.einsum('...D,VD->...V', x, table.astype(x.dtype),
                         preferred_element_type=jnp.float32)
     if cfg.final_logit_softcap is not None:
       c = cfg.final_logit_softcap
       logits = jnp.tanh(logits / c) * c
-    return logits, None
+    return logits, new_cache
 
 
 class _Embedder(nn.Module):
@@ -385,3 +421,20 @@ class _Embedder(nn.Module):
     proj = self.per_layer_projection_norm(proj)
     rows = self.per_layer_embeddings[tokens].astype(dtype) * jnp.sqrt(P).astype(dtype)
     return (proj + rows) * jax.lax.rsqrt(2.0).astype(dtype)
+
+
+def init_cache(config: Gemma4Config, batch_size: int, cache_len: int,
+               dtype=jnp.bfloat16) -> dict:
+  """An empty KV cache, `model.init_cache`'s layout: only layers with their
+  own keys/values get slots (a KV-sharing layer reads its source's), each of
+  its type's KV heads and key size."""
+  cache: dict = {}
+  for i, attn_type in enumerate(config.attention_types):
+    if config.kv_source(i) == i:
+      K, H = config.attn_dims(attn_type)[:2]
+      shape = (batch_size, cache_len, K, H)
+      cache[f'layer_{i}'] = {'k': jnp.zeros(shape, dtype),
+                             'v': jnp.zeros(shape, dtype)}
+  cache['end_index'] = jnp.zeros((), jnp.int32)
+  cache['positions'] = jnp.zeros((batch_size, cache_len), jnp.int32)
+  return cache

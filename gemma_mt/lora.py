@@ -43,8 +43,9 @@ TARGETS = ('q', 'kv', 'o', 'gate_up', 'down')
 _SUFFIXES = ('_lora_a', '_lora_b')
 # Module-path regexes (below `layer_i/`) of each target. q and kv are fused
 # into `qkv_einsum` when num_heads == num_kv_heads: either target adapts it.
-_ATTN = {'q': ('q_einsum', 'qkv_einsum'), 'kv': ('kv_einsum', 'qkv_einsum'),
-         'o': ('attn_vec_einsum',)}
+_ATTN = {'q': ('q_einsum', 'qkv_einsum'),
+         'kv': ('kv_einsum', 'qkv_einsum', 'k_einsum'),  # k_einsum: Gemma 4's
+         'o': ('attn_vec_einsum',)}                       # keys-as-values
 # gate/up (one stacked tensor) and down share the module `layer_i/mlp`, so a
 # path rule cannot tell them apart: they are told apart by weight name.
 _MLP = {'gate_up': 'gating_einsum', 'down': 'linear'}
@@ -156,7 +157,9 @@ def lora_rules(lora_config: LoraConfig) -> list[qwix.QuantizationRule]:
   attn = sorted({m for t in c.targets for m in _ATTN.get(t, ())})
   paths = [rf'layer_\d+/attn/({"|".join(attn)})'] if attn else []
   if {'gate_up', 'down'} & set(c.targets):
-    paths.append(r'layer_\d+/mlp')
+    # mlp2: Gemma 4 MoE's dense MLP (the experts themselves run through
+    # ragged_dot, which qwix does not adapt: they stay frozen).
+    paths.append(r'layer_\d+/mlp2?')
   rules = [qwix.LoraRule(module_path=p, rank=c.rank, alpha=c.alpha,
                          weight_qtype=qtype, tile_size=c.tile_size)
            for p in paths]

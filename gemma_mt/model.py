@@ -151,16 +151,22 @@ class TransformerConfig:
 
   @classmethod
   def from_name(cls, name: str) -> 'TransformerConfig':
+    """A released config by name (`gemma4_*`: a `gemma4.Gemma4Config`)."""
+    if name.startswith('gemma4_'):
+      from gemma_mt import gemma4
+      if hasattr(gemma4.Gemma4Config, name):
+        return getattr(gemma4.Gemma4Config, name)()
     try:
       return getattr(cls, _NAMES[name])()
     except KeyError:
       raise ValueError(
-          f'unknown model {name!r}; choose one of {sorted(_NAMES)}') from None
+          f'unknown model {name!r}; choose one of '
+          f'{sorted(_NAMES) + list(GEMMA4_NAMES)}') from None
 
   @classmethod
   def resolve(cls, arch: 'str | TransformerConfig') -> 'TransformerConfig':
     """An arch name, or a config as is (an imported model of no named size)."""
-    return arch if isinstance(arch, cls) else cls.from_name(arch)
+    return cls.from_name(arch) if isinstance(arch, str) else arch
 
   def name(self) -> str | None:
     """The released model name of exactly this config, if any."""
@@ -172,6 +178,9 @@ class TransformerConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'TransformerConfig':
+    if d.get('family') == 'gemma4':
+      from gemma_mt import gemma4
+      return gemma4.Gemma4Config.from_dict(d)
     names = {f.name for f in dataclasses.fields(cls)}
     if unknown := sorted(set(d) - names):
       raise ValueError(f'unknown model config fields {unknown}')
@@ -180,6 +189,7 @@ class TransformerConfig:
 
 _NAMES = {n: n for n in ('gemma_2b', 'gemma2_2b', 'gemma3_270m', 'gemma3_1b',
                          'gemma3_4b', 'gemma3_12b', 'gemma3_27b', 'tiny')}
+GEMMA4_NAMES = ('gemma4_e2b', 'gemma4_e4b', 'gemma4_31b', 'gemma4_26b_a4b')
 
 
 # --- Masks and positions -----------------------------------------------------
@@ -472,9 +482,21 @@ def logits_from_hidden(table: Array, x: Array,
   return logits
 
 
+def decoder(config, **kw) -> nn.Module:
+  """The decoder module of a config: `Transformer` (Gemma 1-3) or
+  `gemma4.Gemma4`; both take the same calls and caches."""
+  if isinstance(config, TransformerConfig):
+    return Transformer(config, **kw)
+  from gemma_mt import gemma4
+  return gemma4.Gemma4(config, **kw)
+
+
 def init_cache(config: TransformerConfig, batch_size: int, cache_len: int,
                dtype=jnp.bfloat16) -> Cache:
   """An empty KV cache; slots are filled from `end_index` on."""
+  if not isinstance(config, TransformerConfig):
+    from gemma_mt import gemma4
+    return gemma4.init_cache(config, batch_size, cache_len, dtype)
   shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
   cache = {f'layer_{i}': {'k': jnp.zeros(shape, dtype),
                           'v': jnp.zeros(shape, dtype)}

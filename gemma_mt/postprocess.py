@@ -97,7 +97,7 @@ def stop_token_ids(tokenizer) -> list[int]:
   """EOS, <end_of_turn> if the vocabulary has it, and every newline piece."""
   sp = tokenizer.processor
   ids = {tokenizer.eos_id}
-  for piece in ('<end_of_turn>', '<0x0A>'):
+  for piece in ('<end_of_turn>', '<turn|>', '<0x0A>'):
     i = sp.PieceToId(piece)
     if i != sp.unk_id():
       ids.add(i)

@@ -10,7 +10,8 @@ answer the loss is counted on) and translation (the prompt alone).
   the answer ends with `<end_of_turn>`.
 
 `<start_of_turn>` / `<end_of_turn>` are control pieces that SentencePiece
-never produces from text, so `encode` splits them out and inserts their ids.
+never produces from text, so `encode` splits them out and inserts their ids
+(Gemma 4's tokenizer spells them `<|turn>` / `<turn|>`: same roles).
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ _TRANSLATEGEMMA = (
     'additional explanations or commentary. Please translate the following '
     '{src} text into {dst}:\n\n\n')
 _SPECIAL = re.compile(f'({re.escape(START_OF_TURN)}|{re.escape(END_OF_TURN)})')
+_GEMMA4_PIECES = {START_OF_TURN: '<|turn>', END_OF_TURN: '<turn|>'}
+
+
+def marker_id(tokenizer, marker: str) -> int:
+  """The id of a turn marker in this tokenizer (Gemma 1-3 or 4 spelling)."""
+  sp = tokenizer.processor
+  for piece in (marker, _GEMMA4_PIECES[marker]):
+    i = sp.PieceToId(piece)
+    if i != sp.unk_id():
+      return i
+  raise ValueError(f'the tokenizer has no {marker} piece')
 
 
 def check(prompt_format: str) -> str:
@@ -74,10 +86,7 @@ def encode(tokenizer, text: str) -> list[int]:
   sp, ids = tokenizer.processor, []
   for part in _SPECIAL.split(text):
     if part in (START_OF_TURN, END_OF_TURN):
-      i = sp.PieceToId(part)
-      if i == sp.unk_id():
-        raise ValueError(f'the tokenizer has no {part} piece')
-      ids.append(i)
+      ids.append(marker_id(tokenizer, part))
     elif part:
       ids.extend(sp.EncodeAsIds(part))
   return ids

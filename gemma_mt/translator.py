@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,14 +102,14 @@ class Translator:
                fast_decode: bool | None = None, progress: bool = False,
                continuous: bool = True,
                prompt_format: str = prompts.DEFAULT):
-    if isinstance(model_or_config, M.Transformer):
+    if isinstance(model_or_config, nn.Module):
       model = model_or_config
       if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
         raise ValueError(f'dtype={jnp.dtype(dtype).name} but the given '
                          f'Transformer computes in {jnp.dtype(model.dtype).name}'
                          '; pass a TransformerConfig or a matching model')
     else:
-      model = M.Transformer(model_or_config, dtype=dtype or default_dtype())
+      model = M.decoder(model_or_config, dtype=dtype or default_dtype())
     if fast_decode is None:  # Triton: GPU and bf16; one device (the
       fast_decode = (jax.default_backend() == 'gpu'  # partitioner can't
                      and jnp.dtype(model.dtype) == jnp.bfloat16  # split it).

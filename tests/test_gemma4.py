@@ -138,3 +138,148 @@ def test_released_configs_equal_official(name, theirs):
       getattr(gm.nn, theirs).config.kv_cache_sharing_config, cfg.num_layers,
       getattr(gm.nn, theirs).config.attention_types)
   assert [cfg.kv_source(i) for i in range(cfg.num_layers)] == sharing
+
+
+@pytest.mark.parametrize('name', ['e2b', '31b'])  # sharing; keys as values
+def test_kv_cache_decoding_equals_full_forward(name):
+  """Prefill right-padded prompts, then decode token by token: KV-sharing
+  layers read their source's cache slots and own none."""
+  cfg = CONFIGS[name]
+  params = random_params(cfg)
+  apply = jax.jit(G.Gemma4(cfg).apply)
+  lengths, P, steps, S = [6, 3], 6, 5, 16
+  prompt, pmask = batch(lengths, P, seed=5)
+  gen = np.random.default_rng(6).integers(1, V, (2, steps))
+  cache = M.init_cache(cfg, 2, S, dtype=jnp.float32)
+  owners = [i for i in range(cfg.num_layers) if cfg.kv_source(i) == i]
+  assert sorted(k for k in cache if k.startswith('layer_')) == sorted(
+      f'layer_{i}' for i in owners)
+  valid = np.zeros((2, S), bool)
+  valid[:, :P] = np.asarray(pmask)
+  attn = jnp.zeros((2, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
+  logits, cache = apply({'params': params}, prompt,
+                        M.positions_from_mask(pmask), attn, cache)
+  step_logits = [logits[np.arange(2), np.asarray(lengths) - 1]]
+  for t in range(steps):
+    valid[:, P + t] = True
+    pos = jnp.asarray(lengths)[:, None] + t
+    logits, cache = apply({'params': params}, jnp.asarray(gen[:, t:t + 1]),
+                          pos, jnp.array(valid)[:, None, :], cache)
+    step_logits.append(logits[:, 0])
+    jax.block_until_ready(cache)  # (see test_model's same test)
+  for r, n in enumerate(lengths):
+    seq = np.concatenate([np.asarray(prompt[r, :n]), gen[r]])[None]
+    full, _ = apply({'params': params}, jnp.asarray(seq),
+                    jnp.arange(seq.shape[1])[None],
+                    M.causal_mask(jnp.ones(seq.shape, bool)))
+    for t in range(steps + 1):
+      np.testing.assert_allclose(np.asarray(step_logits[t][r]),
+                                 np.asarray(full[0, n - 1 + t]), atol=3e-5)
+
+
+# ------------------------------------------------------------- downstream
+# A Gemma 4 with the real tokenizer's vocabulary, for the product paths.
+TINY = CONFIGS['e2b'].replace(vocab_size=262_144)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  from gemma_mt.train.state import random_params as init
+  params = init(G.Gemma4(TINY))
+  return jax.tree.map(lambda x: x * 30 if x.ndim > 1 else x, params)
+
+
+def test_translator_decodes_gemma4_as_full_forwards(tokenizer, tiny):
+  """Greedy through the Translator (continuous and static batching, the KV
+  cache shared where the config shares it) = argmax of full forwards;
+  beam search runs on it too."""
+  from gemma_mt.sampling import SamplingOptions
+  from gemma_mt.translator import Translator
+  sources = ['Hello there', 'A longer sentence to translate, with commas.']
+  opts = SamplingOptions(max_new_tokens=6)
+  apply = jax.jit(G.Gemma4(TINY).apply)
+  for continuous in (True, False):
+    tr = Translator(TINY, tiny, tokenizer, batch_size=2, continuous=continuous)
+    gen = tr.generate(sources, opts)
+    for src, ids in zip(sources, gen.token_ids):
+      seq = list(tr.prompt_tokens(src))
+      for t in np.asarray(ids).tolist():
+        logits, _ = apply({'params': tiny}, jnp.asarray([seq]),
+                          jnp.arange(len(seq))[None],
+                          M.causal_mask(jnp.ones((1, len(seq)), bool)))
+        assert int(np.argmax(logits[0, -1])) == t
+        seq.append(t)
+  beams = Translator(TINY, tiny, tokenizer, batch_size=2).translate_detailed(
+      sources, SamplingOptions(max_new_tokens=6, beam_size=2))
+  assert all(len(b.candidates) == 2 for b in beams)
+
+
+def test_fused_loss_and_lora_on_gemma4(tiny, tokenizer):
+  """The fused chunked loss equals the plain one; a LoRA step moves only
+  adapters, which sit on q, kv / k (keys as values), o, the dense MLPs."""
+  import optax
+
+  from gemma_mt import lora as L
+  from gemma_mt.train import loss as loss_lib
+  cfg = CONFIGS['26b_a4b']
+  model = G.Gemma4(cfg)
+  params = random_params(cfg)
+  tokens, mask = batch([10, 6], 10)
+  targets = mask.at[:, :3].set(False)
+  b = {'input_tokens': tokens, 'target_mask': targets}
+  fused, _ = loss_lib.forward_and_loss_fn(params, model, b, chunk_size=4)
+  logits, _ = model.apply({'params': params}, tokens,
+                          M.positions_from_mask(mask), M.causal_mask(mask))
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
+                             tokens[:, 1:, None], -1)[..., 0]
+  w = targets[:, 1:]
+  np.testing.assert_allclose(fused, jnp.sum(nll * w) / jnp.sum(w), rtol=1e-5)
+
+  lcfg = L.LoraConfig(rank=2)
+  lm = L.apply_lora(model, lcfg)
+  adapters = L.init_lora_params(lm, jax.random.key(0))
+  names = {jax.tree_util.keystr(p[:-1]) + p[-1].key.split('_lora')[0]
+           for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+  assert any("['k_einsum']w" in n for n in names)  # the global layer's
+  assert any("['mlp2']gating_einsum" in n for n in names)
+  assert not any('router' in n or "['mlp']['" in n for n in names)
+
+  def loss(a):
+    return loss_lib.forward_and_loss_fn(L.combine(params, a), lm, b)[0]
+  grads = jax.grad(loss)(adapters)
+  new = optax.apply_updates(adapters, jax.tree.map(lambda g: -0.5 * g, grads))
+  moved = [not np.array_equal(x, y) for x, y in
+           zip(jax.tree.leaves(adapters), jax.tree.leaves(new))]
+  assert all(moved[1::2])  # every B (A's gradients are 0 while B is 0)
+  merged = L.apply_adapters(params, new, lcfg)
+  assert jax.tree.structure(merged) == jax.tree.structure(params)
+
+
+def test_orbax_round_trip_in_the_official_layout(tokenizer, tiny, tmp_path):
+  """Saved as a model dir (official tree + its config), loaded back equal;
+  gemma.gm's own checkpoint loader reads the same tree."""
+  from gemma_mt import weights
+  path = weights.save(tmp_path / 'm', TINY, tiny, tokenizer, prompt_format='chat')
+  back = weights.load_dir(path)
+  assert back.config == TINY and back.prompt_format == 'chat'
+  for x, y in zip(jax.tree.leaves(tiny), jax.tree.leaves(back.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  theirs = gm.ckpts.load_params(path)
+  assert flat_shapes(theirs) == flat_shapes(tiny)
+
+
+def test_gemma4_turn_markers(tokenizer):
+  """Gemma 4's tokenizer spells the turn markers `<|turn>` / `<turn|>`: the
+  chat prompt uses them, and decoding stops at `<turn|>`."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+
+  from gemma_mt import postprocess, prompts
+  from gemma_mt.tokenizer import GemmaTokenizer
+  proto = pb.ModelProto()
+  proto.ParseFromString(tokenizer.serialized_model_proto())
+  proto.pieces[105].piece, proto.pieces[106].piece = '<|turn>', '<turn|>'
+  tok4 = GemmaTokenizer.from_serialized(proto.SerializeToString())
+  ids = prompts.prompt_ids(tok4, 'Hi', prompt_format='chat').tolist()
+  assert ids[:2] == [tok4.bos_id, 105] and ids.count(106) == 1
+  assert prompts.answer_ids(tok4, 'Salut', 'chat').tolist()[-1] == 106
+  assert 106 in postprocess.stop_token_ids(tok4)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from gemma_mt import lora, sharding, weights
-from gemma_mt.model import Transformer, TransformerConfig, param_shapes
+from gemma_mt.model import Transformer, TransformerConfig, decoder, param_shapes
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.optimizer import make_optimizer
 from gemma_mt.weights.embedded import default_tokenizer
@@ -45,17 +45,19 @@ class TrainSetup:
 
 
 def random_params(module: Transformer, seed: int = 0) -> Any:
-  """The model's init (N(0, 0.01) weights, zero norm scales), from numpy.
+  """The model's init (N(0, 0.01) weights, identity norms and scales:
+  Gemma 1-3 norms multiply by 1 + scale, Gemma 4's by scale), from numpy.
 
   Shapes come from `eval_shape`; compiling `module.init` instead takes the
   better part of a minute on a small CPU for a model that trains in seconds.
   """
   shapes = param_shapes(module)
   rng = np.random.default_rng(seed)
+  one = 0.0 if isinstance(module.config, TransformerConfig) else 1.0
 
   def init(path, s):
-    if jax.tree_util.keystr(path[-1:]).endswith("'scale']"):
-      return jnp.zeros(s.shape, s.dtype)
+    if jax.tree_util.keystr(path[-1:]).endswith("scale']"):
+      return jnp.full(s.shape, one, s.dtype)
     return jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.01,
                        s.dtype)
 
@@ -83,7 +85,7 @@ def init_model(config: TrainingConfig):
       raise ValueError(f'{arch} has vocab {cfg.vocab_size}, the tokenizer '
                        f'{tokenizer.vocab_size}')
     params = None
-  module = Transformer(cfg, dtype=jnp.dtype(config.dtype),
+  module = decoder(cfg, dtype=jnp.dtype(config.dtype),
                        param_dtype=param_dtype,
                        attention_impl=config.attention_impl, remat=config.remat)
   if params is None:

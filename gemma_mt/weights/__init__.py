@@ -26,7 +26,7 @@ from typing import Any
 import jax
 
 from gemma_mt import lora, prompts
-from gemma_mt.model import Transformer, TransformerConfig, param_shapes
+from gemma_mt.model import Transformer, TransformerConfig, decoder, param_shapes
 from gemma_mt.tokenizer import GemmaTokenizer
 from gemma_mt.weights import adapters, embedded, hf, kaggle, orbax_io
 from gemma_mt.weights.orbax_io import CheckpointError
@@ -40,10 +40,11 @@ class ModelSpec:
   kaggle: str | None = None  # kagglehub handle (official Flax checkpoint)
   hf: str | None = None      # Hugging Face repo (download it, --checkpoint it)
   prompt_format: str = prompts.DEFAULT
+  gcs: str | None = None     # official Flax checkpoint on GCS (gemma.gm's path)
 
   @property
   def embedded(self) -> bool:
-    return self.kaggle is None and self.hf is None
+    return self.kaggle is None and self.hf is None and self.gcs is None
 
 
 def _gemma3(size: str, it: bool = False) -> ModelSpec:
@@ -67,6 +68,10 @@ MODELS = {
     'translategemma_4b': _translategemma('4b'),
     'translategemma_12b': _translategemma('12b'),
     'translategemma_27b': _translategemma('27b'),
+    **{f'gemma4_{s.replace("-", "_")}{it}': ModelSpec(
+        f'gemma4_{s.replace("-", "_")}',
+        gcs=f'gs://gemma-data/checkpoints/gemma4-{s}-{it[1:] or "pt"}')
+       for s in ('e2b', 'e4b', '31b', '26b-a4b') for it in ('', '_it')},
     'gemma_2b': ModelSpec('gemma_2b', 'google/gemma/flax/2b', 'google/gemma-2b'),
     'gemma_2b_it': ModelSpec('gemma_2b', 'google/gemma/flax/2b-it', 'google/gemma-2b-it'),
     'gemma2_2b': ModelSpec('gemma2_2b', 'google/gemma-2/flax/gemma2-2b', 'google/gemma-2-2b'),
@@ -121,6 +126,11 @@ def load(model: str = 'gemma3_270m', checkpoint: str | os.PathLike | None = None
   if s.embedded:
     params = embedded.load_gemma3_270m(dtype=dtype, sharding=sharding)
     tokenizer = embedded.default_tokenizer()
+  elif s.kaggle is None and s.gcs is not None:
+    raise FileNotFoundError(
+        f'{model}: the official checkpoint is {s.gcs}; copy it (`gcloud '
+        f'storage cp -r {s.gcs} DIR`) and pass --checkpoint DIR (with '
+        f'--model {model}); --init random trains the real shapes from scratch')
   elif s.kaggle is None:
     raise FileNotFoundError(
         f'{model} is on Hugging Face only ({s.hf}); download it (`hf download '
@@ -158,7 +168,8 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
   config = TransformerConfig.resolve(arch)
   params, tok_path = orbax_io.load_checkpoint_dir(path, dtype=dtype,
                                                   sharding=sharding)
-  if problem := orbax_io.tree_mismatch(params, param_shapes(Transformer(config))):
+  params = text_decoder(params, path)
+  if problem := orbax_io.tree_mismatch(params, param_shapes(decoder(config))):
     what = config.name() or f'{orbax_io.META_FILE} config'
     raise CheckpointError(f'{path}: not a {what} checkpoint ({problem})')
   tokenizer = (GemmaTokenizer.from_file(tok_path) if tok_path is not None
@@ -166,19 +177,25 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
   return Pretrained(config, params, tokenizer, arch, fmt)
 
 
+# Gemma 4's per-layer input tables are part of the text decoder.
+_TEXT_EMBEDDER = ('input_embedding', 'per_layer_embeddings',
+                  'per_layer_model_projection', 'per_layer_projection_norm')
+
+
 def text_decoder(params: dict, where: Any) -> dict:
   """The text decoder's params of a multimodal Gemma 3 tree (4B+): the
   vision encoder and the embedder's image projection are dropped."""
-  extra = sorted(k for k in params if k == 'vision_encoder') + sorted(
+  towers = ('vision_encoder', 'audio_encoder')
+  extra = sorted(k for k in params if k in towers) + sorted(
       f'embedder/{k}' for k in params.get('embedder', {})
-      if k != 'input_embedding')
+      if k not in _TEXT_EMBEDDER)
   if not extra:
     return params
   log.warning('%s: loading the text decoder; skipping %s', where,
               ', '.join(extra))
-  params = {k: v for k, v in params.items() if k != 'vision_encoder'}
-  params['embedder'] = {'input_embedding':
-                        params['embedder']['input_embedding']}
+  params = {k: v for k, v in params.items() if k not in towers}
+  params['embedder'] = {k: v for k, v in params['embedder'].items()
+                        if k in _TEXT_EMBEDDER}
   return params
 
 
