@@ -11,6 +11,9 @@ several hosts are the same mesh over all their devices.
   the weight). For the Gemma tree that is V of `embedder/input_embedding`
   [V, D], D of the attention einsums and F of the MLP weights. Small params
   (norm scales, anything 1-D or below `min_size` elements) stay replicated.
+  Gemma 4's expert weights (`mlp/gating_einsum/w` [E, 2, F, D],
+  `mlp/linear/w` [E, F, D]) are sharded by expert when E divides: each
+  device holds whole experts.
 * XLA (GSPMD) inserts the all-gathers of weights and the reduce-scatters of
   gradients: the jitted train step itself is unchanged, it just receives
   sharded arrays (or `in_shardings`/`out_shardings` from `step_shardings`).
@@ -112,9 +115,16 @@ def param_shardings(params_or_shapes: Any, mesh: Mesh,
                     min_size: int = MIN_SHARD_SIZE) -> Any:
   """Tree of NamedSharding for params (arrays or ShapeDtypeStructs)."""
   fsdp = mesh.shape['fsdp']
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)),
-      params_or_shapes)
+
+  def one(path, x):
+    shape = np.shape(x)
+    keys = tuple(getattr(k, 'key', None) for k in path[-3:])
+    if (keys in (('mlp', 'gating_einsum', 'w'), ('mlp', 'linear', 'w'))
+        and fsdp > 1 and shape[0] % fsdp == 0):
+      return NamedSharding(mesh, P('fsdp', *[None] * (len(shape) - 1)))
+    return NamedSharding(mesh, fsdp_spec(shape, fsdp, min_size))
+
+  return jax.tree_util.tree_map_with_path(one, params_or_shapes)
 
 
 def shard_params(params: Any, mesh: Mesh, shardings: Any = None) -> Any:

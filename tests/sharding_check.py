@@ -317,7 +317,35 @@ def check_fused_ce():
   assert _while_bodies_with_all_reduce(auto, f'f32[{v},{d}]')
 
 
+def check_moe_experts():
+  """Gemma 4 MoE on fsdp=8: each device holds one of 8 experts; the
+  sharded forward equals one device's."""
+  from gemma_mt import gemma4 as G
+  cfg = G.Gemma4Config.gemma4_26b_a4b().replace(
+      vocab_size=V, embed_dim=64, hidden_dim=96, num_heads=4, head_dim=16,
+      num_kv_heads=2, num_global_kv_heads=1, global_key_size=32,
+      sliding_window_size=3, attention_types=(M.LOCAL, M.GLOBAL),
+      num_experts=8, expert_dim=32, top_k_experts=2)
+  model = G.Gemma4(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, V, (B, L)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+  mask = M.causal_mask(jnp.ones((B, L), bool))
+  params = model.init(jax.random.key(0), tokens[:1, :4], pos[:1, :4],
+                      mask[:1, :4, :4])['params']
+  params = jax.tree.map(lambda x: x + 0.1, params)
+  ref = jax.jit(model.apply)({'params': params}, tokens, pos, mask)[0]
+  mesh = S.make_mesh(MESHES['fsdp=8'])
+  sharded = S.shard_params(params, mesh)
+  moe = sharded['layer_0']['mlp']
+  assert moe['gating_einsum']['w'].sharding.spec == P('fsdp', None, None, None)
+  assert moe['linear']['w'].addressable_shards[0].data.shape == (1, 32, 64)
+  assert sharded['layer_0']['mlp2']['linear'].sharding.spec == P('fsdp', None)
+  got = jax.jit(model.apply)({'params': sharded}, tokens, pos, mask)[0]
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
 CHECKS = {'train_step': check_train_step,
+          'moe_experts': check_moe_experts,
           'fused_ce': check_fused_ce,
           'param_shardings': check_param_shardings,
           'batch_sharding': check_batch_sharding,

@@ -163,9 +163,11 @@ def device_checks(tmp_path_factory):
 
 
 @pytest.mark.parametrize('check', ['train_step', 'fused_ce', 'param_shardings',
-                                   'batch_sharding', 'restore_other_mesh'])
+                                   'batch_sharding', 'restore_other_mesh',
+                                   'moe_experts'])
 def test_on_8_devices(device_checks, check):
   """train_step: data=8 / fsdp=8 / data=2 x fsdp=4 == one device (SGD and
   AdamW, 2 steps); restore_other_mesh: fsdp=8 -> 1 device and 2 x 4, and
-  1 device -> fsdp=8, exactly."""
+  1 device -> fsdp=8, exactly; moe_experts: Gemma 4's experts one per
+  device, the sharded forward equal to one device's."""
   assert device_checks[check] == 'ok', device_checks[check]
