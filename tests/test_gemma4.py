@@ -283,3 +283,50 @@ def test_gemma4_turn_markers(tokenizer):
   assert ids[:2] == [tok4.bos_id, 105] and ids.count(106) == 1
   assert prompts.answer_ids(tok4, 'Salut', 'chat').tolist()[-1] == 106
   assert 106 in postprocess.stop_token_ids(tok4)
+
+
+def test_moe_layer_equals_official():
+  """The MoE FFW alone: same routing (top-k of the softmax router,
+  renormalised) and the same expert outputs as gm's MoERagged, token for
+  token (a different expert choice would move the output by O(1))."""
+  from gemma.gm.nn.gemma4 import _moe
+  cfg = CONFIGS['26b_a4b']
+  x = jax.random.normal(jax.random.key(0), (3, 7, cfg.embed_dim))
+  ref_mod = _moe.MoERagged(features=cfg.embed_dim, hidden_dim=cfg.expert_dim,
+                           num_experts=cfg.num_experts,
+                           num_experts_per_datapoint=cfg.top_k_experts)
+  params = ref_mod.init(jax.random.key(1), x)['params']
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(
+      jax.random.key(2), p.shape), params)
+  ref = ref_mod.apply({'params': params}, x)
+  ours = G.MoE(cfg).apply({'params': params}, x)
+  np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_and_qlora_on_gemma4(tokenizer):
+  """Packing: two segments in a row give each segment's own logits; QLoRA
+  (int8 base) runs and stays close to the float model."""
+  from gemma_mt import lora as L
+  cfg = CONFIGS['e2b']
+  params = random_params(cfg)
+  model = G.Gemma4(cfg)
+  a, b = batch([5], 5, seed=3)[0][0], batch([4], 4, seed=4)[0][0]
+  packed = jnp.concatenate([a, b])[None]
+  seg = jnp.asarray([[1] * 5 + [2] * 4])
+  pos = jnp.asarray([list(range(5)) + list(range(4))])
+  out, _ = model.apply({'params': params}, packed, pos, M.segment_causal_mask(seg))
+  for tokens, sl in ((a, slice(0, 5)), (b, slice(5, 9))):
+    n = len(tokens)
+    alone, _ = model.apply({'params': params}, tokens[None], jnp.arange(n)[None],
+                           M.causal_mask(jnp.ones((1, n), bool)))
+    np.testing.assert_allclose(out[0, sl], alone[0], atol=2e-5)
+  lcfg = L.LoraConfig(rank=2, quant='int8')
+  lm = L.apply_lora(model, lcfg)
+  frozen = L.quantize_base(lm, params)
+  adapters = L.init_lora_params(lm, jax.random.key(0))
+  tokens, mask = batch([8], 8)
+  q, _ = lm.apply({'params': L.combine(frozen, adapters)}, tokens,
+                  M.positions_from_mask(mask), M.causal_mask(mask))
+  f, _ = model.apply({'params': params}, tokens, M.positions_from_mask(mask),
+                     M.causal_mask(mask))
+  assert float(jnp.max(jnp.abs(q - f))) < 0.05 * float(jnp.max(jnp.abs(f)))

@@ -172,6 +172,10 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
   if problem := orbax_io.tree_mismatch(params, param_shapes(decoder(config))):
     what = config.name() or f'{orbax_io.META_FILE} config'
     raise CheckpointError(f'{path}: not a {what} checkpoint ({problem})')
+  if tok_path is None and not isinstance(config, TransformerConfig):
+    raise CheckpointError(
+        f'{path}: no tokenizer.model; Gemma 4 has its own (copy gs://gemma-'
+        f'data/tokenizers/tokenizer_gemma4.model to {path}/tokenizer.model)')
   tokenizer = (GemmaTokenizer.from_file(tok_path) if tok_path is not None
                else embedded.default_tokenizer())
   return Pretrained(config, params, tokenizer, arch, fmt)
