@@ -330,3 +330,14 @@ def test_packed_rows_and_qlora_on_gemma4(tokenizer):
   f, _ = model.apply({'params': params}, tokens, M.positions_from_mask(mask),
                      M.causal_mask(mask))
   assert float(jnp.max(jnp.abs(q - f))) < 0.05 * float(jnp.max(jnp.abs(f)))
+
+
+def test_export_says_gemma4_is_not_covered(tokenizer, tiny, tmp_path, capsys):
+  from gemma_mt import export, weights
+  path = weights.save(tmp_path / 'm', TINY, tiny, tokenizer)
+  for to in ('hf', 'gguf'):
+    assert export.main(['--checkpoint', str(path), '--to', to,
+                        str(tmp_path / f'out.{to}')]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        'error: HF and GGUF export cover Gemma 1-3; not Gemma 4 yet')
+    assert not (tmp_path / f'out.{to}').exists()

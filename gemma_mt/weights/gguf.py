@@ -261,6 +261,8 @@ def check_llama_cpp_config(config: TransformerConfig) -> None:
   """GGUFError unless llama.cpp's gemma3 runs `config` as we do: it fixes
   the 5:1 sliding/global pattern, the local RoPE base (10,000) and the query
   scale (27B's by layer count) instead of reading them from the file."""
+  if not isinstance(config, TransformerConfig):
+    raise GGUFError("HF and GGUF export cover Gemma 1-3; not Gemma 4 yet")
   types = tuple("global" if (i + 1) % LOCAL_EVERY == 0 else "local"
                 for i in range(config.num_layers))
   scale = ((config.embed_dim / config.num_heads) ** -0.5

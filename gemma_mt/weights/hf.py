@@ -50,6 +50,8 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 
 def family(cfg: TransformerConfig) -> str:
   """transformers' model_type of a config: gemma, gemma2 or gemma3_text."""
+  if not isinstance(cfg, TransformerConfig):
+    raise ValueError('HF and GGUF export cover Gemma 1-3; not Gemma 4 yet')
   if cfg.use_qk_norm:
     return 'gemma3_text'
   return 'gemma2' if cfg.use_post_attn_norm else 'gemma'
@@ -225,7 +227,8 @@ def _hf_tensors(params, cfg, prefix):
 
 def num_tensors(cfg: TransformerConfig) -> int:
   """How many tensors `params_to_hf` yields (for progress bars)."""
-  per_layer = 7 + 2 * cfg.use_qk_norm + len(_norm_names(cfg))
+  norms = len(_norm_names(cfg))  # (Checks the family first.)
+  per_layer = 7 + 2 * cfg.use_qk_norm + norms
   return 2 + cfg.num_layers * per_layer
 
 
