@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_mt.model import GLOBAL, LOCAL, Array, sliding_mask
+from gemma_mt.model import GLOBAL, LOCAL, Array, apply_rope, sliding_mask
 
 _NEG_INF = -2.3819763e38
 
@@ -138,23 +138,6 @@ class Gemma4Config:
                      top_k_experts=8).replace(hidden_dim=2112)
 
 
-def apply_rope(x: Array, positions: Array, base: float,
-               proportion: float = 1.0) -> Array:
-  """Half-split RoPE on the first `proportion` of each half (the rest of the
-  angles are 0: those dims pass through), as the official implementation."""
-  head_dim = x.shape[-1]
-  rope = int(proportion * head_dim // 2)
-  exponents = 2.0 * jnp.arange(rope, dtype=jnp.float32) / head_dim
-  timescale = jnp.pad(base**exponents, (0, head_dim // 2 - rope),
-                      constant_values=jnp.inf)
-  angles = positions[..., None].astype(jnp.float32) / timescale
-  angles = angles[..., None, :]
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
 class RMSNorm(nn.Module):
   """`x / rms(x) * scale` (scale from ones), or without a scale."""
 
@@ -202,7 +185,7 @@ class Attention(nn.Module):
                                      name=name)
     q = ein((N, D, H), 'q_einsum')('BTD,NDH->BTNH', x)
     q = apply_rope(RMSNorm(param_dtype=self.param_dtype, name='query_norm')(q),
-                   positions, base, proportion)
+                   positions, base, proportion=proportion)
     if k_eq_v:
       k = v = ein((K, D, H), 'k_einsum')('BSD,KDH->BSKH', x)
     else:
@@ -213,7 +196,7 @@ class Attention(nn.Module):
     if shared_kv is not None:  # A KV-sharing layer: its own k, v unused.
       k, v = shared_kv
     else:
-      k = apply_rope(k, positions, base, proportion)
+      k = apply_rope(k, positions, base, proportion=proportion)
       if cache is not None:  # Written at end_index; attend over the cache.
         start = (0, end_index, 0, 0)
         k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)

@@ -218,11 +218,15 @@ def sliding_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
 
 
 def apply_rope(x: Array, positions: Array, base: float,
-               scale: float = 1.0) -> Array:
-  """Rotary embedding, half-split layout, as in the official implementation."""
+               scale: float = 1.0, proportion: float = 1.0) -> Array:
+  """Rotary embedding, half-split layout, as in the official implementation;
+  on the first `proportion` of each half (Gemma 4's global layers: the other
+  angles are 0, those dims pass through)."""
   head_dim = x.shape[-1]
-  exponents = 2.0 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
-  timescale = base**exponents
+  rope = int(proportion * head_dim // 2)
+  exponents = 2.0 * jnp.arange(rope, dtype=jnp.float32) / head_dim
+  timescale = jnp.pad(base**exponents, (0, head_dim // 2 - rope),
+                      constant_values=jnp.inf)
   angles = positions[..., None].astype(jnp.float32) / timescale / scale
   angles = angles[..., None, :]  # [B, T, 1, H/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
