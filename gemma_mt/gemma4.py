@@ -30,9 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_mt.model import GLOBAL, LOCAL, Array, apply_rope, sliding_mask
+from gemma_mt.layers import _NEG_INF, GLOBAL, LOCAL, Array, apply_rope, sliding_mask
 
-_NEG_INF = -2.3819763e38
+NAMES = ('gemma4_e2b', 'gemma4_e4b', 'gemma4_31b', 'gemma4_26b_a4b')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +68,7 @@ class Gemma4Config:
     return dataclasses.replace(self, **kw)
 
   def name(self) -> str | None:
-    from gemma_mt.model import GEMMA4_NAMES
-    return next((n for n in GEMMA4_NAMES
+    return next((n for n in NAMES
                  if getattr(Gemma4Config, n)() == self), None)
 
   def to_dict(self) -> dict[str, Any]:

@@ -26,13 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from gemma_mt import decode_attention
+from gemma_mt.layers import (  # noqa: F401 (the masks are part of this API)
+    _NEG_INF, GLOBAL, LOCAL, Array, apply_rope, causal_mask,
+    positions_from_mask, segment_causal_mask, sliding_mask)
 
-Array = jax.Array
 Cache = dict[str, Any]
-
-GLOBAL = 'global'
-LOCAL = 'local'
-_NEG_INF = -2.3819763e38  # The mask value of the official implementation.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +150,15 @@ class TransformerConfig:
   @classmethod
   def from_name(cls, name: str) -> 'TransformerConfig':
     """A released config by name (`gemma4_*`: a `gemma4.Gemma4Config`)."""
-    if name.startswith('gemma4_'):
-      from gemma_mt import gemma4
-      if hasattr(gemma4.Gemma4Config, name):
-        return getattr(gemma4.Gemma4Config, name)()
+    from gemma_mt import gemma4
+    if name in gemma4.NAMES:
+      return getattr(gemma4.Gemma4Config, name)()
     try:
       return getattr(cls, _NAMES[name])()
     except KeyError:
       raise ValueError(
           f'unknown model {name!r}; choose one of '
-          f'{sorted(_NAMES) + list(GEMMA4_NAMES)}') from None
+          f'{sorted(_NAMES) + list(gemma4.NAMES)}') from None
 
   @classmethod
   def resolve(cls, arch: 'str | TransformerConfig') -> 'TransformerConfig':
@@ -189,50 +186,6 @@ class TransformerConfig:
 
 _NAMES = {n: n for n in ('gemma_2b', 'gemma2_2b', 'gemma3_270m', 'gemma3_1b',
                          'gemma3_4b', 'gemma3_12b', 'gemma3_27b', 'tiny')}
-GEMMA4_NAMES = ('gemma4_e2b', 'gemma4_e4b', 'gemma4_31b', 'gemma4_26b_a4b')
-
-
-# --- Masks and positions -----------------------------------------------------
-def positions_from_mask(input_mask: Array) -> Array:
-  """Positions 0, 1, ... over the real tokens of each row (pads repeat)."""
-  return jnp.maximum(jnp.cumsum(input_mask, axis=-1) - 1, 0).astype(jnp.int32)
-
-
-def causal_mask(input_mask: Array) -> Array:
-  """[B, L, L]: query i sees real key j <= i."""
-  L = input_mask.shape[-1]
-  causal = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_))
-  return causal[None] & input_mask[:, None, :].astype(jnp.bool_)
-
-
-def segment_causal_mask(segment_ids: Array) -> Array:
-  """[B, L, L] for packed rows: causal and within the same segment (0 = pad)."""
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return causal_mask(segment_ids != 0) & same
-
-
-def sliding_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
-  """[B, T, S]: keys less than `window` positions away (official semantics)."""
-  q, k = q_pos[:, :, None], k_pos[:, None, :]
-  return (k > q - window) & (k < q + window)
-
-
-def apply_rope(x: Array, positions: Array, base: float,
-               scale: float = 1.0, proportion: float = 1.0) -> Array:
-  """Rotary embedding, half-split layout, as in the official implementation;
-  on the first `proportion` of each half (Gemma 4's global layers: the other
-  angles are 0, those dims pass through)."""
-  head_dim = x.shape[-1]
-  rope = int(proportion * head_dim // 2)
-  exponents = 2.0 * jnp.arange(rope, dtype=jnp.float32) / head_dim
-  timescale = jnp.pad(base**exponents, (0, head_dim // 2 - rope),
-                      constant_values=jnp.inf)
-  angles = positions[..., None].astype(jnp.float32) / timescale / scale
-  angles = angles[..., None, :]  # [B, T, 1, H/2]
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
 
 
 # --- Layers --------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """LoRA adapter dirs: the adapters alone (a few MB) plus which base they adapt.
 
 Layout: `adapters/` (orbax, adapter leaves only), `lora.json` (the
-`LoraConfig`) and `gemma_mt.json` (`arch`, `base_model`, `base_checkpoint`).
+`LoraConfig`) and `gemma_mt.json` (`arch`, `config`, `prompt_format`,
+`base_model`, `base_checkpoint`).
 `weights.load_dir` reloads the base and merges the adapters into it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
