@@ -192,8 +192,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument('--model', default='gemma3_270m',
                  help='released model name, or the arch of --checkpoint')
   p.add_argument('--lang_pair', default='en-fr')
-  p.add_argument('--prompt_format', default=None,
-                 choices=('plain', 'chat', 'translategemma'),
+  from gemma_mt.prompts import FORMATS
+  p.add_argument('--prompt_format', default=None, choices=FORMATS,
                  help='prompt template (default: the one the checkpoint was '
                       'trained with, else plain)')
   p.add_argument('--batch_size', type=int, default=32)

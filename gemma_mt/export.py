@@ -67,7 +67,7 @@ def _bar(total: int, what: str):
 
 def _prompt(fmt: str, lang_pair: str) -> dict:
   from gemma_mt import prompts
-  return {'format': fmt, 'chat_template': prompts.chat_template(fmt, lang_pair),
+  return {'chat_template': prompts.chat_template(fmt, lang_pair),
           'stop': prompts.answer_end(fmt) or None}
 
 
@@ -110,8 +110,7 @@ def run(argv=None) -> int:
       out = hf.write_dir(args.out, pre.config, pre.params, pre.tokenizer,
                          dtype=args.dtype, overwrite=args.overwrite,
                          prompt=prompt, progress=_bar(n, 'hf'),
-                         meta=weights.arch_meta(pre.arch)
-                         | {'prompt_format': pre.prompt_format})
+                         meta=weights.model_meta(pre.arch, pre.prompt_format))
     else:
       from gemma_mt.weights import gguf, hf
       out = gguf.write_gguf(args.out, pre.config, pre.params, pre.tokenizer,

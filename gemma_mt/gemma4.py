@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_mt.layers import _NEG_INF, GLOBAL, LOCAL, Array, apply_rope, sliding_mask
+from gemma_mt.layers import (_NEG_INF, GLOBAL, LOCAL, Array, apply_rope,
+                             logits_from_hidden, sliding_mask)
 
 NAMES = ('gemma4_e2b', 'gemma4_e4b', 'gemma4_31b', 'gemma4_26b_a4b')
 
@@ -256,22 +257,21 @@ class MoE(nn.Module):
     _, choices = jax.lax.top_k(logits, k)                    # [..., k]
     weights = jnp.take_along_axis(probs, choices, axis=-1)
     weights = weights / jnp.sum(weights, -1, keepdims=True)  # [..., k]
-    w_gate = self.param_module_weight('gating_einsum', (E, 2, F, D))
-    w_out = self.param_module_weight('linear', (E, F, D))
-    flat = x.reshape(-1, D)
-    order = jnp.argsort(choices.reshape(-1))                 # token-slots by expert
+    w_gate = self._weight('gating_einsum', (E, 2, F, D))
+    w_out = self._weight('linear', (E, F, D))
+    flat, slots = x.reshape(-1, D), choices.reshape(-1)
+    order = jnp.argsort(slots)                               # token-slots by expert
     rows = jnp.repeat(jnp.arange(flat.shape[0]), k)[order]
-    sizes = jnp.bincount(choices.reshape(-1), length=E)
+    sizes = jnp.bincount(slots, length=E)
     w_gate = jnp.transpose(w_gate, (0, 3, 1, 2)).reshape(E, D, 2 * F)
     h = jax.lax.ragged_dot(flat[rows], w_gate, group_sizes=sizes)
     h = h.reshape(-1, 2, F)
     y = jax.lax.ragged_dot(nn.gelu(h[:, 0]) * h[:, 1], w_out, group_sizes=sizes)
-    y = y * p('per_expert_scale', (E,), nn.initializers.ones)[
-        jnp.sort(choices.reshape(-1))][:, None]
+    y = y * p('per_expert_scale', (E,), nn.initializers.ones)[slots[order]][:, None]
     y = y[jnp.argsort(order)].reshape(*choices.shape, D)     # back to [..., k, D]
     return jnp.einsum('...kD,...k->...D', y, weights.astype(y.dtype))
 
-  def param_module_weight(self, name: str, shape: tuple[int, ...]) -> Array:
+  def _weight(self, name: str, shape: tuple[int, ...]) -> Array:
     """A weight stored as `<name>/w` (the official `_Weight` sub-module)."""
     return _Weight(shape, self.param_dtype, name=name)().astype(self.dtype)
 
@@ -322,7 +322,7 @@ class Block(nn.Module):
 
 
 class Gemma4(nn.Module):
-  """Gemma 4 text decoder; `__call__` returns `(logits or hidden, None)`."""
+  """Gemma 4 text decoder; `__call__` returns `(logits or hidden, cache)`."""
 
   config: Gemma4Config
   dtype: Any = jnp.float32
@@ -364,12 +364,7 @@ class Gemma4(nn.Module):
     x = RMSNorm(param_dtype=pd, name='final_norm')(x)
     if return_hidden:
       return x, new_cache
-    logits = jnp.einsum('...D,VD->...V', x, table.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
-    if cfg.final_logit_softcap is not None:
-      c = cfg.final_logit_softcap
-      logits = jnp.tanh(logits / c) * c
-    return logits, new_cache
+    return logits_from_hidden(table, x, cfg.final_logit_softcap), new_cache
 
 
 class _Embedder(nn.Module):

@@ -1,5 +1,6 @@
 """What the Gemma decoder families (`model`: Gemma 1-3, `gemma4`) share:
-layer types, attention masks, positions and rotary embeddings."""
+layer types, attention masks, positions, rotary embeddings, the tied LM
+head."""
 
 from __future__ import annotations
 
@@ -54,3 +55,13 @@ def apply_rope(x: Array, positions: Array, base: float,
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def logits_from_hidden(table: Array, x: Array,
+                       softcap: float | None) -> Array:
+  """Tied LM head: hidden [..., D] -> logits [..., V], with the soft-cap."""
+  logits = jnp.einsum('...D,VD->...V', x, table.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  return logits

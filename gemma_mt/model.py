@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from gemma_mt import decode_attention
 from gemma_mt.layers import (  # noqa: F401 (the masks are part of this API)
     _NEG_INF, GLOBAL, LOCAL, Array, apply_rope, causal_mask,
-    positions_from_mask, segment_causal_mask, sliding_mask)
+    logits_from_hidden, positions_from_mask, segment_causal_mask,
+    sliding_mask)
 
 Cache = dict[str, Any]
 
@@ -427,16 +428,6 @@ def param_shapes(module: Transformer) -> Any:
   x = jnp.zeros((1, 1), jnp.int32)
   return jax.eval_shape(module.init, jax.random.key(0), x, x,
                         jnp.ones((1, 1, 1), bool))['params']
-
-
-def logits_from_hidden(table: Array, x: Array,
-                       softcap: float | None) -> Array:
-  """Tied LM head: hidden [..., D] -> logits [..., V], with the soft-cap."""
-  logits = jnp.einsum('...D,VD->...V', x, table.astype(x.dtype),
-                      preferred_element_type=jnp.float32)
-  if softcap is not None:
-    logits = jnp.tanh(logits / softcap) * softcap
-  return logits
 
 
 def decoder(config, **kw) -> nn.Module:

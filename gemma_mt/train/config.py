@@ -128,9 +128,10 @@ class TrainingConfig:
       raise ValueError('--mtnt_archive is for the TFDS source; drop it or --mtnt_dir')
     if self.mtnt_archive and not Path(self.mtnt_archive).is_file():
       raise ValueError(f'--mtnt_archive {self.mtnt_archive}: no such file')
-    if self.prompt_format not in ('plain', 'chat', 'translategemma'):
-      raise ValueError("--prompt_format must be 'plain', 'chat' or "
-                       f"'translategemma', got {self.prompt_format!r}")
+    from gemma_mt.prompts import FORMATS
+    if self.prompt_format not in FORMATS:
+      raise ValueError(f'--prompt_format must be one of {FORMATS}, got '
+                       f'{self.prompt_format!r}')
     if self.init not in ('pretrained', 'random'):
       raise ValueError(f"--init must be 'pretrained' or 'random', got "
                        f'{self.init!r}')

@@ -88,11 +88,13 @@ class Pretrained:
   prompt_format: str = prompts.DEFAULT  # what the model was tuned with
 
 
-def arch_meta(arch: str | TransformerConfig) -> dict:
-  """gemma_mt.json's description of the architecture (name and config)."""
-  cfg = TransformerConfig.resolve(arch)  # Validates a name.
+def model_meta(arch: str | TransformerConfig,
+               prompt_format: str = prompts.DEFAULT) -> dict:
+  """gemma_mt.json's description of a model: the architecture (name and
+  config) and the prompt format it was tuned with (both validated)."""
+  cfg = TransformerConfig.resolve(arch)
   return {'arch': arch if isinstance(arch, str) else cfg.name(),
-          'config': cfg.to_dict()}
+          'config': cfg.to_dict(), 'prompt_format': prompts.check(prompt_format)}
 
 
 def arch_from_meta(meta: dict, default: str | None,
@@ -162,7 +164,7 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
   if hf.is_hf_dir(path):
     config, params, tokenizer = hf.read_dir(path, dtype or 'float32')
     fmt = meta.get('prompt_format') or hf.prompt_format_of(path)
-    return Pretrained(config, place(params, None, sharding), tokenizer,
+    return Pretrained(config, place(params, sharding), tokenizer,
                       config.name() or config, fmt)
   arch = arch_from_meta(meta, default_arch, path)
   config = TransformerConfig.resolve(arch)
@@ -187,8 +189,8 @@ _TEXT_EMBEDDER = ('input_embedding', 'per_layer_embeddings',
 
 
 def text_decoder(params: dict, where: Any) -> dict:
-  """The text decoder's params of a multimodal Gemma 3 tree (4B+): the
-  vision encoder and the embedder's image projection are dropped."""
+  """The text decoder's params of a multimodal tree (Gemma 3 4B+, Gemma 4):
+  the vision/audio encoders and the embedder's media projections dropped."""
   towers = ('vision_encoder', 'audio_encoder')
   extra = sorted(k for k in params if k in towers) + sorted(
       f'embedder/{k}' for k in params.get('embedder', {})
@@ -203,28 +205,23 @@ def text_decoder(params: dict, where: Any) -> dict:
   return params
 
 
-def place(params: Any, dtype: Any = None, sharding: Any = None) -> Any:
-  """Numpy params as jax arrays: cast to `dtype`, put on `sharding` (a
-  Sharding, a Mesh: FSDP as in training, or a tree; None: first device)."""
-  import jax.numpy as jnp
-
+def place(params: Any, sharding: Any = None) -> Any:
+  """Numpy params as jax arrays on `sharding` (a Sharding, a Mesh: FSDP as
+  in training, or a tree; None: the first device)."""
   from gemma_mt import sharding as sharding_lib
-  if dtype is not None:
-    params = jax.tree.map(lambda x: x.astype(dtype), params)
   if isinstance(sharding, jax.sharding.Mesh):
     sharding = sharding_lib.param_shardings(params, sharding)
-  return jax.device_put(jax.tree.map(jnp.asarray, params)
-                        if sharding is None else params, sharding)
+  return jax.device_put(params, sharding)
 
 
 def save(path: str | os.PathLike, arch: str | TransformerConfig, params: Any,
          tokenizer: GemmaTokenizer, overwrite: bool = False,
          prompt_format: str = prompts.DEFAULT) -> Path:
   """Writes a self-describing model dir that `load_dir` (and gemma.gm) read."""
-  meta = arch_meta(arch) | {'prompt_format': prompts.check(prompt_format)}
   return orbax_io.save_params(path, params,
                               tokenizer=tokenizer.serialized_model_proto(),
-                              overwrite=overwrite, meta=meta)
+                              overwrite=overwrite,
+                              meta=model_meta(arch, prompt_format))
 
 
 def save_adapters(path: str | os.PathLike, arch: str | TransformerConfig,
@@ -240,8 +237,8 @@ def save_adapters(path: str | os.PathLike, arch: str | TransformerConfig,
   """
   if base_checkpoint is None:
     spec(base_model)  # Validate before writing anything.
-  meta = arch_meta(arch) | {'prompt_format': prompts.check(prompt_format)}
-  return adapters.save(path, meta, params, lora_config, base_model=base_model,
+  return adapters.save(path, model_meta(arch, prompt_format), params,
+                       lora_config, base_model=base_model,
                        base_checkpoint=base_checkpoint, overwrite=overwrite)
 
 

@@ -29,7 +29,7 @@ def save(path: str | os.PathLike, meta: dict, adapters: Any,
          base_checkpoint: str | os.PathLike | None = None,
          overwrite: bool = False) -> Path:
   """Writes an adapter dir atomically (a killed save leaves nothing);
-  `meta`: the architecture and prompt format (`weights.arch_meta`)."""
+  `meta`: the architecture and prompt format (`weights.model_meta`)."""
   with orbax_io.atomic_dir(path, overwrite) as tmp:
     tmp.mkdir()
     with ocp.StandardCheckpointer() as ckptr:

@@ -261,14 +261,15 @@ def check_llama_cpp_config(config: TransformerConfig) -> None:
   """GGUFError unless llama.cpp's gemma3 runs `config` as we do: it fixes
   the 5:1 sliding/global pattern, the local RoPE base (10,000) and the query
   scale (27B's by layer count) instead of reading them from the file."""
-  if not isinstance(config, TransformerConfig):
-    raise GGUFError("HF and GGUF export cover Gemma 1-3; not Gemma 4 yet")
+  from gemma_mt.weights import hf
+
+  kind = hf.family(config)  # (Raises for a family we do not export.)
   types = tuple("global" if (i + 1) % LOCAL_EVERY == 0 else "local"
                 for i in range(config.num_layers))
   scale = ((config.embed_dim / config.num_heads) ** -0.5
            if config.num_layers == 62 else config.head_dim ** -0.5)
   problems = [
-    (not config.use_qk_norm, "not a Gemma 3 model (GGUF export covers "
+    (kind != "gemma3_text", "not a Gemma 3 model (GGUF export covers "
      "Gemma 3; export Gemma 1/2 to HF and convert with llama.cpp)"),
     (config.attention_types != types, "its layer pattern is not 5 local : 1 "
      "global"),
@@ -356,7 +357,7 @@ def write_gguf(
   _add_tokenizer(w, tokenizer, chat_template)
   for tname, x, is_norm in progress(_gguf_tensors(params, config)):
     if is_norm or qtype == qt.F32:
-      w.add_tensor(tname, x.astype(np.float32))
+      w.add_tensor(tname, x)  # float32 already
     elif qtype == qt.F16:
       w.add_tensor(tname, x.astype(np.float16))
     else:

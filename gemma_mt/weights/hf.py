@@ -323,7 +323,7 @@ def read_dir(path: str | os.PathLike, dtype: Any = np.float32
     raise CheckpointError(f'{path}: no text decoder embedding '
                           '(…embed_tokens.weight) in the safetensors')
   prefix = embed[0].removesuffix('embed_tokens.weight')
-  if skipped := sorted({k.split('.')[0] for k in handles
+  if skipped := sorted({'.'.join(k.split('.')[:2]) for k in handles
                         if not k.startswith(prefix) and k != 'lm_head.weight'}):
     log.warning('%s: skipping %s (not the text decoder)', path,
                 ', '.join(skipped))
