@@ -12,13 +12,16 @@ import importlib
 
 _EXPORTS = {
     'load': 'gemma_mt.weights', 'save': 'gemma_mt.weights',
-    'Transformer': 'gemma_mt.model', 'TransformerConfig': 'gemma_mt.model',
+    'Transformer': 'gemma_mt.models.gemma',
+    'TransformerConfig': 'gemma_mt.models.gemma',
+    'Gemma4Config': 'gemma_mt.models.gemma4',
+    'ModelConfig': 'gemma_mt.models',
     'Translator': 'gemma_mt.translator',
-    'SamplingOptions': 'gemma_mt.sampling',
+    'SamplingOptions': 'gemma_mt.decoding.options',
     'TrainingConfig': 'gemma_mt.train.config',
     'train_loop': 'gemma_mt.train.loop',
-    'MTNTDatasetBuilder': 'gemma_mt.data',
-    'GemmaTokenizer': 'gemma_mt.tokenizer',
+    'MTNTDatasetBuilder': 'gemma_mt.data.mtnt',
+    'GemmaTokenizer': 'gemma_mt.data.tokenizer',
 }
 __all__ = sorted(_EXPORTS)
 

@@ -186,13 +186,13 @@ def from_args(cls, args: argparse.Namespace, base=None, **extra):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
   """Which model and how to run it (translate, evaluate)."""
-  from gemma_mt.sampling import DEFAULT_MAX_INPUT_TOKENS
+  from gemma_mt.decoding.options import DEFAULT_MAX_INPUT_TOKENS
   p.add_argument('--checkpoint', default=None,
                  help='fine-tuned checkpoint dir (default: the base model)')
   p.add_argument('--model', default='gemma3_270m',
                  help='released model name, or the arch of --checkpoint')
   p.add_argument('--lang_pair', default='en-fr')
-  from gemma_mt.prompts import FORMATS
+  from gemma_mt.data.prompts import FORMATS
   p.add_argument('--prompt_format', default=None, choices=FORMATS,
                  help='prompt template (default: the one the checkpoint was '
                       'trained with, else plain)')
@@ -214,14 +214,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
   """`SamplingOptions` as flags; the CLI caps runaways by default."""
-  from gemma_mt.sampling import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
+  from gemma_mt.decoding.options import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
   add_fields(p, SamplingOptions,
              defaults={'max_length_ratio': DEFAULT_MAX_LENGTH_RATIO,
                        'stop_sequences': None})
 
 
 def sampling_options(args: argparse.Namespace):
-  from gemma_mt.sampling import SamplingOptions
+  from gemma_mt.decoding.options import SamplingOptions
   opts = dict(stop_sequences=tuple(args.stop_sequences or ()))
   return from_args(SamplingOptions, args, **opts)
 

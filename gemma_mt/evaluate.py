@@ -1,4 +1,5 @@
-"""Translate a test split and score it: sacreBLEU BLEU, BLEU intl, chrF.
+"""`python -m gemma_mt.evaluate`: translate a test split and score it
+(`eval.metrics`): sacreBLEU BLEU, BLEU intl, chrF.
 
 BLEU is reported with sacreBLEU's default tokenizer (13a) and with
 `tokenize='intl'`, the MTNT paper's setting; chrF with its defaults; each with
@@ -20,88 +21,22 @@ all local devices (greedy output as on one device, up to float rounding).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from sacrebleu.metrics import BLEU, CHRF
-
-from gemma_mt import cli, data, postprocess, report
-from gemma_mt.sampling import SamplingOptions
+from gemma_mt import cli
+from gemma_mt.data import mtnt as data
+from gemma_mt.eval import report
+from gemma_mt.eval.metrics import evaluate
 
 log = logging.getLogger(__name__)
 
-def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
-  """Corpus BLEU (13a and intl) and chrF, with signatures."""
-  out = {}
-  for name, metric in (('bleu', BLEU()), ('bleu_intl', BLEU(tokenize='intl')),
-                       ('chrf', CHRF())):
-    out[name] = round(metric.corpus_score(list(hyps), [list(refs)]).score, 4)
-    out[f'{name}_signature'] = str(metric.get_signature())
-  return out
-
-
-CHUNK = 512  # Sentences translated between two writes of the hypotheses.
-
-
-def evaluate(translator, pairs: Sequence[tuple[str, str]],
-             options: SamplingOptions | None = None, *,
-             batch_size: int | None = None,
-             partial: Path | None = None) -> tuple[list[str], dict]:
-  """(hypotheses, summary) of translations of `pairs` (greedy by default).
-
-  `partial`: hypotheses are appended there every CHUNK sentences, so a
-  killed evaluation keeps what it translated.
-  """
-  options = options or SamplingOptions()
-  sources = [s for s, _ in pairs]
-  refs = [r for _, r in pairs]
-  compiles = translator.num_compiles
-  t0 = time.perf_counter()
-  results = []
-  if partial is not None:
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text('', encoding='utf-8')
-  for start in range(0, len(sources), CHUNK):
-    chunk = translator.translate_detailed(sources[start:start + CHUNK], options,
-                                          batch_size=batch_size)
-    results += chunk
-    if partial is not None:
-      with partial.open('a', encoding='utf-8') as f:
-        f.write(_lines(r.text for r in chunk))
-  seconds = time.perf_counter() - t0
-  hyps = [r.text for r in results]
-  long_ = [postprocess.too_long(h, r) for h, r in zip(hyps, refs)]
-  loops = [postprocess.repeats_itself(h) for h in hyps]
-  summary = {
-      'num_sentences': len(pairs),
-      **score(hyps, refs),
-      'seconds': round(seconds, 3),
-      'sentences_per_second': round(len(pairs) / seconds, 3) if seconds else None,
-      'num_compiles': translator.num_compiles - compiles,
-      'runaway': sum(a or b for a, b in zip(long_, loops)),
-      'runaway_too_long': sum(long_),
-      'runaway_repeating': sum(loops),
-      'hit_max_new_tokens': sum(r.stop_reason == 'max_tokens' for r in results),
-      'input_tokens': sum(r.input_tokens for r in results),
-      'output_tokens': sum(r.output_tokens for r in results),
-      'options': dataclasses.asdict(options),
-  }
-  return hyps, summary
-
-
 def default_output_dir() -> Path:
   return Path('workdir') / 'eval' / f'{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
-
-
-def _lines(hyps) -> str:
-  # One line each, whatever the text: the file aligns with the references.
-  return ''.join(' '.join(h.splitlines()) + '\n' for h in hyps)
 
 
 def check_writable(flag: str, path: str | os.PathLike | None) -> None:

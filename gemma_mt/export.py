@@ -66,21 +66,20 @@ def _bar(total: int, what: str):
 
 
 def _prompt(fmt: str, lang_pair: str) -> dict:
-  from gemma_mt import prompts
+  from gemma_mt.data import prompts
   return {'chat_template': prompts.chat_template(fmt, lang_pair),
           'stop': prompts.answer_end(fmt) or None}
 
 
 def export_peft(args) -> Path:
-  from gemma_mt import weights
-  from gemma_mt.model import TransformerConfig
+  from gemma_mt import models, weights
   from gemma_mt.weights import adapters, peft
 
   if not adapters.is_adapter_dir(args.checkpoint or ''):
     raise ValueError(f'--to peft needs a LoRA adapter dir (with '
                      f'{adapters.CONFIG_FILE}) as --checkpoint')
   params, lcfg, meta = adapters.load(args.checkpoint)
-  cfg = TransformerConfig.resolve(weights.arch_from_meta(
+  cfg = models.resolve(weights.arch_from_meta(
       meta, None, Path(args.checkpoint)))
   base = args.base or meta.get('base_checkpoint') or HF_ORIGIN.get(
       meta['base_model']) or weights.spec(meta['base_model']).hf

@@ -37,7 +37,7 @@ import math
 import re
 from typing import Any, BinaryIO, TextIO
 
-from gemma_mt.sampling import OptionError, SamplingOptions
+from gemma_mt.decoding.options import OptionError, SamplingOptions
 from gemma_mt.translator import InputTooLongError
 
 log = logging.getLogger(__name__)

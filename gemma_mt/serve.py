@@ -131,19 +131,19 @@ class Batcher:
     if opts.temperature != 0 or opts.search_width > 1:
       return False
     tr = self.translator
-    fitted, prompts, limits = tr.prepare(sources, opts)
+    prep = tr.prepare(sources, opts)
+    prompts, limits, todo = prep.prompts, prep.limits, prep.todo
     if self._decoder is None:
-      from gemma_mt.continuous import ContinuousDecoder
-      mode, scalars = tr.sampler.sampling_args()
+      from gemma_mt.decoding.continuous import ContinuousDecoder
+      mode, sampling = tr.sampler.sampling_args()
       self._decoder = ContinuousDecoder(tr.sampler, tr.sampler.batch_size,
-                                        mode, scalars, STREAM_BUDGET, STREAM_RING)
+                                        mode, sampling, STREAM_BUDGET, STREAM_RING)
     if not all(self._decoder.fits(len(p), l) for p, l in zip(prompts, limits)):
       return False
-    todo = [i for i, f in enumerate(fitted) if f is not None]
     outs: dict = {}
 
     def finish():
-      fut.set_result(tr.finish(sources, tr.generation(fitted, outs), opts))
+      fut.set_result(tr.finish(prep, tr.generation(prep, outs)))
       self._streaming.discard(fut)
       with self._cv:
         self.queued -= len(sources)

@@ -32,7 +32,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')  # The batch dim is split over both.

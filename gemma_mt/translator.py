@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt import continuous, postprocess, prompts, sharding, weights
-from gemma_mt import model as M
-from gemma_mt import mbr as mbr_lib
-from gemma_mt.sampler import Hypothesis, Sampler
-from gemma_mt.sampling import DEFAULT_MAX_INPUT_TOKENS, SamplingOptions
-
+from gemma_mt import sharding, weights
+from gemma_mt.data import prompts
+from gemma_mt.decoding import continuous, postprocess
+from gemma_mt.decoding import mbr as mbr_lib
+from gemma_mt.decoding.options import DEFAULT_MAX_INPUT_TOKENS, SamplingOptions
+from gemma_mt.decoding.sampler import Hypothesis, Sampler
 
 
 class InputTooLongError(ValueError):
@@ -37,6 +37,29 @@ class InputTooLongError(ValueError):
         f'input {index} is {length} tokens long with the prompt, over the '
         f'limit of {limit} (max_input_tokens); shorten it or pass '
         f'truncate=True (--truncate) to cut the source')
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A call's sources made ready for the model (`Translator.prepare`): what
+  any decoder needs (`prompts`, `limits`) and what `finish` needs after."""
+
+  sources: Sequence[str]
+  options: SamplingOptions
+  fitted: list[tuple[np.ndarray, bool] | None]  # (prompt ids, truncated); None: blank
+
+  @property
+  def todo(self) -> list[int]:
+    """Indices of the sources sent to the model (the non-blank ones)."""
+    return [i for i, f in enumerate(self.fitted) if f is not None]
+
+  @property
+  def prompts(self) -> list[np.ndarray]:
+    return [f[0] for f in self.fitted if f is not None]
+
+  @property
+  def limits(self) -> list[int]:
+    return [self.options.limit(len(p)) for p in self.prompts]
 
 
 @dataclasses.dataclass
@@ -109,7 +132,7 @@ class Translator:
                          f'Transformer computes in {jnp.dtype(model.dtype).name}'
                          '; pass a TransformerConfig or a matching model')
     else:
-      model = M.decoder(model_or_config, dtype=dtype or default_dtype())
+      model = model_or_config.module(dtype=dtype or default_dtype())
     if fast_decode is None:  # Triton: GPU and bf16; one device (the
       fast_decode = (jax.default_backend() == 'gpu'  # partitioner can't
                      and jnp.dtype(model.dtype) == jnp.bfloat16  # split it).
@@ -213,19 +236,34 @@ class Translator:
     and fills `nbest`. Blank sources are not sent to the model.
     All inputs are checked before any is decoded.
     """
+    return self.decode(self.prepare(sources, _options(options, kw)),
+                       batch_size=batch_size)
+
+  # The pipeline every caller runs (this class, the service, the benchmarks):
+  # prepare -> decode (or the service's running batch) -> generation -> finish.
+  def prepare(self, sources: Sequence[str],
+              options: SamplingOptions) -> Prepared:
+    """Prompts of every source, all checked before any is decoded."""
     if isinstance(sources, str):
       raise TypeError('sources must be a list of strings, not one string')
-    opts = _options(options, kw)
-    fitted, prompts, limits = self.prepare(sources, opts)
-    todo = [i for i, f in enumerate(fitted) if f is not None]
+    return Prepared(sources, options,
+                    [None if not s.strip() else self._fit(i, s)
+                     for i, s in enumerate(sources)])
+
+  def decode(self, prep: Prepared, *, batch_size: int | None = None
+             ) -> Generation:
+    """Runs the model on `prep`: beam search when its options search
+    (beam/MBR), else continuous batching for more prompts than a batch,
+    else static batches."""
+    opts, prompts, limits = prep.options, prep.prompts, prep.limits
     nbest = None
     if opts.search_width > 1:
       beams = self.sampler.beam_search(
           prompts, max_new_tokens=limits, beam_size=opts.search_width,
           length_penalty=opts.length_penalty, batch_size=batch_size)
       outs = [b[0].ids for b in beams]
-      nbest = [[] for _ in sources]
-      for i, b in zip(todo, beams):
+      nbest = [[] for _ in prep.sources]
+      for i, b in zip(prep.todo, beams):
         nbest[i] = b
     else:
       kw = dict(max_new_tokens=limits, temperature=float(opts.temperature),
@@ -234,19 +272,11 @@ class Translator:
         outs = continuous.generate(self.sampler, prompts, slots=batch_size, **kw)
       else:
         outs = self.sampler.generate(prompts, batch_size=batch_size, **kw)
-    return self.generation(fitted, dict(zip(todo, outs)), nbest)
+    return self.generation(prep, dict(zip(prep.todo, outs)), nbest)
 
-  def prepare(self, sources: Sequence[str], options: SamplingOptions):
-    """(fitted, prompts, limits): what `generate` sends to the sampler;
-    `fitted[i]` is None for a blank source (not sent), and `prompts` and
-    `limits` are those of the others, in order."""
-    fitted = [None if not s.strip() else self._fit(i, s)
-              for i, s in enumerate(sources)]
-    prompts = [f[0] for f in fitted if f is not None]
-    return fitted, prompts, [options.limit(len(p)) for p in prompts]
-
-  def generation(self, fitted, outs: dict, nbest=None) -> Generation:
-    """A `Generation` from `prepare`'s `fitted` and {index: ids}."""
+  def generation(self, prep: Prepared, outs: dict, nbest=None) -> Generation:
+    """A `Generation` from {index: generated ids} of `prep`'s sources."""
+    fitted = prep.fitted
     ids = [np.zeros(0, np.int32)] * len(fitted)
     for i, out in outs.items():
       ids[i] = out
@@ -273,13 +303,12 @@ class Translator:
                          batch_size: int | None = None,
                          **kw) -> list[Translation]:
     """Translations with usage and stop reasons (options as in `generate`)."""
-    opts = _options(options, kw)
-    return self.finish(sources, self.generate(sources, opts,
-                                              batch_size=batch_size), opts)
+    prep = self.prepare(sources, _options(options, kw))
+    return self.finish(prep, self.decode(prep, batch_size=batch_size))
 
-  def finish(self, sources: Sequence[str], gen: Generation,
-             opts: SamplingOptions) -> list[Translation]:
+  def finish(self, prep: Prepared, gen: Generation) -> list[Translation]:
     """Text of a `Generation`: cleaned, stop sequences cut, MBR picked."""
+    sources, opts = prep.sources, prep.options
     clean = lambda ids, src: postprocess.clean_translation(
         self.tokenizer.decode(ids), src, opts.stop_sequences)
     out = []

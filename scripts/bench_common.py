@@ -65,7 +65,7 @@ def random_params(cfg):
   import jax
   import jax.numpy as jnp
 
-  from gemma_mt import model as model_lib
+  from gemma_mt.models import gemma as model_lib
   tok = jnp.ones((1, 1), jnp.int32)
   return jax.jit(model_lib.Transformer(cfg).init)(
       jax.random.key(0), tok, tok, model_lib.causal_mask(tok != 0))['params']

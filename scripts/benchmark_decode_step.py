@@ -54,8 +54,8 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from gemma_mt import model as M
-  from gemma_mt import sampler as S
+  from gemma_mt.models import gemma as M
+  from gemma_mt.decoding import sampler as S
 
   cfg = M.TransformerConfig.from_name(args.model)
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16),

@@ -62,7 +62,7 @@ def main() -> None:
   p.add_argument('serve_args', nargs='*', help='after --: flags for gemma_mt.serve')
   args = p.parse_args()
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  from gemma_mt.data import read_mtnt_tsv
+  from gemma_mt.data.mtnt import read_mtnt_tsv
   pairs, _ = read_mtnt_tsv(Path(args.mtnt_dir) / 'valid' / 'valid.en-fr.tsv')
   sources = [s for s, _ in pairs]
   port = args.port

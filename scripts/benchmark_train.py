@@ -122,8 +122,8 @@ DEFAULT_VARIANTS = ('ours_packed', 'ours_padded', 'tutorial', 'tutorial_f32')
 
 
 def mtnt_batches(args, vocab_size: int, packed: bool, n: int):
-  from gemma_mt.data import MTNTDatasetBuilder
-  from gemma_mt.packing import packed_batches
+  from gemma_mt.data.mtnt import MTNTDatasetBuilder
+  from gemma_mt.data.packing import packed_batches
   from gemma_mt.weights.embedded import default_tokenizer
 
   builder = MTNTDatasetBuilder(default_tokenizer(), args.seq_len,
@@ -217,7 +217,7 @@ def setup_ours(args, cfg, spec: Variant, b0) -> Setup:
   import jax
   import jax.numpy as jnp
 
-  from gemma_mt import model as model_lib
+  from gemma_mt.models import gemma as model_lib
   from gemma_mt import sharding
   from gemma_mt.train.config import TrainingConfig
   from gemma_mt.train.state import init_train
@@ -340,7 +340,7 @@ def step_memory(compiled) -> dict:
 def run_variant(args):
   import jax
 
-  from gemma_mt.model import TransformerConfig
+  from gemma_mt.models.gemma import TransformerConfig
 
   spec = VARIANTS[args.run_variant]
   cfg = TransformerConfig.from_name(args.model)

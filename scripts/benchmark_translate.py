@@ -40,7 +40,7 @@ HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
 
 
 def load_sources(args) -> list[str]:
-  from gemma_mt.data import read_mtnt_tsv
+  from gemma_mt.data.mtnt import read_mtnt_tsv
   pairs, _ = read_mtnt_tsv(Path(args.mtnt_dir) / 'valid' / 'valid.en-fr.tsv')
   return [s for s, _ in pairs]
 
@@ -59,7 +59,7 @@ def load_model(args):
   from gemma_mt import weights
   if args.random_init or (args.checkpoint is None
                           and args.model not in weights.MODELS):
-    from gemma_mt import model as model_lib
+    from gemma_mt.models import gemma as model_lib
     from gemma_mt.weights.embedded import default_tokenizer
     arch = (args.model if args.model not in weights.MODELS
             else weights.spec(args.model).arch)
@@ -91,7 +91,7 @@ def run_ours(translator, sources, bs, max_new_tokens, max_length_ratio=None):
 
 
 def run_tutorial(sampler, tokenizer, sources, bs, max_new_tokens, return_logits=True):
-  from gemma_mt.data import format_prompt
+  from gemma_mt.data.mtnt import format_prompt
   ids = []
   t0 = time.perf_counter()
   for i in range(0, len(sources), bs):
@@ -184,7 +184,7 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from gemma_mt.postprocess import stop_token_ids
+  from gemma_mt.decoding.postprocess import stop_token_ids
   from gemma_mt.translator import Translator
 
   cfg, params, tok = load_model(args)
@@ -200,7 +200,7 @@ def main():
   if args.random_init:
     # Random weights emit newline pieces at any point: stop at EOS only,
     # the tutorial's rule, so that both run the same steps.
-    from gemma_mt.sampler import Sampler
+    from gemma_mt.decoding.sampler import Sampler
     stop = {tok.eos_id}
     ours.sampler = Sampler(ours.model, ours.sampler.params, pad_id=tok.pad_id,
                            stop_ids=sorted(stop), batch_size=max(batch_sizes))

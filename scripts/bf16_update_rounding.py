@@ -16,8 +16,8 @@ import numpy as np
 
 from gemma_mt.train import loss as loss_lib
 from gemma_mt import weights
-from gemma_mt.data import MTNTDatasetBuilder
-from gemma_mt.model import Transformer
+from gemma_mt.data.mtnt import MTNTDatasetBuilder
+from gemma_mt.models.gemma import Transformer
 
 
 def main():

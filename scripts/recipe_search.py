@@ -67,7 +67,7 @@ def train_grid(base, grid, root: Path, winner: dict | None,
 def decode_table(checkpoints: dict[str, str | None], pairs, lps, mbr: int,
                  batch_size: int) -> list[dict]:
   from gemma_mt import evaluate
-  from gemma_mt.sampling import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
+  from gemma_mt.decoding.options import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
   from gemma_mt.translator import Translator
   base = SamplingOptions(max_length_ratio=DEFAULT_MAX_LENGTH_RATIO)
   decodes = [('greedy', base), ('beam4', base.replace(beam_size=4))]
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
   jax.config.update('jax_compilation_cache_dir', str(cache))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
-  from gemma_mt import data
+  from gemma_mt.data import mtnt as data
   from gemma_mt.train.config import load_config_file
   base = dataclasses.replace(load_config_file(args.config),
                              mtnt_dir=args.mtnt_dir, progress=False,

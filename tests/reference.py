@@ -7,7 +7,7 @@ gm = pytest.importorskip('gemma.gm')
 from gemma.gm.nn import _config as gm_config  # noqa: E402
 from gemma.gm.nn import _modules as gm_modules  # noqa: E402
 
-from gemma_mt.model import GLOBAL, TransformerConfig  # noqa: E402
+from gemma_mt.models.gemma import GLOBAL, TransformerConfig  # noqa: E402
 
 
 def gm_transformer(cfg: TransformerConfig, dtype=jnp.float32):

@@ -23,8 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from gemma_mt import model as M  # noqa: E402
-from gemma_mt import sampler as SA  # noqa: E402
+from gemma_mt.models import gemma as M  # noqa: E402
+from gemma_mt.decoding import sampler as SA  # noqa: E402
 from gemma_mt import sharding as SH  # noqa: E402
 from device_checks import run_checks  # noqa: E402
 

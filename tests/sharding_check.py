@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from gemma_mt import model as M  # noqa: E402
+from gemma_mt.models import gemma as M  # noqa: E402
 from gemma_mt import sharding as S  # noqa: E402
 from gemma_mt.weights import orbax_io  # noqa: E402
 from device_checks import run_checks  # noqa: E402
@@ -320,7 +320,7 @@ def check_fused_ce():
 def check_moe_experts():
   """Gemma 4 MoE on fsdp=8: each device holds one of 8 experts; the
   sharded forward equals one device's."""
-  from gemma_mt import gemma4 as G
+  from gemma_mt.models import gemma4 as G
   cfg = G.Gemma4Config.gemma4_26b_a4b().replace(
       vocab_size=V, embed_dim=64, hidden_dim=96, num_heads=4, head_dim=16,
       num_kv_heads=2, num_global_kv_heads=1, global_key_size=32,

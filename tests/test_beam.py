@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import model as M
-from gemma_mt import sampler as S
+from gemma_mt.models import gemma as M
+from gemma_mt.decoding import sampler as S
 
 V = 6           # A vocabulary small enough to enumerate every output.
 STOP = 5

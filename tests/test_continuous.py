@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from gemma_mt import continuous, data
-from gemma_mt import model as M
-from gemma_mt.sampler import Sampler
+from gemma_mt.decoding import continuous
+from gemma_mt.data import mtnt as data
+from gemma_mt.models import gemma as M
+from gemma_mt.decoding.sampler import Sampler
 from gemma_mt.translator import Translator
 from tiny import CFG, tiny_params
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemma_mt import data
-from gemma_mt.data import MTNTDatasetBuilder, TrainingInput, format_prompt
+from gemma_mt.data import mtnt as data
+from gemma_mt.data.mtnt import MTNTDatasetBuilder, TrainingInput, format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,7 +298,7 @@ def test_turn_formats_mask_the_answer_and_its_end_of_turn(tokenizer, small_dir, 
   """Turn formats: [BOS] <start_of_turn>user … <end_of_turn>\\n<start_of_turn>
   model\\n, then the answer and <end_of_turn> (no EOS), which the mask covers
   exactly; the control pieces are their ids, not spelled out."""
-  from gemma_mt import prompts
+  from gemma_mt.data import prompts
   builder = MTNTDatasetBuilder(tokenizer, 160, mtnt_dir=small_dir, prompt_format=fmt)
   batch = builder.encode_split('valid')
   sot, eot = (tokenizer.processor.PieceToId(p) for p in ('<start_of_turn>', '<end_of_turn>'))

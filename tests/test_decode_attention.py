@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import decode_attention as DA
-from gemma_mt import model as M
-from gemma_mt import sampler as S
+from gemma_mt.models import decode_attention as DA
+from gemma_mt.models import gemma as M
+from gemma_mt.decoding import sampler as S
 
 
 def inputs(B, N, K, H, S_, dtype, seed=0):
@@ -101,7 +101,7 @@ def test_sampler_greedy_same_with_fast_decode(cfg):
 @pytest.mark.slow
 def test_real_270m_greedy_same_with_fast_decode(tokenizer, mtnt_dir):
   from gemma_mt.weights.embedded import load_gemma3_270m
-  from gemma_mt.data import read_mtnt_tsv
+  from gemma_mt.data.mtnt import read_mtnt_tsv
   from gemma_mt.translator import Translator
 
   cfg, params = M.TransformerConfig.gemma3_270m(), load_gemma3_270m()

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from gemma_mt import cli, postprocess
+from gemma_mt import cli
+from gemma_mt.decoding import postprocess
 from gemma_mt import evaluate as E
 from tiny import make_tiny_translator
 
@@ -53,7 +54,7 @@ def test_evaluate_cli_end_to_end(mtnt_dir, tokenizer, tmp_path, monkeypatch, cap
   hyps = out.read_text(encoding='utf-8').split('\n')
   assert len(hyps) == 4 and hyps[-1] == ''  # three lines, newline-terminated
   # The same hypotheses as translating directly, and the scores of those.
-  from gemma_mt import data
+  from gemma_mt.data import mtnt as data
   pairs = data.load_pairs('valid', mtnt_dir=mtnt_dir)[:3]
   refs = [r for _, r in pairs]
   gen = tr.translate_detailed([s for s, _ in pairs], max_new_tokens=6,
@@ -79,7 +80,7 @@ def test_report_html_and_tsv(mtnt_dir, tokenizer, tmp_path, monkeypatch):
   sorted by the chrF difference; the HTML parses."""
   import html.parser
 
-  from gemma_mt import report
+  from gemma_mt.eval import report
   trs = {None: make_tiny_translator(tokenizer),
          'other': make_tiny_translator(tokenizer, max_input_tokens=512)}
   trs['other'].set_params(__import__('tiny').tiny_params(seed=1))
@@ -105,7 +106,7 @@ def test_report_html_and_tsv(mtnt_dir, tokenizer, tmp_path, monkeypatch):
   p = Cells()
   p.feed(path.read_text(encoding='utf-8'))
   assert p.rows == 6 and not p.tags  # Header + 5 sentences, all closed.
-  from gemma_mt import data
+  from gemma_mt.data import mtnt as data
   pairs = data.load_pairs('valid', mtnt_dir=mtnt_dir)[:5]
   assert {s for s, _ in pairs} <= set(p.cells)
   rows = report.rows(pairs, ['a'] * 5, [r for _, r in pairs])
@@ -148,6 +149,6 @@ def test_killed_evaluation_keeps_the_chunks_it_translated(mtnt_dir, tokenizer,
             '--max_new_tokens', '4'])
   assert calls == [2, 2, 1] and not out.exists()
   kept = (tmp_path / 'hyp.txt.partial').read_text(encoding='utf-8').splitlines()
-  from gemma_mt import data
+  from gemma_mt.data import mtnt as data
   sources = [s for s, _ in data.load_pairs('valid', mtnt_dir=mtnt_dir)[:4]]
   assert kept == [t.text for t in real(sources, max_new_tokens=4)]

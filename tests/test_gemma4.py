@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import gemma4 as G
-from gemma_mt import model as M
+from gemma_mt.models import gemma4 as G
+from gemma_mt.models import gemma as M
 from reference import gm  # noqa: F401  (skips without the gemma library)
 from gemma.gm.nn.gemma4 import _config as g4_config  # noqa: E402
 from gemma.gm.nn.gemma4 import _modules as g4_modules  # noqa: E402
@@ -193,7 +193,7 @@ def test_translator_decodes_gemma4_as_full_forwards(tokenizer, tiny):
   """Greedy through the Translator (continuous and static batching, the KV
   cache shared where the config shares it) = argmax of full forwards;
   beam search runs on it too."""
-  from gemma_mt.sampling import SamplingOptions
+  from gemma_mt.decoding.options import SamplingOptions
   from gemma_mt.translator import Translator
   sources = ['Hello there', 'A longer sentence to translate, with commas.']
   opts = SamplingOptions(max_new_tokens=6)
@@ -273,8 +273,9 @@ def test_gemma4_turn_markers(tokenizer):
   chat prompt uses them, and decoding stops at `<turn|>`."""
   from sentencepiece import sentencepiece_model_pb2 as pb
 
-  from gemma_mt import postprocess, prompts
-  from gemma_mt.tokenizer import GemmaTokenizer
+  from gemma_mt.decoding import postprocess
+  from gemma_mt.data import prompts
+  from gemma_mt.data.tokenizer import GemmaTokenizer
   proto = pb.ModelProto()
   proto.ParseFromString(tokenizer.serialized_model_proto())
   proto.pieces[105].piece, proto.pieces[106].piece = '<|turn>', '<turn|>'

@@ -17,9 +17,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gemma_mt import export, lora, prompts, weights
-from gemma_mt import model as M
-from gemma_mt.sampling import SamplingOptions
+from gemma_mt import export, lora, weights
+from gemma_mt.data import prompts
+from gemma_mt.models import gemma as M
+from gemma_mt.decoding.options import SamplingOptions
 from gemma_mt.translator import Translator
 from gemma_mt.weights import gguf, hf, peft
 

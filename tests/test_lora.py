@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from gemma_mt import lora as L
-from gemma_mt import model as M
+from gemma_mt.models import gemma as M
 from gemma_mt import weights
 
 V = 128

@@ -7,7 +7,7 @@ import pytest
 
 from gemma_mt.train import loss as loss_lib
 from gemma_mt.train import steps
-from gemma_mt.model import Transformer, TransformerConfig
+from gemma_mt.models.gemma import Transformer, TransformerConfig
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.optimizer import learning_rate_schedule, make_optimizer
 from gemma_mt.train.state import TrainState, random_params
@@ -61,7 +61,7 @@ def numpy_loss(model, params, batch):
 
 
 def naive_ce(hidden, table, labels, weights, softcap):
-  from gemma_mt.model import logits_from_hidden
+  from gemma_mt.models.gemma import logits_from_hidden
   logits = logits_from_hidden(table, hidden, softcap)
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
       logits, labels[..., None], -1)[..., 0]
@@ -83,7 +83,7 @@ def test_loss_matches_numpy_reference(tiny):
 
 
 def test_training_input_namedtuple_accepted(tiny):
-  from gemma_mt.data import TrainingInput
+  from gemma_mt.data.mtnt import TrainingInput
   model, params = tiny
   batch = make_batch()
   a, _ = loss_lib.forward_and_loss_fn(params, model, batch)

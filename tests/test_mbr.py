@@ -2,7 +2,7 @@
 
 import pytest
 
-from gemma_mt import mbr
+from gemma_mt.decoding import mbr
 
 
 def test_single_candidate():

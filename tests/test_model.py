@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import model as M
+from gemma_mt.models import gemma as M
 from reference import gm, gm_transformer
 
 V = 512

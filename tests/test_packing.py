@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from gemma_mt.data import TrainingInput
-from gemma_mt.packing import packed_batches, packing_efficiency, pack_rows
+from gemma_mt.data.mtnt import TrainingInput
+from gemma_mt.data.packing import packed_batches, packing_efficiency, pack_rows
 
 
 def fake_examples(n=200, L=32, seed=0):

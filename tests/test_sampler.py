@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import model as M
-from gemma_mt import sampler as S
+from gemma_mt.models import gemma as M
+from gemma_mt.decoding import sampler as S
 
 V = 512
 CFG = M.TransformerConfig.tiny(vocab_size=V)

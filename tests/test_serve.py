@@ -10,7 +10,7 @@ import time
 import pytest
 
 from gemma_mt import serve
-from gemma_mt.sampling import SamplingOptions
+from gemma_mt.decoding.options import SamplingOptions
 from tiny import make_tiny_translator
 
 uvicorn = pytest.importorskip('uvicorn')

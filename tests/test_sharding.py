@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gemma_mt import model as M
+from gemma_mt.models import gemma as M
 from gemma_mt import sharding as S
 
 CHECK_SCRIPT = Path(__file__).with_name('sharding_check.py')
@@ -115,7 +115,7 @@ def test_host_local_batches_cover_each_row_once():
 
 
 def test_host_local_batches_training_input():
-  from gemma_mt.data import TrainingInput
+  from gemma_mt.data.mtnt import TrainingInput
 
   batch = TrainingInput(np.arange(8).reshape(4, 2), np.ones((4, 2), bool))
   (local,) = S.host_local_batches([batch], process_index=1, process_count=2)

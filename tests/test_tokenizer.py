@@ -5,7 +5,7 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 from gemma_mt.weights import embedded, gguf
-from gemma_mt.tokenizer import GemmaTokenizer
+from gemma_mt.data.tokenizer import GemmaTokenizer
 
 PROMPT = 'Translate this into French:\nHello, my name is Morgane.\n'
 PROMPT_IDS = [40414, 672, 1131, 7830, 236787, 107, 9259, 236764, 1041, 1463, 563, 23570,

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import pytest
 
 from gemma_mt import cli as cli_lib
-from gemma_mt import data, json_api, postprocess, translate as T
-from gemma_mt.sampling import SamplingOptions
+from gemma_mt import json_api, translate as T
+from gemma_mt.data import mtnt as data
+from gemma_mt.decoding import postprocess
+from gemma_mt.decoding.options import SamplingOptions
 from gemma_mt.translator import InputTooLongError, Translator
 from tiny import CFG, forcing, make_tiny_translator
 
@@ -296,7 +298,7 @@ def test_beam_and_mbr_through_the_translator(tr):
     assert [h.score for h in nbest] == sorted((h.score for h in nbest),
                                               reverse=True)
   mbr = tr.translate_detailed(sources, max_new_tokens=4, mbr=3)
-  from gemma_mt import mbr as mbr_lib
+  from gemma_mt.decoding import mbr as mbr_lib
   for t in mbr:
     assert t.text == t.candidates[mbr_lib.mbr_select(t.candidates)]
   with pytest.raises(ValueError, match='beam_size'):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt.model import TransformerConfig
+from gemma_mt.models.gemma import TransformerConfig
 from gemma_mt.weights import embedded as embedded_lib, gguf as gguf_lib, kaggle, orbax_io
 from gemma_mt.weights.embedded import embedded_gguf_path
 

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from gemma_mt import model as M
+from gemma_mt.models import gemma as M
 from gemma_mt.translator import Translator
 
 CFG = M.TransformerConfig.tiny()  # The real tokenizer's 262144-id vocabulary.

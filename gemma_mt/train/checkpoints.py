@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from gemma_mt import fs
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.state import TrainState
 from gemma_mt.weights import orbax_io
@@ -47,7 +48,7 @@ def save_checkpoint(mngr, step: int, state: TrainState) -> None:
   mngr.wait_until_finished()
   crc_dir = _crc_dir(mngr)
   crc_dir.mkdir(exist_ok=True)
-  orbax_io.atomic_write(crc_dir / f'{step}.json', json.dumps(
+  fs.atomic_write(crc_dir / f'{step}.json', json.dumps(
       file_crcs(Path(mngr.directory) / str(step))))
   kept = {str(s) for s in mngr.all_steps()}
   for f in crc_dir.glob('*.json'):  # Steps the manager has deleted.

@@ -11,8 +11,6 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-
-
 OPTIMIZERS = ('sgd', 'adamw', 'adafactor')
 SCHEDULES = ('constant', 'cosine', 'linear')
 SELECT_BY = ('chrf', 'bleu')
@@ -128,7 +126,7 @@ class TrainingConfig:
       raise ValueError('--mtnt_archive is for the TFDS source; drop it or --mtnt_dir')
     if self.mtnt_archive and not Path(self.mtnt_archive).is_file():
       raise ValueError(f'--mtnt_archive {self.mtnt_archive}: no such file')
-    from gemma_mt.prompts import FORMATS
+    from gemma_mt.data.prompts import FORMATS
     if self.prompt_format not in FORMATS:
       raise ValueError(f'--prompt_format must be one of {FORMATS}, got '
                        f'{self.prompt_format!r}')

@@ -22,14 +22,17 @@ from typing import Any
 
 import jax
 
-from gemma_mt import lora, packing, sharding, weights
-from gemma_mt.data import (MTNTDatasetBuilder, place_mtnt_archive,
-                           prefetch_to_device)
+from gemma_mt import lora, sharding, weights
+from gemma_mt.data import packing
+from gemma_mt.data.mtnt import (
+  MTNTDatasetBuilder,
+  place_mtnt_archive,
+  prefetch_to_device,
+)
 from gemma_mt.train import checkpoints, metrics, steps
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.quality import QualityTracker
-from gemma_mt.train.state import (TrainState, init_model, init_train,
-                                  lora_base_dir)
+from gemma_mt.train.state import TrainState, init_model, init_train, lora_base_dir
 
 log = logging.getLogger(__name__)
 

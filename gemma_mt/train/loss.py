@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from gemma_mt import model as model_lib
 from gemma_mt import sharding
+from gemma_mt.models import layers as model_lib
 
 Array = jax.Array
 Batch = Mapping[str, Array]  # input_tokens, target_mask[, segment_ids, positions]

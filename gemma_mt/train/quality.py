@@ -17,11 +17,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemma_mt import evaluate, weights
-from gemma_mt.sampling import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
+from gemma_mt import fs, weights
+from gemma_mt.decoding.options import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
+from gemma_mt.eval.metrics import evaluate
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.translator import Translator
-from gemma_mt.weights import orbax_io
 
 BEST_DIR, BEST_FILE = 'best', 'best.json'
 
@@ -51,7 +51,7 @@ class QualityTracker:
   def score(self, params) -> dict:
     """Scores of `params` (plain, merged weights) on the subset."""
     self.translator.set_params(params)
-    _, summary = evaluate.evaluate(self.translator, self.pairs, self.options)
+    _, summary = evaluate(self.translator, self.pairs, self.options)
     keys = ('bleu', 'bleu_intl', 'chrf', 'runaway', 'seconds')
     return {k: summary[k] for k in keys}
 
@@ -64,7 +64,7 @@ class QualityTracker:
     weights.save(self.workdir / BEST_DIR, self.arch, params, self.tokenizer,
                  overwrite=True, prompt_format=self.config.prompt_format)
     self.best = {'step': step, 'select_by': key, **scores}
-    orbax_io.atomic_write(self.workdir / BEST_FILE,  # best/ first, then
+    fs.atomic_write(self.workdir / BEST_FILE,  # best/ first, then
                           json.dumps(self.best, indent=2) + '\n')  # its record.
     self.since_best = 0
     return True

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemma_mt import lora, sharding, weights
-from gemma_mt.model import Transformer, TransformerConfig, decoder, param_shapes
+from gemma_mt import lora, models, sharding, weights
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.optimizer import make_optimizer
 from gemma_mt.weights.embedded import default_tokenizer
@@ -44,16 +43,16 @@ class TrainSetup:
   arch: str
 
 
-def random_params(module: Transformer, seed: int = 0) -> Any:
+def random_params(module, seed: int = 0) -> Any:
   """The model's init (N(0, 0.01) weights, identity norms and scales:
   Gemma 1-3 norms multiply by 1 + scale, Gemma 4's by scale), from numpy.
 
   Shapes come from `eval_shape`; compiling `module.init` instead takes the
   better part of a minute on a small CPU for a model that trains in seconds.
   """
-  shapes = param_shapes(module)
+  shapes = models.param_shapes(module)
   rng = np.random.default_rng(seed)
-  one = 0.0 if isinstance(module.config, TransformerConfig) else 1.0
+  one = module.config.norm_scale_init
 
   def init(path, s):
     if jax.tree_util.keystr(path[-1:]).endswith("scale']"):
@@ -80,14 +79,13 @@ def init_model(config: TrainingConfig):
     tokenizer = default_tokenizer()
     arch = config.model if config.model == 'tiny' else weights.spec(
         config.model).arch
-    cfg = TransformerConfig.from_name(arch)
+    cfg = models.from_name(arch)
     if cfg.vocab_size != tokenizer.vocab_size:
       raise ValueError(f'{arch} has vocab {cfg.vocab_size}, the tokenizer '
                        f'{tokenizer.vocab_size}')
     params = None
-  module = decoder(cfg, dtype=jnp.dtype(config.dtype),
-                       param_dtype=param_dtype,
-                       attention_impl=config.attention_impl, remat=config.remat)
+  module = cfg.module(dtype=jnp.dtype(config.dtype), param_dtype=param_dtype,
+                      attention_impl=config.attention_impl, remat=config.remat)
   if params is None:
     params = random_params(module, config.seed)
   return module, params, tokenizer, arch

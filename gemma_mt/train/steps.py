@@ -16,8 +16,6 @@ hold different numbers of target tokens). Gradients accumulate in float32.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax

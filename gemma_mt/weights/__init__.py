@@ -25,9 +25,10 @@ from typing import Any
 
 import jax
 
-from gemma_mt import lora, prompts
-from gemma_mt.model import Transformer, TransformerConfig, decoder, param_shapes
-from gemma_mt.tokenizer import GemmaTokenizer
+from gemma_mt import lora, models
+from gemma_mt.data import prompts
+from gemma_mt.data.tokenizer import GemmaTokenizer
+from gemma_mt.models import ModelConfig
 from gemma_mt.weights import adapters, embedded, hf, kaggle, orbax_io
 from gemma_mt.weights.orbax_io import CheckpointError
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  arch: str                  # a TransformerConfig classmethod name
+  arch: str                  # a ModelConfig classmethod name
   kaggle: str | None = None  # kagglehub handle (official Flax checkpoint)
   hf: str | None = None      # Hugging Face repo (download it, --checkpoint it)
   prompt_format: str = prompts.DEFAULT
@@ -81,29 +82,29 @@ MODELS = {
 
 @dataclasses.dataclass
 class Pretrained:
-  config: TransformerConfig
+  config: ModelConfig
   params: Any
   tokenizer: GemmaTokenizer
-  arch: str | TransformerConfig  # a name, or the config of an unnamed size
+  arch: str | ModelConfig  # a name, or the config of an unnamed size
   prompt_format: str = prompts.DEFAULT  # what the model was tuned with
 
 
-def model_meta(arch: str | TransformerConfig,
+def model_meta(arch: str | ModelConfig,
                prompt_format: str = prompts.DEFAULT) -> dict:
   """gemma_mt.json's description of a model: the architecture (name and
   config) and the prompt format it was tuned with (both validated)."""
-  cfg = TransformerConfig.resolve(arch)
+  cfg = models.resolve(arch)
   return {'arch': arch if isinstance(arch, str) else cfg.name(),
           'config': cfg.to_dict(), 'prompt_format': prompts.check(prompt_format)}
 
 
 def arch_from_meta(meta: dict, default: str | None,
-                   where: Path) -> str | TransformerConfig:
+                   where: Path) -> str | ModelConfig:
   if meta.get('arch', default) is not None:
     return meta.get('arch', default)
   if 'config' in meta:
     try:
-      return TransformerConfig.from_dict(meta['config'])
+      return models.from_dict(meta['config'])
     except (TypeError, ValueError, KeyError) as e:
       raise CheckpointError(f'{where}: bad config in {orbax_io.META_FILE} '
                             f'({e})') from None
@@ -145,7 +146,7 @@ def load(model: str = 'gemma3_270m', checkpoint: str | os.PathLike | None = None
       raise FileNotFoundError(f'no tokenizer.model in the {s.kaggle} download')
     params = text_decoder(params, s.kaggle)
     tokenizer = GemmaTokenizer.from_file(tok_path)
-  return Pretrained(TransformerConfig.from_name(s.arch), params, tokenizer,
+  return Pretrained(models.from_name(s.arch), params, tokenizer,
                     s.arch, s.prompt_format)
 
 
@@ -167,17 +168,17 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
     return Pretrained(config, place(params, sharding), tokenizer,
                       config.name() or config, fmt)
   arch = arch_from_meta(meta, default_arch, path)
-  config = TransformerConfig.resolve(arch)
+  config = models.resolve(arch)
   params, tok_path = orbax_io.load_checkpoint_dir(path, dtype=dtype,
                                                   sharding=sharding)
   params = text_decoder(params, path)
-  if problem := orbax_io.tree_mismatch(params, param_shapes(decoder(config))):
+  if problem := orbax_io.tree_mismatch(params, models.param_shapes(config.module())):
     what = config.name() or f'{orbax_io.META_FILE} config'
     raise CheckpointError(f'{path}: not a {what} checkpoint ({problem})')
-  if tok_path is None and not isinstance(config, TransformerConfig):
+  if tok_path is None and config.tokenizer_source is not None:
     raise CheckpointError(
-        f'{path}: no tokenizer.model; Gemma 4 has its own (copy gs://gemma-'
-        f'data/tokenizers/tokenizer_gemma4.model to {path}/tokenizer.model)')
+        f'{path}: no tokenizer.model; this model has its own (copy '
+        f'{config.tokenizer_source} to {path}/tokenizer.model)')
   tokenizer = (GemmaTokenizer.from_file(tok_path) if tok_path is not None
                else embedded.default_tokenizer())
   return Pretrained(config, params, tokenizer, arch, fmt)
@@ -214,7 +215,7 @@ def place(params: Any, sharding: Any = None) -> Any:
   return jax.device_put(params, sharding)
 
 
-def save(path: str | os.PathLike, arch: str | TransformerConfig, params: Any,
+def save(path: str | os.PathLike, arch: str | ModelConfig, params: Any,
          tokenizer: GemmaTokenizer, overwrite: bool = False,
          prompt_format: str = prompts.DEFAULT) -> Path:
   """Writes a self-describing model dir that `load_dir` (and gemma.gm) read."""
@@ -224,7 +225,7 @@ def save(path: str | os.PathLike, arch: str | TransformerConfig, params: Any,
                               meta=model_meta(arch, prompt_format))
 
 
-def save_adapters(path: str | os.PathLike, arch: str | TransformerConfig,
+def save_adapters(path: str | os.PathLike, arch: str | ModelConfig,
                   params: Any, lora_config: lora.LoraConfig, *,
                   base_model: str,
                   base_checkpoint: str | os.PathLike | None = None,
@@ -250,7 +251,7 @@ def _load_with_adapters(path: Path, dtype: Any, sharding: Any) -> Pretrained:
               sharding=sharding)
   frozen = base.params
   if lcfg.quant:
-    frozen = lora.quantize_base(lora.apply_lora(Transformer(base.config), lcfg),
+    frozen = lora.quantize_base(lora.apply_lora(base.config.module(), lcfg),
                                 frozen)
   merged = lora.apply_adapters(frozen, params, lcfg)
   if dtype is not None:

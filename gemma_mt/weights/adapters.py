@@ -14,6 +14,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from gemma_mt import fs
 from gemma_mt.lora import LoraConfig
 from gemma_mt.weights import orbax_io
 
@@ -30,7 +31,7 @@ def save(path: str | os.PathLike, meta: dict, adapters: Any,
          overwrite: bool = False) -> Path:
   """Writes an adapter dir atomically (a killed save leaves nothing);
   `meta`: the architecture and prompt format (`weights.model_meta`)."""
-  with orbax_io.atomic_dir(path, overwrite) as tmp:
+  with fs.atomic_dir(path, overwrite) as tmp:
     tmp.mkdir()
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / ADAPTERS_DIR, adapters)

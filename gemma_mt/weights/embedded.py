@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from gemma_mt import fs
 from gemma_mt.cache import CACHE_ENV, cache_home  # noqa: F401 (re-export)
-from gemma_mt.model import TransformerConfig
-from gemma_mt.tokenizer import GemmaTokenizer
+from gemma_mt.data.tokenizer import GemmaTokenizer
+from gemma_mt.models.gemma import TransformerConfig
 from gemma_mt.weights import gguf, orbax_io
 
 # Bump when the GGUF conversion changes, so stale caches are not reused.
@@ -88,7 +89,7 @@ def load_gemma3_270m(cache_dir: str | os.PathLike | None = None,
 def _cached_tokenizer(cache_dir: Path) -> GemmaTokenizer:
   path = cache_dir / orbax_io.TOKENIZER_FILE
   if not path.exists():
-    orbax_io.atomic_write(
+    fs.atomic_write(
         path, gguf.tokenizer_proto_from_gguf(embedded_gguf_path(cache_dir)))
   return GemmaTokenizer.from_file(path)
 

@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from gemma_mt.model import TransformerConfig
-from gemma_mt.tokenizer import GemmaTokenizer
+from gemma_mt.data.tokenizer import GemmaTokenizer
+from gemma_mt.models.gemma import TransformerConfig
 
 # GGUF metadata fields (without the `gemma3.` prefix) that fix the dims.
 _DIM_FIELDS = ("block_count", "embedding_length", "feed_forward_length",
@@ -261,9 +261,7 @@ def check_llama_cpp_config(config: TransformerConfig) -> None:
   """GGUFError unless llama.cpp's gemma3 runs `config` as we do: it fixes
   the 5:1 sliding/global pattern, the local RoPE base (10,000) and the query
   scale (27B's by layer count) instead of reading them from the file."""
-  from gemma_mt.weights import hf
-
-  kind = hf.family(config)  # (Raises for a family we do not export.)
+  kind = config.hf_model_type()  # (Raises for a family we do not export.)
   types = tuple("global" if (i + 1) % LOCAL_EVERY == 0 else "local"
                 for i in range(config.num_layers))
   scale = ((config.embed_dim / config.num_heads) ** -0.5

@@ -19,9 +19,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from gemma_mt.model import GLOBAL, LOCAL, TransformerConfig
-from gemma_mt.tokenizer import GemmaTokenizer
-from gemma_mt.weights.orbax_io import CheckpointError, atomic_dir, write_meta
+from gemma_mt.data.tokenizer import GemmaTokenizer
+from gemma_mt.fs import atomic_dir
+from gemma_mt.models.gemma import GLOBAL, LOCAL, TransformerConfig
+from gemma_mt.weights.orbax_io import CheckpointError, write_meta
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,12 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
       (path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file())
 
 
-def family(cfg: TransformerConfig) -> str:
-  """transformers' model_type of a config: gemma, gemma2 or gemma3_text."""
-  if not isinstance(cfg, TransformerConfig):
-    raise ValueError('HF and GGUF export cover Gemma 1-3; not Gemma 4 yet')
-  if cfg.use_qk_norm:
-    return 'gemma3_text'
-  return 'gemma2' if cfg.use_post_attn_norm else 'gemma'
-
-
 # ------------------------------------------------------------------ configs
 
 
 def config_to_hf(cfg: TransformerConfig, tokenizer: GemmaTokenizer) -> dict:
   """transformers' config.json for `cfg` (raises if it cannot say `cfg`)."""
-  kind = family(cfg)
+  kind = cfg.hf_model_type()
   d: dict[str, Any] = {
       'architectures': [_ARCHS[kind]], 'model_type': kind,
       'vocab_size': cfg.vocab_size, 'hidden_size': cfg.embed_dim,
@@ -114,7 +106,7 @@ def config_to_hf(cfg: TransformerConfig, tokenizer: GemmaTokenizer) -> dict:
 
 def _require(cfg: TransformerConfig, ok: bool, what: str) -> None:
   if not ok:
-    raise ValueError(f'cannot write this config as {family(cfg)}: {what}')
+    raise ValueError(f'cannot write this config as {cfg.hf_model_type()}: {what}')
 
 
 def config_from_hf(d: dict, where: str = CONFIG_FILE) -> TransformerConfig:
@@ -233,7 +225,7 @@ def num_tensors(cfg: TransformerConfig) -> int:
 
 
 def _norm_names(cfg: TransformerConfig) -> dict[str, str]:
-  if family(cfg) == 'gemma':  # Gemma 1's "post attention" norm is pre-FFW.
+  if cfg.hf_model_type() == 'gemma':  # Gemma 1's "post attention" norm is pre-FFW.
     return {'pre_attention_norm': 'input_layernorm',
             'pre_ffw_norm': 'post_attention_layernorm'}
   return {'pre_attention_norm': 'input_layernorm',

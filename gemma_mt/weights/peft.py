@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from gemma_mt.fs import atomic_dir
 from gemma_mt.lora import LoraConfig
-from gemma_mt.model import TransformerConfig
-from gemma_mt.weights.orbax_io import atomic_dir
+from gemma_mt.models.gemma import TransformerConfig
 
 CONFIG_FILE, WEIGHTS_FILE = 'adapter_config.json', 'adapter_model.safetensors'
 

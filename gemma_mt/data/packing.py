@@ -13,7 +13,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from gemma_mt.data import TrainingInput
+from gemma_mt.data.mtnt import TrainingInput
 
 
 class PackedInput(NamedTuple):

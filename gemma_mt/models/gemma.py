@@ -19,24 +19,42 @@ compute is just `Transformer(cfg, dtype=jnp.bfloat16)`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_mt import decode_attention
-from gemma_mt.layers import (  # noqa: F401 (the masks are part of this API)
-    _NEG_INF, GLOBAL, LOCAL, Array, apply_rope, causal_mask,
-    logits_from_hidden, positions_from_mask, segment_causal_mask,
-    sliding_mask)
+from gemma_mt.models.layers import (
+  GLOBAL,
+  LOCAL,
+  Array,
+  Einsum,
+  TiedHead,
+  apply_rope,
+  attention,
+  empty_cache,
+  sliding_mask,
+  write_cache,
+)
 
 Cache = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Architecture hyper-parameters; one classmethod per released model."""
+  """Architecture hyper-parameters; one classmethod per released model.
+
+  Implements `models.ModelConfig`: the module, cache and accounting of the
+  family live here, so no caller asks which family it holds.
+  """
+
+  family: ClassVar[str] = 'gemma'
+  NAMES: ClassVar[tuple[str, ...]] = (
+      'gemma_2b', 'gemma2_2b', 'gemma3_270m', 'gemma3_1b', 'gemma3_4b',
+      'gemma3_12b', 'gemma3_27b')
+  norm_scale_init: ClassVar[float] = 0.0  # norms multiply by 1 + scale
+  tokenizer_source: ClassVar[str | None] = None  # Gemma 3's is embedded
 
   vocab_size: int
   embed_dim: int
@@ -150,59 +168,61 @@ class TransformerConfig:
 
   @classmethod
   def from_name(cls, name: str) -> 'TransformerConfig':
-    """A released config by name (`gemma4_*`: a `gemma4.Gemma4Config`)."""
-    from gemma_mt import gemma4
-    if name in gemma4.NAMES:
-      return getattr(gemma4.Gemma4Config, name)()
-    try:
-      return getattr(cls, _NAMES[name])()
-    except KeyError:
-      raise ValueError(
-          f'unknown model {name!r}; choose one of '
-          f'{sorted(_NAMES) + list(gemma4.NAMES)}') from None
-
-  @classmethod
-  def resolve(cls, arch: 'str | TransformerConfig') -> 'TransformerConfig':
-    """An arch name, or a config as is (an imported model of no named size)."""
-    return cls.from_name(arch) if isinstance(arch, str) else arch
+    if name not in cls.NAMES + ('tiny',):
+      raise ValueError(f'unknown model {name!r}; choose one of {cls.NAMES}')
+    return getattr(cls, name)()
 
   def name(self) -> str | None:
     """The released model name of exactly this config, if any."""
-    return next((n for n in _NAMES if n != 'tiny'
-                 and getattr(TransformerConfig, n)() == self), None)
+    return next((n for n in self.NAMES if getattr(TransformerConfig, n)() == self),
+                None)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {'family': self.family, **dataclasses.asdict(self)}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'TransformerConfig':
-    if d.get('family') == 'gemma4':
-      from gemma_mt import gemma4
-      return gemma4.Gemma4Config.from_dict(d)
+    d = {k: v for k, v in d.items() if k != 'family'}
     names = {f.name for f in dataclasses.fields(cls)}
     if unknown := sorted(set(d) - names):
       raise ValueError(f'unknown model config fields {unknown}')
     return cls(**{**d, 'attention_types': tuple(d['attention_types'])})
 
+  # --- The model protocol (`models.ModelConfig`) ---------------------------------
+  def module(self, **kw) -> 'Transformer':
+    return Transformer(self, **kw)
 
-_NAMES = {n: n for n in ('gemma_2b', 'gemma2_2b', 'gemma3_270m', 'gemma3_1b',
-                         'gemma3_4b', 'gemma3_12b', 'gemma3_27b', 'tiny')}
+  def init_cache(self, batch_size: int, cache_len: int,
+                 dtype=jnp.bfloat16) -> Cache:
+    """An empty KV cache (`layers.empty_cache`): every layer owns its slots."""
+    kv = (self.num_kv_heads, self.head_dim)
+    return empty_cache({i: kv for i in range(self.num_layers)}, batch_size,
+                       cache_len, dtype)
+
+  def kv_bytes_per_token(self, itemsize: int = 2) -> int:
+    """KV-cache bytes one token holds (keys and values of every layer)."""
+    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+  def matmul_params(self) -> int:
+    """Weights one token multiplies through (the tied LM head included)."""
+    return self.num_params(include_embedding=False) + self.vocab_size * self.embed_dim
+
+  def attention_flops(self, context: int) -> float:
+    """Forward FLOPs of one token's attention over `context` earlier tokens
+    (sliding layers see at most their window)."""
+    window = self.sliding_window_size or context
+    ctx = sum(min(context, window) if t == LOCAL else context
+              for t in self.attention_types)
+    return 4.0 * self.num_heads * self.head_dim * ctx
+
+  def hf_model_type(self) -> str:
+    """transformers' model_type: gemma, gemma2 or gemma3_text."""
+    if self.use_qk_norm:
+      return 'gemma3_text'
+    return 'gemma2' if self.use_post_attn_norm else 'gemma'
 
 
 # --- Layers --------------------------------------------------------------------
-class Einsum(nn.Module):
-  """A weight `w` of a given shape, applied with an einsum equation."""
-
-  shape: tuple[int, ...]
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, eqn: str, x: Array) -> Array:
-    w = self.param('w', nn.initializers.normal(), self.shape, self.param_dtype)
-    return jnp.einsum(eqn, x, w.astype(self.dtype))
-
-
 class RMSNorm(nn.Module):
   """RMSNorm with a zero-centred scale (`x * (1 + scale)`), in float32."""
 
@@ -249,54 +269,19 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, base, scale)
     k = apply_rope(k, positions, base, scale)
 
-    new_cache = None
-    k_pos = positions
+    new_cache, kv_len, k_pos = None, None, positions
     if cache is not None:
-      start = (0, end_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype),
-                                       start)
-      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype),
-                                       start)
-      new_cache = {'k': k, 'v': v}
-      k, v = k.astype(self.dtype), v.astype(self.dtype)
+      k, v, new_cache = write_cache(cache, k, v, end_index, self.dtype)
       k_pos = cache['positions']
+      kv_len = cache.get('kv_len', end_index + x.shape[1])
     if local:
       mask = mask & sliding_mask(positions, k_pos, cfg.sliding_window_size)
-
-    if self.fast_decode and cache is not None and x.shape[1] == 1:
-      # One new token per row: one Pallas kernel (see decode_attention).
-      encoded = decode_attention.decode_attention(
-          q * cfg.query_pre_attn_scalar, k, v, mask,
-          cache.get('kv_len', end_index + 1),
-          cfg.attn_logits_soft_cap)
-    elif (self.attention_impl != 'einsum' and cache is None
-          and cfg.attn_logits_soft_cap is None):
-      # Fused attention (cuDNN flash attention on GPU); no soft-cap support.
-      impl = 'cudnn' if self.attention_impl == 'cudnn' else None
-      encoded = jax.nn.dot_product_attention(
-          q, k, v, mask=mask[:, None], scale=cfg.query_pre_attn_scalar,
-          implementation=impl)
-    else:
-      encoded = _attention_einsum(q * cfg.query_pre_attn_scalar, k, v, mask,
-                               cfg.attn_logits_soft_cap)
+    encoded = attention(q, k, v, mask, scale=cfg.query_pre_attn_scalar,
+                        soft_cap=cfg.attn_logits_soft_cap,
+                        impl=self.attention_impl, kv_len=kv_len,
+                        decode_kernel=self.fast_decode)
     out = ein((N, H, D), 'attn_vec_einsum')('BTNH,NHD->BTD', encoded)
     return out, new_cache
-
-
-def _attention_einsum(q: Array, k: Array, v: Array, mask: Array,
-                   soft_cap: float | None) -> Array:
-  """Plain attention; float32 logits and softmax, GQA by head groups."""
-  B, T, N, H = q.shape
-  K = k.shape[2]
-  q = q.reshape(B, T, K, N // K, H)
-  logits = jnp.einsum('BTKGH,BSKH->BTKGS', q, k,
-                      preferred_element_type=jnp.float32)
-  if soft_cap is not None:
-    logits = jnp.tanh(logits / soft_cap) * soft_cap
-  logits = jnp.where(mask[:, :, None, None, :], logits, _NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, v)
-  return encoded.reshape(B, T, N, H)
 
 
 class FeedForward(nn.Module):
@@ -373,8 +358,9 @@ class Embedder(nn.Module):
                       (self.vocab_size, self.embed_dim), self.param_dtype)
 
 
-class Transformer(nn.Module):
-  """Gemma decoder. `__call__` returns `(logits or hidden, new_cache)`."""
+class Transformer(nn.Module, TiedHead):
+  """Gemma decoder. `__call__` returns `(logits or hidden, new_cache)`;
+  `logits(hidden)` is the LM head alone (`layers.TiedHead`)."""
 
   config: TransformerConfig
   dtype: Any = jnp.float32        # compute dtype
@@ -420,35 +406,4 @@ class Transformer(nn.Module):
     x = RMSNorm(self.param_dtype, name='final_norm')(x)
     if return_hidden:
       return x, new_cache
-    return logits_from_hidden(table, x, cfg.final_logit_softcap), new_cache
-
-
-def param_shapes(module: Transformer) -> Any:
-  """The params tree of `module` as ShapeDtypeStructs (traced, not compiled)."""
-  x = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(module.init, jax.random.key(0), x, x,
-                        jnp.ones((1, 1, 1), bool))['params']
-
-
-def decoder(config, **kw) -> nn.Module:
-  """The decoder module of a config: `Transformer` (Gemma 1-3) or
-  `gemma4.Gemma4`; both take the same calls and caches."""
-  if isinstance(config, TransformerConfig):
-    return Transformer(config, **kw)
-  from gemma_mt import gemma4
-  return gemma4.Gemma4(config, **kw)
-
-
-def init_cache(config: TransformerConfig, batch_size: int, cache_len: int,
-               dtype=jnp.bfloat16) -> Cache:
-  """An empty KV cache; slots are filled from `end_index` on."""
-  if not isinstance(config, TransformerConfig):
-    from gemma_mt import gemma4
-    return gemma4.init_cache(config, batch_size, cache_len, dtype)
-  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
-  cache = {f'layer_{i}': {'k': jnp.zeros(shape, dtype),
-                          'v': jnp.zeros(shape, dtype)}
-           for i in range(config.num_layers)}
-  cache['end_index'] = jnp.zeros((), jnp.int32)
-  cache['positions'] = jnp.zeros((batch_size, cache_len), jnp.int32)
-  return cache
+    return self.logits_of(table, x), new_cache

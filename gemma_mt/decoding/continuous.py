@@ -32,9 +32,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt import model as M
-from gemma_mt.sampler import (MIN_PROMPT_BUCKET, SamplingMode, _prefill, _row_keys,
-                              next_pow2, sample_logits)
+from gemma_mt.decoding.sampler import (
+  MIN_PROMPT_BUCKET,
+  model_fns,
+  prefill,
+  progress_bar,
+)
+from gemma_mt.decoding.sampling import (
+  SamplingMode,
+  SamplingParams,
+  next_pow2,
+  row_keys,
+  sample_logits,
+)
 
 INSERT_WIDTH = 8   # prompts prefilled per insert call (one executable per width bucket)
 CHUNK_STEPS = 16   # decode steps between two host checks
@@ -57,9 +67,8 @@ class Slots(NamedTuple):
   out: jax.Array     # [N, budget] generated tokens
 
 
-def empty(model: M.Transformer, slots: int, ring: int, budget: int,
-          pad_id: int) -> Slots:
-  cache = M.init_cache(model.config, slots, ring, dtype=model.dtype)
+def empty(model, slots: int, ring: int, budget: int, pad_id: int) -> Slots:
+  cache = model.config.init_cache(slots, ring, dtype=model.dtype)
   cache['kv_len'] = jnp.int32(ring)  # Every slot may hold a row's token.
   z = lambda: jnp.zeros(slots, jnp.int32)  # Distinct buffers: all donated.
   return Slots(cache, jnp.int32(0), z(), z(), z(), z(), z(), z() + 1,
@@ -68,18 +77,16 @@ def empty(model: M.Transformer, slots: int, ring: int, budget: int,
 
 
 def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
-           seed, temperature, top_k, top_p, stop_table, *,
-           model: M.Transformer, mode: SamplingMode, pad_id: int) -> Slots:
+           sampling: SamplingParams, stop_table, *, model, mode: SamplingMode,
+           pad_id: int) -> Slots:
   """Prefills prompt [I, P] (right-padded; slot = N for unused rows) and
   puts row i into slot[i], its tokens ending at the write slot t."""
   N, S = state.token.shape[0], state.cache['positions'].shape[1]
   I, P = prompt.shape
-  apply = functools.partial(model.apply, {'params': params}, return_hidden=True)
-  last, small = _prefill(apply, model, prompt, prompt_len, P, None)
-  table = params['embedder']['input_embedding']
-  logits = M.logits_from_hidden(table, last, model.config.final_logit_softcap)
-  tok = sample_logits(logits, _row_keys(seed, row_id, 0),
-                      temperature, top_k, top_p, mode)
+  apply, logits_of = model_fns(model, params)
+  last, small = prefill(apply, model, prompt, prompt_len, P, None)
+  tok = sample_logits(logits_of(last), row_keys(sampling.seed, row_id, 0),
+                      sampling, mode)
   start = (state.t - prompt_len) % S
   rows = jnp.broadcast_to(slot[:, None], (I, P))
   cols = (start[:, None] + jnp.arange(P)[None]) % S
@@ -103,13 +110,12 @@ def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
       out=state.out.at[slot].set(first, mode='drop'))
 
 
-def chunk(params, state: Slots, seed, temperature, top_k, top_p, stop_table, *,
-          model: M.Transformer, mode: SamplingMode, pad_id: int,
+def chunk(params, state: Slots, sampling: SamplingParams, stop_table, *,
+          model, mode: SamplingMode, pad_id: int,
           steps: int = CHUNK_STEPS) -> Slots:
   """Up to `steps` decode steps for every unfinished row (fewer if all end)."""
   S = state.cache['positions'].shape[1]
-  table = params['embedder']['input_embedding']
-  apply = functools.partial(model.apply, {'params': params}, return_hidden=True)
+  apply, logits_of = model_fns(model, params)
 
   def body(carry):
     n, s = carry
@@ -120,10 +126,9 @@ def chunk(params, state: Slots, seed, temperature, top_k, top_p, stop_table, *,
     seen = ((slots - s.start[:, None]) % S) < length[:, None]
     pos = s.prompt_len + s.count - 1  # Position of the token fed.
     hidden, cache = apply(s.token[:, None], pos[:, None], seen[:, None, :], cache)
-    logits = M.logits_from_hidden(table, hidden[:, 0],
-                                  model.config.final_logit_softcap)
-    new = sample_logits(logits, _row_keys(seed, s.row_id, s.count), temperature,
-                        top_k, top_p, mode)
+    new = sample_logits(logits_of(hidden[:, 0]),
+                        row_keys(sampling.seed, s.row_id, s.count), sampling,
+                        mode)
     new = jnp.where(live, new, pad_id)
     rows = jnp.arange(new.shape[0])
     out = s.out.at[rows, jnp.where(live, s.count, s.out.shape[1])].set(
@@ -148,9 +153,9 @@ class ContinuousDecoder:
   stop table and executable cache; one sampling mode per decoder.
   """
 
-  def __init__(self, sampler, slots: int, mode: SamplingMode, scalars: tuple,
-               budget: int, ring: int | None = None):
-    self.sampler, self.slots, self.mode, self.scalars = sampler, slots, mode, scalars
+  def __init__(self, sampler, slots: int, mode: SamplingMode,
+               sampling: SamplingParams, budget: int, ring: int | None = None):
+    self.sampler, self.slots, self.mode, self.sampling = sampler, slots, mode, sampling
     self.budget = next_pow2(budget, 16)
     self.ring = ring or MIN_RING
     self._kw = dict(model=sampler.model, mode=mode, pad_id=sampler.pad_id)
@@ -160,10 +165,10 @@ class ContinuousDecoder:
     self._queue: list = []
 
   @classmethod
-  def for_prompts(cls, sampler, slots, mode, scalars, prompts, limits):
+  def for_prompts(cls, sampler, slots, mode, sampling, prompts, limits):
     budget = next_pow2(int(limits.max()), 16)
     P = max(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
-    return cls(sampler, slots, mode, scalars, budget,
+    return cls(sampler, slots, mode, sampling, budget,
                max(MIN_RING, next_pow2(P + budget)))
 
   def fits(self, prompt_len: int, limit: int) -> bool:
@@ -198,11 +203,11 @@ class ContinuousDecoder:
         tokens[j, :len(prompt)] = prompt
         lens[j], lim[j], slot[j], ids[j] = len(prompt), limit, r, row_id
       args = (sp.params, self._state, tokens, lens, slot, ids, lim,
-              *self.scalars, sp._stop_table)
+              self.sampling, sp.stop_table)
       exe = sp.compiled(('insert', N, self.ring, self.budget, W, P, self.mode),
                         lambda: functools.partial(insert, **self._kw), args, (1,))
       self._state = exe(*args)
-    args = (sp.params, self._state, *self.scalars, sp._stop_table)
+    args = (sp.params, self._state, self.sampling, sp.stop_table)
     exe = sp.compiled(('chunk', N, self.ring, self.budget, self.mode),
                       lambda: functools.partial(chunk, **self._kw), args, (1,))
     self._state = exe(*args)
@@ -242,11 +247,11 @@ def generate(sampler, prompts: Sequence[np.ndarray], *,
   sampler's batch size) refilled rows."""
   if sampler.mesh is not None and sampler.mesh.size > 1:
     raise ValueError('continuous batching runs on one device; drop the mesh')
-  limits = sampler._check(prompts, max_new_tokens)
+  limits = sampler.limits(prompts, max_new_tokens)
   if not len(prompts):
     return []
-  mode, scalars = sampler.sampling_args(temperature, top_k, top_p, seed)
+  mode, sampling = sampler.sampling_args(temperature, top_k, top_p, seed)
   decoder = ContinuousDecoder.for_prompts(
-      sampler, slots or sampler.batch_size, mode, scalars, prompts, limits)
-  with sampler._bar(len(prompts)) as bar:
+      sampler, slots or sampler.batch_size, mode, sampling, prompts, limits)
+  with progress_bar(len(prompts), sampler.progress) as bar:
     return decoder.generate(prompts, limits, bar)

@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gemma_mt import prompts
-from gemma_mt.prompts import LANG_PAIRS, LANGUAGE_NAMES, format_prompt  # noqa: F401
+from gemma_mt.data import prompts
+from gemma_mt.data.prompts import LANG_PAIRS, LANGUAGE_NAMES, format_prompt  # noqa: F401
 
 log = logging.getLogger(__name__)
 

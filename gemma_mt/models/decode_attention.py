@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -2.3819763e38  # model._NEG_INF
+NEG_INF = -2.3819763e38  # layers.NEG_INF (the official mask value)
 MAX_BLOCK = 64           # cache slots per inner step
 # float32 inputs: full-precision dots (Triton's default is TF32); no effect
 # on bf16 inputs.

@@ -10,7 +10,7 @@ the generation budget round up to powers of two, the batch to a power of two
 (at most `batch_size`). Executables live in a small LRU keyed by
 (batch, prompt width, budget, sampling mode); `num_compiles` counts misses.
 
-Cache layout (see `model.init_cache`): right-padded prompts fill slots
+Cache layout (`ModelConfig.init_cache`): right-padded prompts fill slots
 [0, P); generated token j is written at slot P + j with position
 prompt_len + j. Each row sees its own prompt slots and the generated ones.
 
@@ -24,9 +24,7 @@ batch-sharded. A bucket too small to split runs replicated.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -35,15 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gemma_mt import model as M
 from gemma_mt import sharding as SH
+from gemma_mt.decoding.sampling import (
+  SamplingMode,
+  SamplingParams,
+  next_pow2,
+  row_keys,
+  sample_logits,
+)
+from gemma_mt.models.layers import causal_mask, positions_from_mask
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
-
-
-def next_pow2(n: int, minimum: int = 1) -> int:
-  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
 def batch_bucket(n: int, batch_size: int) -> int:
@@ -51,75 +52,18 @@ def batch_bucket(n: int, batch_size: int) -> int:
   return min(next_pow2(n), batch_size)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingMode:
-  """The static part of sampling (one executable each); values stay traced."""
-
-  greedy: bool = True
-  k_cap: int | None = None  # candidates kept by lax.top_k; None: no top-k
-  top_p: bool = False
-
-  @classmethod
-  def of(cls, temperature: float, top_k: int | None, top_p: float | None,
-         vocab_size: int) -> 'SamplingMode':
-    if temperature == 0:
-      return cls()
-    k_cap = None if top_k is None else min(next_pow2(top_k), vocab_size)
-    return cls(False, k_cap, top_p is not None and top_p < 1)
-
-
-def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k,
-                  top_p, mode: SamplingMode) -> jax.Array:
-  """Next tokens [B] from logits [B, V]: argmax, or temperature/top-k/top-p.
-
-  Order as in common samplers: scale by temperature, keep the top_k, then
-  the smallest prefix of those whose probability reaches top_p (the most
-  likely token is always kept). `keys` holds one PRNG key per row.
-  """
-  if mode.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  if mode.k_cap is None and not mode.top_p:
-    cand, idx = logits, None
-  else:
-    cand, idx = jax.lax.top_k(logits, mode.k_cap or logits.shape[-1])
-    rank = jnp.arange(cand.shape[-1])
-    keep = rank < (top_k if mode.k_cap is not None else cand.shape[-1])
-    cand = jnp.where(keep, cand, -jnp.inf)
-    if mode.top_p:
-      probs = jax.nn.softmax(cand, axis=-1)
-      before = jnp.cumsum(probs, axis=-1) - probs  # mass of better tokens
-      cand = jnp.where((before < top_p) | (rank == 0), cand, -jnp.inf)
-  choice = jax.vmap(jax.random.categorical)(keys, cand)
-  if idx is not None:
-    choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-  return choice.astype(jnp.int32)
-
-
-def _row_keys(seed, row_ids, step):
-  """One key per row that depends on (seed, row id, step) only.
-
-  Row ids are input indices, so a sentence's sample does not depend on
-  which other sentences share its batch or on the bucket it landed in.
-  `step` is one step for all rows, or one per row (continuous batching).
-  """
-  base = jax.random.key(seed)
-  rows = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids)
-  return jax.vmap(jax.random.fold_in)(rows, jnp.broadcast_to(step, row_ids.shape))
-
-
 class DecodeState(NamedTuple):
   """The `while_loop` carry: step i feeds token i-1 and samples token i."""
 
   step: jax.Array   # i, int32
   token: jax.Array  # [B] the last sampled token of each row
-  cache: dict       # the KV cache (`model.init_cache`)
+  cache: dict       # the KV cache (`ModelConfig.init_cache`)
   out: jax.Array    # [B, budget] generated tokens, pad after each row's end
   done: jax.Array   # [B] bool: stopped (stop token or its limit)
   count: jax.Array  # [B] tokens generated so far (incl. the stop token)
 
 
-def _constrain(cache, row_sharding):
+def constrain(cache, row_sharding):
   """Pins the cache's [rows, ...] leaves to `row_sharding` (a mesh's batch
   sharding; end_index replicated). None: no constraint."""
   if row_sharding is None:
@@ -129,16 +73,25 @@ def _constrain(cache, row_sharding):
       x, row_sharding if x.ndim else scalar), cache)
 
 
-def _prefill(apply, model, prompt, prompt_len, S, row_sharding):
+def prefill(apply, model, prompt, prompt_len, S, row_sharding):
   """Right-padded prompts [B, P] into an empty cache of S slots: (hidden
   state [B, D] of each row's last prompt token, cache)."""
   B, P = prompt.shape
-  cache = _constrain(M.init_cache(model.config, B, S, dtype=model.dtype),
-                     row_sharding)
+  cache = constrain(model.config.init_cache(B, S, dtype=model.dtype),
+                    row_sharding)
   pmask = jnp.arange(P)[None] < prompt_len[:, None]
-  attn = jnp.zeros((B, P, S), bool).at[:, :, :P].set(M.causal_mask(pmask))
-  hidden, cache = apply(prompt, M.positions_from_mask(pmask), attn, cache)
+  attn = jnp.zeros((B, P, S), bool).at[:, :, :P].set(causal_mask(pmask))
+  hidden, cache = apply(prompt, positions_from_mask(pmask), attn, cache)
   return hidden[jnp.arange(B), prompt_len - 1], cache
+
+
+def model_fns(model, params):
+  """(apply, logits) of a decoder and its params: the step that returns
+  hidden states and the LM head, both through the model protocol."""
+  variables = {'params': params}
+  apply = functools.partial(model.apply, variables, return_hidden=True)
+  logits = functools.partial(model.apply, variables, method='logits')
+  return apply, logits
 
 
 def _step(apply, tokens, cache, i, P, prompt_len, row_sharding):
@@ -149,12 +102,12 @@ def _step(apply, tokens, cache, i, P, prompt_len, row_sharding):
   seen = (slots < prompt_len[:, None]) | ((slots >= P) & (slots < P + i))
   hidden, cache = apply(tokens[:, None], (prompt_len + i - 1)[:, None],
                         seen[:, None, :], cache)
-  return hidden[:, 0], _constrain(cache, row_sharding)
+  return hidden[:, 0], constrain(cache, row_sharding)
 
 
-def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
-           top_k, top_p, max_new_tokens, stop_table, *, model: M.Transformer,
-           mode: SamplingMode, budget: int, pad_id: int,
+def decode(params, prompt, prompt_len, active, row_ids, sampling: SamplingParams,
+           max_new_tokens, stop_table, *, model, mode: SamplingMode,
+           budget: int, pad_id: int,
            row_sharding: jax.sharding.NamedSharding | None = None):
   """Generates up to `max_new_tokens[r]` (1..budget) tokens for row r.
 
@@ -167,19 +120,13 @@ def decode(params, prompt, prompt_len, active, row_ids, seed, temperature,
   """
   B, P = prompt.shape
   S = P + budget
-  cfg = model.config
-  table = params['embedder']['input_embedding']
-  apply = functools.partial(model.apply, {'params': params},
-                            return_hidden=True)
-
-  def logits_of(hidden):
-    return M.logits_from_hidden(table, hidden, cfg.final_logit_softcap)
+  apply, logits_of = model_fns(model, params)
 
   def sample(logits, step):
-    keys = _row_keys(seed, row_ids, step)
-    return sample_logits(logits, keys, temperature, top_k, top_p, mode)
+    return sample_logits(logits, row_keys(sampling.seed, row_ids, step),
+                         sampling, mode)
 
-  last, cache = _prefill(apply, model, prompt, prompt_len, S, row_sharding)
+  last, cache = prefill(apply, model, prompt, prompt_len, S, row_sharding)
   tok = jnp.where(active, sample(logits_of(last), 0), pad_id)
   out = jnp.full((B, budget), pad_id, jnp.int32).at[:, 0].set(tok)
   count = active.astype(jnp.int32)
@@ -232,7 +179,7 @@ class BeamState(NamedTuple):
 
 
 def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
-                stop_table, length_penalty, *, model: M.Transformer,
+                stop_table, length_penalty, *, model,
                 beam_size: int, budget: int, pad_id: int,
                 row_sharding: jax.sharding.NamedSharding | None = None):
   """Beam search: the K best hypotheses of each row, one jit.
@@ -252,19 +199,16 @@ def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
   """
   B, P = prompt.shape
   K, S = beam_size, P + budget
-  cfg = model.config
-  table = params['embedder']['input_embedding']
-  apply = functools.partial(model.apply, {'params': params},
-                            return_hidden=True)
+  apply, logits_of = model_fns(model, params)
   neg = jnp.float32(-jnp.inf)
   alpha = jnp.asarray(length_penalty, jnp.float32)
 
   def log_probs(hidden):  # [B*K, D] -> [B, K, V] float32
-    logits = M.logits_from_hidden(table, hidden, cfg.final_logit_softcap)
+    logits = logits_of(hidden)
     return jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(B, K, -1)
 
   len_bk = jnp.repeat(prompt_len, K)  # K rows per prompt, beam-major.
-  last, cache = _prefill(apply, model, jnp.repeat(prompt, K, axis=0), len_bk,
+  last, cache = prefill(apply, model, jnp.repeat(prompt, K, axis=0), len_bk,
                          S, row_sharding)
   limit = jnp.where(active, max_new_tokens, 1)[:, None]  # [B, 1]
 
@@ -300,7 +244,7 @@ def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
     cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, state.cache)
     return BeamState(
         i + 1, jnp.take_along_axis(tok, keep, axis=1).reshape(-1),
-        _constrain(cache, row_sharding),
+        constrain(cache, row_sharding),
         jnp.take_along_axis(seqs, keep[..., None], axis=1), alive_logp, **fin)
 
   first = jnp.full((B, K), neg).at[:, 0].set(0.0)  # K copies: one counts.
@@ -352,10 +296,16 @@ def split_batches(lengths: Sequence[int], batch_size: int,
   return batches + [cur] if cur else batches
 
 
+def progress_bar(total: int, enabled: bool = True):
+  """The sentence bar of every decode path (tqdm: rate and ETA)."""
+  return tqdm.tqdm(total=total, unit='sent', disable=not enabled,
+                   dynamic_ncols=True, leave=False)
+
+
 class Sampler:
   """Runs `decode` over bucketed batches with a small LRU of executables."""
 
-  def __init__(self, model: M.Transformer, params: Any, *, pad_id: int,
+  def __init__(self, model, params: Any, *, pad_id: int,
                stop_ids: Sequence[int], batch_size: int = 32,
                cache_size: int = 16, max_pad_ratio: float | None = None,
                mesh: jax.sharding.Mesh | None = None, progress: bool = False):
@@ -382,7 +332,7 @@ class Sampler:
     table = np.zeros(V, bool)
     table[list(stop_ids)] = True
     self.stop_ids = frozenset(int(i) for i in stop_ids)
-    self._stop_table = (jnp.asarray(table) if mesh is None else
+    self.stop_table = (jnp.asarray(table) if mesh is None else
                         jax.device_put(table, SH.replicated(mesh)))
     self._cache_size = cache_size
     self._executables: collections.OrderedDict = collections.OrderedDict()
@@ -403,23 +353,23 @@ class Sampler:
     sorted by length and cut into batches (`split_batches`), so similar
     lengths share a prompt bucket; results come back in input order.
     """
-    mode, scalars = self.sampling_args(temperature, top_k, top_p, seed)
+    mode, sampling = self.sampling_args(temperature, top_k, top_p, seed)
+
     def run(batch, B, P, budget):
       tokens, lens, active, ids, limits = batch
-      rows = (tokens, lens, active, ids, *scalars, limits)
-      out, count = self._call((B, P, budget, mode), rows)
+      out, count = self._call((B, P, budget, mode),
+                              (tokens, lens, active, ids, sampling, limits))
       self.loop_steps += int(count.max())
       return [out[r, :count[r]] for r in range(B)]
 
     return self._batched(prompts, max_new_tokens, batch_size, run)
 
-  def sampling_args(self, temperature=0.0, top_k=None, top_p=None, seed=0):
-    """(static SamplingMode, traced scalars) of a sampling setting."""
+  def sampling_args(self, temperature=0.0, top_k=None, top_p=None, seed=0
+                    ) -> tuple[SamplingMode, SamplingParams]:
+    """(static mode, traced values) of a sampling setting."""
     mode = SamplingMode.of(temperature, top_k, top_p,
                            self.model.config.vocab_size)
-    return mode, (np.int32(seed), np.float32(temperature or 1.0),
-                  np.int32(top_k or 0),
-                  np.float32(1.0 if top_p is None else top_p))
+    return mode, SamplingParams.of(temperature, top_k, top_p, seed)
 
   def beam_search(self, prompts: Sequence[np.ndarray], *,
                   max_new_tokens: int | Sequence[int], beam_size: int,
@@ -433,9 +383,8 @@ class Sampler:
 
     def run(batch, B, P, budget):
       tokens, lens, active, _, limits = batch
-      rows = (tokens, lens, active, limits)
       seq, n, logp, score = self._call(
-          (B, P, budget, ('beam', beam_size)), rows,
+          (B, P, budget, ('beam', beam_size)), (tokens, lens, active, limits),
           np.float32(length_penalty))
       self.loop_steps += int(n.max())
       return [[Hypothesis(seq[r, k, :n[r, k]], float(logp[r, k]),
@@ -447,9 +396,9 @@ class Sampler:
   def _batched(self, prompts, max_new_tokens, batch_size, run):
     """Checks, sorts into buckets, runs each batch, restores input order."""
     batch_size = batch_size or self.batch_size
-    limits = self._check(prompts, max_new_tokens)
+    limits = self.limits(prompts, max_new_tokens)
     results: list = [None] * len(prompts)
-    bar = self._bar(len(prompts))
+    bar = progress_bar(len(prompts), self.progress)
     for idx in split_batches([len(p) for p in prompts], batch_size,
                              self.max_pad_ratio):
       n = len(idx)
@@ -470,7 +419,7 @@ class Sampler:
     bar.close()
     return results
 
-  def _check(self, prompts, max_new_tokens) -> np.ndarray:
+  def limits(self, prompts, max_new_tokens) -> np.ndarray:
     """The per-prompt limits; ValueError on an empty prompt or limit < 1."""
     if any(len(p) == 0 for p in prompts):
       raise ValueError('empty prompt: every prompt needs at least one token')
@@ -480,16 +429,13 @@ class Sampler:
       raise ValueError(f'max_new_tokens must be >= 1, got {limits.min()}')
     return limits
 
-  def _bar(self, total: int):
-    return tqdm.tqdm(total=total, unit='sent', disable=not self.progress,
-                     dynamic_ncols=True, leave=False)
-
   def _call(self, key, rows, *extra):
-    """Runs the executable of `key` on per-row inputs (split over the
-    mesh, if any) and returns its outputs on the host."""
+    """Runs the executable of `key` on `rows`, the inputs before the stop
+    table (per-row arrays split over the mesh, if any; scalars copied), and
+    `extra` after it; returns its outputs on the host."""
     if self.mesh is not None:  # [B, ...] split over the mesh, scalars copied.
       rows = SH.shard_decode_inputs(rows, self.mesh)
-    args = (self.params, *rows, self._stop_table, *extra)
+    args = (self.params, *rows, self.stop_table, *extra)
     return jax.device_get(self._executable(key, args)(*args))
 
   def _executable(self, key, args):

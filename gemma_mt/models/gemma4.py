@@ -24,20 +24,39 @@ attention_mask, cache=None)` -> (logits, new cache); the cache
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_mt.layers import (_NEG_INF, GLOBAL, LOCAL, Array, apply_rope,
-                             logits_from_hidden, sliding_mask)
-
-NAMES = ('gemma4_e2b', 'gemma4_e4b', 'gemma4_31b', 'gemma4_26b_a4b')
+from gemma_mt.models.layers import (
+  GLOBAL,
+  LOCAL,
+  Array,
+  Einsum,
+  TiedHead,
+  apply_rope,
+  attention,
+  empty_cache,
+  param_shapes,
+  sliding_mask,
+  write_cache,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Gemma4Config:
+  """Gemma 4 hyper-parameters; implements `models.ModelConfig`."""
+
+  family: ClassVar[str] = 'gemma4'
+  NAMES: ClassVar[tuple[str, ...]] = (
+      'gemma4_e2b', 'gemma4_e4b', 'gemma4_31b', 'gemma4_26b_a4b')
+  norm_scale_init: ClassVar[float] = 1.0  # norms multiply by scale
+  tokenizer_source: ClassVar[str | None] = (
+      'gs://gemma-data/tokenizers/tokenizer_gemma4.model')
+
   vocab_size: int
   embed_dim: int
   hidden_dim: int
@@ -68,17 +87,78 @@ class Gemma4Config:
   def replace(self, **kw) -> 'Gemma4Config':
     return dataclasses.replace(self, **kw)
 
+  @classmethod
+  def from_name(cls, name: str) -> 'Gemma4Config':
+    if name not in cls.NAMES + ('tiny',):
+      raise ValueError(f'unknown model {name!r}; choose one of {cls.NAMES}')
+    return getattr(cls, name)()
+
   def name(self) -> str | None:
-    return next((n for n in NAMES
+    return next((n for n in self.NAMES
                  if getattr(Gemma4Config, n)() == self), None)
 
   def to_dict(self) -> dict[str, Any]:
-    return {'family': 'gemma4', **dataclasses.asdict(self)}
+    return {'family': self.family, **dataclasses.asdict(self)}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'Gemma4Config':
     d = {k: v for k, v in d.items() if k != 'family'}
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(d) - names):
+      raise ValueError(f'unknown model config fields {unknown}')
     return cls(**{**d, 'attention_types': tuple(d['attention_types'])})
+
+  # --- The model protocol (`models.ModelConfig`) ---------------------------------
+  def module(self, **kw) -> 'Gemma4':
+    return Gemma4(self, **kw)
+
+  def init_cache(self, batch_size: int, cache_len: int,
+                 dtype=jnp.bfloat16) -> dict:
+    """An empty KV cache (`layers.empty_cache`): only layers with their own
+    keys/values get slots (a KV-sharing layer reads its source's), each of
+    its type's KV heads and key size."""
+    return empty_cache(
+        {i: self.attn_dims(t)[:2] for i, t in enumerate(self.attention_types)
+         if self.kv_source(i) == i}, batch_size, cache_len, dtype)
+
+  def kv_bytes_per_token(self, itemsize: int = 2) -> int:
+    """KV-cache bytes one token holds (owning layers only; keys-as-values
+    layers still keep both, as the cache layout does)."""
+    return sum(2 * math.prod(self.attn_dims(t)[:2]) * itemsize
+               for i, t in enumerate(self.attention_types)
+               if self.kv_source(i) == i)
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    """Parameters of the text decoder (traced shapes, nothing computed)."""
+    shapes = param_shapes(self.module())
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    if not include_embedding:
+      emb = shapes['embedder']
+      total -= math.prod(emb['input_embedding'].shape)
+      if 'per_layer_embeddings' in emb:
+        total -= math.prod(emb['per_layer_embeddings'].shape)
+    return total
+
+  def matmul_params(self) -> int:
+    """Weights one token multiplies through: the tied LM head included, the
+    per-layer lookup table not, and only the top-k of the MoE experts."""
+    n = self.num_params(include_embedding=False) + self.vocab_size * self.embed_dim
+    if self.num_experts:
+      per_expert = 3 * self.expert_dim * self.embed_dim
+      n -= self.num_layers * (self.num_experts - self.top_k_experts) * per_expert
+    return n
+
+  def attention_flops(self, context: int) -> float:
+    """Forward FLOPs of one token's attention over `context` earlier tokens
+    (sliding layers see at most their window; global keys may be wider)."""
+    total = 0.0
+    for t in self.attention_types:
+      ctx = min(context, self.sliding_window_size) if t == LOCAL else context
+      total += 4.0 * self.num_heads * self.attn_dims(t)[1] * ctx
+    return total
+
+  def hf_model_type(self) -> str:
+    raise ValueError('HF and GGUF export cover Gemma 1-3; not Gemma 4 yet')
 
   def kv_source(self, i: int) -> int:
     """The layer whose keys/values layer `i` attends with (itself if unshared),
@@ -111,6 +191,18 @@ class Gemma4Config:
     return cls(vocab_size=262_144, embed_dim=embed_dim,
                hidden_dim=embed_dim * 4, head_dim=256, attention_types=types,
                **kw)
+
+  @classmethod
+  def tiny(cls, vocab_size: int = 262_144, **kw) -> 'Gemma4Config':
+    """An E2B-shaped toy for tests and CPU smoke runs: per-layer inputs, KV
+    sharing (the last 2 of 5 layers), wider global keys."""
+    base = cls(vocab_size=vocab_size, embed_dim=64, hidden_dim=128,
+               num_heads=4, head_dim=16, num_kv_heads=1,
+               attention_types=(LOCAL, LOCAL, GLOBAL, LOCAL, GLOBAL),
+               sliding_window_size=4, global_key_size=32,
+               per_layer_input_dim=16, frac_shared_layers=2 / 5,
+               shared_hidden_dim=256)
+    return base.replace(**kw)
 
   @classmethod
   def gemma4_e2b(cls) -> 'Gemma4Config':
@@ -155,29 +247,17 @@ class RMSNorm(nn.Module):
     return out.astype(x.dtype)
 
 
-class Einsum(nn.Module):
-  shape: tuple[int, ...]
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  w_scale: float | None = None
-
-  @nn.compact
-  def __call__(self, eqn: str, x: Array) -> Array:
-    w = self.param('w', nn.initializers.normal(), self.shape, self.param_dtype)
-    w = w.astype(self.dtype)
-    if self.w_scale is not None:
-      w = w * self.w_scale
-    return jnp.einsum(eqn, x, w)
-
-
 class Attention(nn.Module):
   config: Gemma4Config
   attn_type: str
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
+  fast_decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, mask, shared_kv, cache, end_index, k_pos):
+  def __call__(self, x, positions, mask, shared_kv, cache, end_index, k_pos,
+               kv_len):
     cfg = self.config
     N, D = cfg.num_heads, cfg.embed_dim
     K, H, k_eq_v, proportion, base = cfg.attn_dims(self.attn_type)
@@ -198,20 +278,11 @@ class Attention(nn.Module):
     else:
       k = apply_rope(k, positions, base, proportion=proportion)
       if cache is not None:  # Written at end_index; attend over the cache.
-        start = (0, end_index, 0, 0)
-        k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)
-        v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
-        new_cache = {'k': k, 'v': v}
-        k, v = k.astype(self.dtype), v.astype(self.dtype)
+        k, v, new_cache = write_cache(cache, k, v, end_index, self.dtype)
     if self.attn_type == LOCAL:
       mask = mask & sliding_mask(positions, k_pos, cfg.sliding_window_size)
-    B, T, _, _ = q.shape
-    qg = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum('BTKGH,BSKH->BTKGS', qg, k,
-                        preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, :, None, None, :], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, v).reshape(B, T, N, H)
+    encoded = attention(q, k, v, mask, scale=1.0, impl=self.attention_impl,
+                        kv_len=kv_len, decode_kernel=self.fast_decode)
     out = ein((N, H, D), 'attn_vec_einsum')('BTNH,NHD->BTD', encoded)
     return out, (k, v), new_cache
 
@@ -291,17 +362,20 @@ class Block(nn.Module):
   index: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
+  fast_decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask, per_layer_input, shared_kv, cache,
-               end_index, k_pos):
+               end_index, k_pos, kv_len):
     cfg, pd, dt = self.config, self.param_dtype, self.dtype
     norm = lambda name: RMSNorm(param_dtype=pd, name=name)
     skip_scale = self.param('skip_scale', nn.initializers.ones, (1,), pd)
     h, kv, new_cache = Attention(cfg, cfg.attention_types[self.index], dt, pd,
+                                 self.attention_impl, self.fast_decode,
                                  name='attn')(
         norm('pre_attention_norm')(x), positions, mask, shared_kv, cache,
-        end_index, k_pos)
+        end_index, k_pos, kv_len)
     x = x + norm('post_attention_norm')(h)
     if cfg.num_experts:
       dense = FeedForward(cfg.hidden_dim, dt, pd, name='mlp2')(
@@ -321,23 +395,26 @@ class Block(nn.Module):
     return x * skip_scale.astype(x.dtype), kv, new_cache
 
 
-class Gemma4(nn.Module):
-  """Gemma 4 text decoder; `__call__` returns `(logits or hidden, cache)`."""
+class Gemma4(nn.Module, TiedHead):
+  """Gemma 4 text decoder; `__call__` returns `(logits or hidden, cache)`;
+  `logits(hidden)` is the LM head alone. `attention_impl` and `fast_decode`
+  pick the attention kernels as in `gemma.Transformer` (`layers.attention`)."""
 
   config: Gemma4Config
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: str = 'einsum'  # (only einsum attention here)
+  attention_impl: str = 'einsum'  # 'einsum', 'jax' or 'cudnn' (no-cache path)
   remat: bool = False
-  fast_decode: bool = False       # (no Pallas decode kernel here)
+  fast_decode: bool = False       # one-token steps: the Pallas decode kernel
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array, attention_mask: Array,
                cache: Any = None, *, return_hidden: bool = False):
     cfg, pd, dt = self.config, self.param_dtype, self.dtype
-    end_index, k_pos, new_cache = None, positions, None
+    end_index, k_pos, new_cache, kv_len = None, positions, None, None
     if cache is not None:
       end_index = cache['end_index']
+      kv_len = cache.get('kv_len', end_index + tokens.shape[1])
       k_pos = jax.lax.dynamic_update_slice(
           cache['positions'], positions.astype(jnp.int32), (0, end_index))
       new_cache = {'end_index': end_index + tokens.shape[1], 'positions': k_pos}
@@ -355,16 +432,18 @@ class Gemma4(nn.Module):
     for i in range(L):
       src = cfg.kv_source(i)
       layer_cache = None if cache is None or src != i else cache[f'layer_{i}']
-      x, kvs[i], c = block_cls(cfg, i, dt, pd, name=f'layer_{i}')(
+      x, kvs[i], c = block_cls(cfg, i, dt, pd, self.attention_impl,
+                               self.fast_decode, name=f'layer_{i}')(
           x, positions, attention_mask,
           None if per_layer is None else per_layer[..., i, :],
-          kvs[src] if src != i else None, layer_cache, end_index, k_pos)
+          kvs[src] if src != i else None, layer_cache, end_index, k_pos,
+          kv_len)
       if c is not None:
         new_cache[f'layer_{i}'] = c
     x = RMSNorm(param_dtype=pd, name='final_norm')(x)
     if return_hidden:
       return x, new_cache
-    return logits_from_hidden(table, x, cfg.final_logit_softcap), new_cache
+    return self.logits_of(table, x), new_cache
 
 
 class _Embedder(nn.Module):
@@ -398,20 +477,3 @@ class _Embedder(nn.Module):
     proj = self.per_layer_projection_norm(proj)
     rows = self.per_layer_embeddings[tokens].astype(dtype) * jnp.sqrt(P).astype(dtype)
     return (proj + rows) * jax.lax.rsqrt(2.0).astype(dtype)
-
-
-def init_cache(config: Gemma4Config, batch_size: int, cache_len: int,
-               dtype=jnp.bfloat16) -> dict:
-  """An empty KV cache, `model.init_cache`'s layout: only layers with their
-  own keys/values get slots (a KV-sharing layer reads its source's), each of
-  its type's KV heads and key size."""
-  cache: dict = {}
-  for i, attn_type in enumerate(config.attention_types):
-    if config.kv_source(i) == i:
-      K, H = config.attn_dims(attn_type)[:2]
-      shape = (batch_size, cache_len, K, H)
-      cache[f'layer_{i}'] = {'k': jnp.zeros(shape, dtype),
-                             'v': jnp.zeros(shape, dtype)}
-  cache['end_index'] = jnp.zeros((), jnp.int32)
-  cache['positions'] = jnp.zeros((batch_size, cache_len), jnp.int32)
-  return cache
