@@ -2,14 +2,15 @@
 
 qwix intercepts the `jnp.einsum` calls of our linen `Transformer` and adds
 `x @ A @ B * alpha / rank` to the projections picked by module-path rules, so
-`model.py` stays untouched and the base param tree keeps the official layout.
+the model modules stay untouched and the base param tree keeps the official
+layout.
 The adapters live beside their weight: `layer_i/attn/q_einsum/w_lora_a`,
 `..._lora_b`, `layer_i/mlp/gating_einsum_lora_a`, ...
 
 Typical use (see `tests/test_lora.py`):
 
   lcfg = LoraConfig(rank=8)                    # quant='int8' for QLoRA
-  lora_model = apply_lora(Transformer(cfg), lcfg)
+  lora_model = apply_lora(cfg.module(), lcfg)
   adapters = init_lora_params(lora_model, rng)
   base = quantize_base(lora_model, base) if lcfg.quant else base
   # train: grads w.r.t. `adapters` only; the base is a frozen argument

@@ -102,7 +102,7 @@ class Translator:
   `dtype`, default `default_dtype()`). Floating params are cast to the
   compute dtype once, so each decode step reads them at that width.
 
-  `fast_decode` (`model.Transformer`): decode steps attend with one Pallas
+  `fast_decode` (any family): decode steps attend with one Pallas
   kernel; None: on for a bf16 model on one GPU.
 
   `mesh` (a `sharding.make_mesh` mesh): decode data-parallel over its

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Client environments for the interop tests (tests/test_interop.py): what a user of our exports runs.
+# Client environments for the interop tests (tests/weights/test_interop.py): what a user of our exports runs.
 #   .venv-hf     Python 3.11 + PyTorch (CPU) + transformers + peft: loads our HF / PEFT exports.
 #   .venv-llama  Python 3.12 + llama.cpp (the llama-cpp-cffi wheel's CPU library): runs our GGUF exports.
 # Kept out of .venv: they are heavy and their pins (torch, transformers<->TensorFlow) do not mix
 # with the gemma reference library. Each is rebuilt only when its requirements file changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REQ=tests/interop
+REQ=tests/support/interop
 UV="$(command -v uv || echo "$(python3 -m site --user-base)/bin/uv")"
 
 stamp_ok() { [ -f "$1/.req" ] && cmp -s "$1/.req" "$2"; }
@@ -23,7 +23,7 @@ fi
 
 # llama-cpp-cffi ships llama.cpp prebuilt; we load only its CPU library through cffi (its Python layer
 # pins transformers<5 and friends, so --no-deps). The library wants one libstdc++ symbol newer than
-# Debian 12's (__cxa_call_terminate, GCC 13), which tests/interop/cxa_shim.cc supplies.
+# Debian 12's (__cxa_call_terminate, GCC 13), which tests/support/interop/cxa_shim.cc supplies.
 if ! stamp_ok .venv-llama $REQ/requirements-llama.txt; then
   rm -rf .venv-llama
   PY312="$(ls "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1 || command -v python3.12)"

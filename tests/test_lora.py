@@ -10,8 +10,9 @@ import optax
 import pytest
 
 from gemma_mt import lora as L
-from gemma_mt.models import gemma as M
 from gemma_mt import weights
+from gemma_mt.models import gemma as M
+from gemma_mt.models import layers  # noqa: E402
 
 V = 128
 CFG = M.TransformerConfig.tiny(vocab_size=V)
@@ -27,7 +28,7 @@ def inputs(seed=0, lengths=(8, 5), L_=8):
   tokens = jnp.asarray(np.where(mask, rng.integers(1, V, mask.shape), 0),
                        jnp.int32)
   mask = jnp.asarray(mask)
-  return tokens, M.positions_from_mask(mask), M.causal_mask(mask)
+  return tokens, layers.positions_from_mask(mask), layers.causal_mask(mask)
 
 
 @functools.cache
@@ -157,7 +158,7 @@ def test_merged_equals_unmerged_mha_layout():
 
 @pytest.mark.reference
 def test_merged_equals_unmerged_and_loads_in_official(setup):
-  from reference import gm_transformer
+  from support.reference import gm_transformer
   _, _, base, adapters = setup
   merged_params, merged = merged_and_unmerged(CFG, base, randomize_b(adapters))
   cfg = CFG

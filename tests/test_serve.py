@@ -8,10 +8,10 @@ import threading
 import time
 
 import pytest
+from support.tiny import make_tiny_translator
 
 from gemma_mt import serve
 from gemma_mt.decoding.options import SamplingOptions
-from tiny import make_tiny_translator
 
 uvicorn = pytest.importorskip('uvicorn')
 

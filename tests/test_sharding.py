@@ -1,5 +1,5 @@
 """gemma_mt.sharding: mesh shapes, the FSDP rule, host slicing (in process),
-and the 8-device checks of tests/sharding_check.py (one subprocess, since
+and the 8-device checks of tests/support/sharding_check.py (one subprocess, since
 the fake device count must be set before jax is imported)."""
 
 import json
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gemma_mt.models import gemma as M
 from gemma_mt import sharding as S
+from gemma_mt.models import gemma as M
 
-CHECK_SCRIPT = Path(__file__).with_name('sharding_check.py')
+CHECK_SCRIPT = Path(__file__).resolve().parent / 'support' / 'sharding_check.py'
 
 
 # ------------------------------------------------------------- in process
@@ -156,7 +156,7 @@ def device_checks(tmp_path_factory):
   out = tmp_path_factory.mktemp('sharding') / 'results.json'
   proc = subprocess.run([sys.executable, str(CHECK_SCRIPT), str(out)],
                         capture_output=True, text=True, timeout=600,
-                        cwd=CHECK_SCRIPT.parents[1])
+                        cwd=CHECK_SCRIPT.parents[2])
   if not out.exists():
     pytest.fail(f'sharding_check.py crashed:\n{proc.stdout}\n{proc.stderr}')
   return json.loads(out.read_text())

@@ -5,16 +5,17 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
+from support.tiny import forcing, make_tiny_translator
 
 from gemma_mt import cli as cli_lib
-from gemma_mt import json_api, translate as T
+from gemma_mt import json_api
+from gemma_mt import translate as T
 from gemma_mt.data import mtnt as data
 from gemma_mt.decoding import postprocess
 from gemma_mt.decoding.options import SamplingOptions
 from gemma_mt.translator import InputTooLongError, Translator
-from tiny import CFG, forcing, make_tiny_translator
+
 
 @pytest.fixture(scope='module')
 def tr(tokenizer):
@@ -252,7 +253,7 @@ def test_cli_file_args_and_stdin(cli, capfd, tmp_path, tr, tokenizer, forced):
 
 def test_data_parallel_flag_builds_a_mesh(monkeypatch):
   """--data_parallel: a data-only mesh over the local devices (the 8-device
-  decode itself is checked by tests/test_sampler_mesh.py)."""
+  decode itself is checked by tests/decoding/test_sampler_mesh.py)."""
   seen = []
   monkeypatch.setattr(Translator, 'from_pretrained',
                       lambda *a, **kw: seen.append(kw['mesh']) or 'tr')
@@ -329,8 +330,9 @@ def test_second_process_compiles_nothing(tmp_path, tokenizer):
   import re
   import subprocess
 
+  from support.tiny import tiny_params
+
   from gemma_mt import weights
-  from tiny import tiny_params
   weights.save(tmp_path / 'model', 'tiny', tiny_params(), tokenizer)
   cmd = [sys.executable, '-m', 'gemma_mt.translate', '--checkpoint',
          str(tmp_path / 'model'), '--compile_cache_dir', str(tmp_path / 'xla'),
@@ -408,8 +410,9 @@ def test_cli_bad_flags_one_line_before_loading(argv, message, capsys,
 
 
 def _bad_checkpoints(root, tokenizer):
+  from support.tiny import tiny_params
+
   from gemma_mt import weights
-  from tiny import tiny_params
   model = weights.save(root / 'run' / 'final', 'tiny', tiny_params(), tokenizer)
   (root / 'run' / 'checkpoints').mkdir()
   (root / 'a_file').write_text('x')
@@ -458,8 +461,9 @@ def test_turn_formats_stop_at_end_of_turn(tokenizer, forced):
 
 def test_checkpoint_records_its_prompt_format(tokenizer, tmp_path):
   """translate/evaluate prompt a model the way it was trained; a flag overrides."""
+  from support.tiny import tiny_params
+
   from gemma_mt import weights
-  from tiny import tiny_params
   path = weights.save(tmp_path / 'm', 'tiny', tiny_params(), tokenizer,
                       prompt_format='translategemma')
   assert Translator.from_pretrained(checkpoint=path).prompt_format == 'translategemma'

@@ -3,7 +3,7 @@
 MTNT pairs average ~55-85 tokens with the prompt; padded to 256 a batch is
 70-80% pad. Packed rows carry `segment_ids` (1, 2, ... per pair, 0 = pad) and
 `positions` that restart at 0 for every pair; the model then attends only
-within a segment (`model.segment_causal_mask`), so a packed row computes
+within a segment (`layers.segment_causal_mask`), so a packed row computes
 exactly what the separate rows would.
 """
 

@@ -32,19 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt.decoding.sampler import (
-  MIN_PROMPT_BUCKET,
-  model_fns,
-  prefill,
-  progress_bar,
-)
-from gemma_mt.decoding.sampling import (
-  SamplingMode,
-  SamplingParams,
-  next_pow2,
-  row_keys,
-  sample_logits,
-)
+from gemma_mt.decoding.sampler import (MIN_PROMPT_BUCKET, model_fns, prefill,
+                                       progress_bar)
+from gemma_mt.decoding.sampling import (SamplingMode, SamplingParams,
+                                        next_pow2, row_keys, sample_logits)
 
 INSERT_WIDTH = 8   # prompts prefilled per insert call (one executable per width bucket)
 CHUNK_STEPS = 16   # decode steps between two host checks
@@ -81,7 +72,7 @@ def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
            pad_id: int) -> Slots:
   """Prefills prompt [I, P] (right-padded; slot = N for unused rows) and
   puts row i into slot[i], its tokens ending at the write slot t."""
-  N, S = state.token.shape[0], state.cache['positions'].shape[1]
+  S = state.cache['positions'].shape[1]
   I, P = prompt.shape
   apply, logits_of = model_fns(model, params)
   last, small = prefill(apply, model, prompt, prompt_len, P, None)

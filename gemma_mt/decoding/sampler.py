@@ -34,13 +34,8 @@ import numpy as np
 import tqdm
 
 from gemma_mt import sharding as SH
-from gemma_mt.decoding.sampling import (
-  SamplingMode,
-  SamplingParams,
-  next_pow2,
-  row_keys,
-  sample_logits,
-)
+from gemma_mt.decoding.sampling import (SamplingMode, SamplingParams,
+                                        next_pow2, row_keys, sample_logits)
 from gemma_mt.models.layers import causal_mask, positions_from_mask
 
 MIN_PROMPT_BUCKET = 16
@@ -450,6 +445,12 @@ class Sampler:
               if isinstance(mode, tuple) else
               functools.partial(decode, mode=mode, **kw))
     return self.compiled(key, make, args)
+
+  @property
+  def executables(self) -> dict:
+    """The compiled executables held now, by key (e.g. to read their
+    shardings or cost analysis)."""
+    return dict(self._executables)
 
   def compiled(self, key, make, args, donate=()):
     """The executable of `key` from the LRU, else jit(make()) compiled for

@@ -12,14 +12,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol
 
-from gemma_mt.models.registry import (
-  FAMILIES,
-  NAMES,
-  from_dict,
-  from_name,
-  param_shapes,
-  resolve,
-)
+from gemma_mt.models.registry import (FAMILIES, NAMES, TINY, from_dict,
+                                      from_name, param_shapes, resolve)
 
 Cache = dict[str, Any]
 
@@ -68,5 +62,6 @@ def flops_per_token(config: ModelConfig, context: int,
   return 3 * fwd if training else fwd
 
 
-__all__ = ['Cache', 'FAMILIES', 'ModelConfig', 'NAMES', 'TINY', 'flops_per_token',
-           'from_dict', 'from_name', 'param_shapes', 'resolve']
+__all__ = ['Cache', 'FAMILIES', 'ModelConfig', 'NAMES', 'TINY',
+           'flops_per_token', 'from_dict', 'from_name', 'param_shapes',
+           'resolve']

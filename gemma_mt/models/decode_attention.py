@@ -8,7 +8,7 @@ bytes (profile in BENCHMARKS.md). This kernel does the five in one: a
 program per (row, kv head) streams the cache in blocks with an online
 softmax, as flash attention does, and stops at the last written slot.
 
-Semantics are those of `model._attention_einsum` for one query position:
+Semantics are those of `layers.attention_einsum` for one query position:
 float32 logits, optional soft-cap, masked slots at the official mask value
 (a row that sees nothing gets the uniform average, as there). Probabilities
 meet the values in the cache dtype before normalisation, so bf16 results
@@ -23,7 +23,11 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -2.3819763e38  # layers.NEG_INF (the official mask value)
-MAX_BLOCK = 64           # cache slots per inner step
+MAX_BLOCK = 64           # cache slots per inner step, at head_dim <= 256
+# A block's K and V tiles (and their pipelined copies) live in shared memory:
+# at head_dim 512 (Gemma 4's global layers) 64 slots ask for 281 KB on an
+# H200, which has 227 KB. Blocks shrink so that block x head_dim stays here.
+MAX_BLOCK_ELEMENTS = MAX_BLOCK * 256
 # float32 inputs: full-precision dots (Triton's default is TF32); no effect
 # on bf16 inputs.
 _EXACT = jax.lax.Precision.HIGHEST
@@ -93,7 +97,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     q = jnp.pad(q, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  block = min(MAX_BLOCK, S & -S)  # A power of two that divides S.
+  # A power of two that divides S, >= 16 for the dots.
+  block = max(16, min(MAX_BLOCK, MAX_BLOCK_ELEMENTS // H, S & -S))
   out = pl.pallas_call(
       functools.partial(_kernel, block=block, soft_cap=soft_cap),
       out_shape=jax.ShapeDtypeStruct((B, K, Gp, H), q.dtype),

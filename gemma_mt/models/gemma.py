@@ -25,18 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_mt.models.layers import (
-  GLOBAL,
-  LOCAL,
-  Array,
-  Einsum,
-  TiedHead,
-  apply_rope,
-  attention,
-  empty_cache,
-  sliding_mask,
-  write_cache,
-)
+from gemma_mt.models.layers import (GLOBAL, LOCAL, Array, Einsum, TiedHead,
+                                    apply_rope, attention, empty_cache,
+                                    sliding_mask, write_cache)
 
 Cache = dict[str, Any]
 

@@ -1,7 +1,7 @@
 """The Gemma 4 text decoder (E2B, E4B, 31B, 26B-A4B), in Flax linen.
 
 The parameter tree is name-for-name the text part of `gemma.gm.nn.Gemma4_*`.
-What differs from Gemma 1-3 (`model.py`), and why it is its own module:
+What differs from Gemma 1-3 (`gemma.py`), and why it is its own module:
 
 * norms multiply by `scale` (initialised to ones), not by `1 + scale`;
   queries and keys are RMS-normed and not scaled; values are RMS-normed
@@ -16,9 +16,10 @@ What differs from Gemma 1-3 (`model.py`), and why it is its own module:
 * a mixture-of-experts FFW beside a dense one (26B-A4B): top-k routing,
   renormalised weights, experts run grouped with `jax.lax.ragged_dot`.
 
-Calls as `model.Transformer`: `apply({'params': p}, tokens, positions,
-attention_mask, cache=None)` -> (logits, new cache); the cache
-(`init_cache`) holds only the layers that own their keys/values.
+Called as every family is (`models.ModelConfig`): `apply({'params': p},
+tokens, positions, attention_mask, cache=None)` -> (logits, new cache); the
+cache (`Gemma4Config.init_cache`) holds only the layers that own their
+keys/values.
 """
 
 from __future__ import annotations
@@ -31,19 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_mt.models.layers import (
-  GLOBAL,
-  LOCAL,
-  Array,
-  Einsum,
-  TiedHead,
-  apply_rope,
-  attention,
-  empty_cache,
-  param_shapes,
-  sliding_mask,
-  write_cache,
-)
+from gemma_mt.models.layers import (GLOBAL, LOCAL, Array, Einsum, TiedHead,
+                                    apply_rope, attention, empty_cache,
+                                    param_shapes, sliding_mask, write_cache)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,6 +100,9 @@ def write_cache(cache: dict, k: Array, v: Array, end_index: Array,
   return k.astype(dtype), v.astype(dtype), {'k': k, 'v': v}
 
 
+CUDNN_MAX_HEAD_DIM = 256
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
               soft_cap: float | None = None, impl: str = 'einsum',
               kv_len: Array | None = None, decode_kernel: bool = False) -> Array:
@@ -115,9 +118,12 @@ def attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
     from gemma_mt.models.decode_attention import decode_attention
     return decode_attention(q * scale, k, v, mask, kv_len, soft_cap)
   if impl != 'einsum' and kv_len is None and soft_cap is None:
+    # cuDNN's flash attention takes head_dim <= 256 in multiples of 8; wider
+    # heads (Gemma 4's global layers: 512) run XLA's fused attention instead.
+    cudnn = impl == 'cudnn' and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and not q.shape[-1] % 8
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask[:, None], scale=scale,
-        implementation='cudnn' if impl == 'cudnn' else None)
+        implementation='cudnn' if cudnn else None)
   return attention_einsum(q * scale, k, v, mask, soft_cap)
 
 

@@ -11,7 +11,7 @@ Names below are imported on first use, so `--help` starts fast.
 
 import importlib
 
-_EXPORTS = {'TrainingConfig': 'config', 'train_loop': 'loop',
+_EXPORTS = {'TrainingConfig': 'config', 'train_loop': 'loop', 'Model': 'state',
             'TrainState': 'state', 'init_train': 'state', 'main': 'main'}
 
 

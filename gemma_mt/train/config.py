@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from gemma_mt import lora
 
 OPTIMIZERS = ('sgd', 'adamw', 'adafactor')
 SCHEDULES = ('constant', 'cosine', 'linear')

@@ -24,11 +24,8 @@ import jax
 
 from gemma_mt import lora, sharding, weights
 from gemma_mt.data import packing
-from gemma_mt.data.mtnt import (
-  MTNTDatasetBuilder,
-  place_mtnt_archive,
-  prefetch_to_device,
-)
+from gemma_mt.data.mtnt import (MTNTDatasetBuilder, place_mtnt_archive,
+                                prefetch_to_device)
 from gemma_mt.train import checkpoints, metrics, steps
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.quality import QualityTracker
@@ -202,7 +199,7 @@ def train_loop(config: TrainingConfig) -> Any:
                                                    config.mesh_fsdp))
     check_mesh(config, mesh)
     loaded = init_model(config)
-    tokenizer, arch = loaded[2], loaded[3]
+    tokenizer, arch = loaded.tokenizer, loaded.arch
     builder, train_data, total = make_data(config, tokenizer)
     setup = init_train(config, mesh, total, loaded)  # Schedule ends at total.
     state = setup.state
@@ -245,7 +242,7 @@ def train_loop(config: TrainingConfig) -> Any:
 
   quality = None
   if config.eval_bleu_every_n > 0:
-    quality = QualityTracker(config, loaded[0].config, tokenizer,
+    quality = QualityTracker(config, loaded.module.config, tokenizer,
                              builder.load_pairs('valid'), arch,
                              plain_params(state, config))
 

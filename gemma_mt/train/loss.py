@@ -1,6 +1,6 @@
 """Next-token cross-entropy on target tokens, without [B, L, V] logits.
 
-A batch is a mapping (or a `data.TrainingInput`) with `input_tokens [B, L]`
+A batch is a mapping (or a `data.mtnt.TrainingInput`) with `input_tokens [B, L]`
 and `target_mask [B, L]` (True where token t is a target, i.e. the loss of
 predicting tokens[t] from tokens[:t] counts), and optionally `segment_ids`
 and `positions` for packed rows (several examples per row, segment 0 = pad).

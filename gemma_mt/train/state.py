@@ -32,6 +32,17 @@ class TrainState:
 
 
 @dataclasses.dataclass
+class Model:
+  """A model to train: its decoder module, params, tokenizer (None for
+  speed runs on random tokens) and architecture (a name, or a config)."""
+
+  module: Any
+  params: Any
+  tokenizer: Any = None
+  arch: Any = None
+
+
+@dataclasses.dataclass
 class TrainSetup:
   """A run's model, optimizer and initial state, placed on the mesh."""
 
@@ -63,8 +74,8 @@ def random_params(module, seed: int = 0) -> Any:
   return jax.tree_util.tree_map_with_path(init, shapes)
 
 
-def init_model(config: TrainingConfig):
-  """(module, params, tokenizer, arch) as the config asks.
+def init_model(config: TrainingConfig) -> Model:
+  """The model the config asks for (weights loaded or random).
 
   Under LoRA the base is frozen, so it is held in the compute dtype (no
   float32 master copy); else in `param_dtype`.
@@ -88,7 +99,7 @@ def init_model(config: TrainingConfig):
                       attention_impl=config.attention_impl, remat=config.remat)
   if params is None:
     params = random_params(module, config.seed)
-  return module, params, tokenizer, arch
+  return Model(module, params, tokenizer, arch)
 
 
 def lora_base_dir(config: TrainingConfig) -> Path | None:
@@ -99,15 +110,17 @@ def lora_base_dir(config: TrainingConfig) -> Path | None:
 
 
 def init_train(config: TrainingConfig, mesh, total_steps: int = 1,
-               model: tuple | None = None) -> TrainSetup:
+               model: Model | None = None) -> TrainSetup:
   """Model, optimizer and state of `config`, sharded over `mesh`.
 
-  `model`: `init_model(config)`'s (module, params, tokenizer, arch) if
-  already loaded, or a benchmark's own (random weights built on the device;
-  tokenizer None). `total_steps`: where a decaying schedule ends.
+  `model`: `init_model(config)` if already loaded, or the caller's own
+  (e.g. a benchmark's random weights; tokenizer None). `total_steps`: where
+  a decaying schedule ends.
   """
   lcfg = config.lora_config()
-  module, params, tokenizer, arch = model or init_model(config)
+  model = model or init_model(config)
+  module, params, tokenizer, arch = (model.module, model.params,
+                                     model.tokenizer, model.arch)
   frozen = None
   if lcfg is not None:
     if config.init == 'random' and tokenizer is not None:

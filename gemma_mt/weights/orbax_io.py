@@ -180,7 +180,8 @@ def normalize_layout(tree: dict) -> dict:
   Handles the flat `{'transformer/layer_0/attn/q_einsum': {'w': ..}}` layout
   of the Kaggle releases, its `stacked_layers/attention_type_j` variant, a
   `{'transformer': {...}}` or `{'params': {...}}` wrapper, and MLP weights
-  wrapped as `{'w': ...}`. Vision-tower params are dropped (text only).
+  wrapped as `{'w': ...}`. Media towers stay: `weights.text_decoder` drops
+  them, the one place that does.
   """
   tree = dict(tree)
   if any('/' in k for k in tree):
@@ -197,10 +198,6 @@ def normalize_layout(tree: dict) -> dict:
   for wrapper in ('params', 'transformer'):
     if set(tree) == {wrapper}:
       tree = dict(tree[wrapper])
-  tree.pop('vision_encoder', None)
-  if isinstance(tree.get('embedder'), dict):
-    tree['embedder'] = {k: v for k, v in tree['embedder'].items()
-                        if not k.startswith('mm_')}
   for name, layer in tree.items():
     mlp = layer.get('mlp') if isinstance(layer, dict) else None
     if isinstance(mlp, dict):

@@ -1,0 +1,114 @@
+"""Continuous batching equals static batching, whatever the slot order."""
+
+import numpy as np
+import pytest
+from support.tiny import CFG, tiny_params
+
+from gemma_mt.data import mtnt as data
+from gemma_mt.decoding import continuous
+from gemma_mt.decoding.sampler import Sampler
+from gemma_mt.models import gemma as M
+from gemma_mt.translator import Translator
+
+STOP = [1, 106]
+
+
+@pytest.fixture(scope='module')
+def params():
+  return tiny_params()
+
+
+def _prompts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  prompts = [rng.integers(3, 300, rng.integers(1, 40)).astype(np.int32)
+             for _ in range(n)]
+  return prompts, rng.integers(1, 30, n)
+
+
+class _sampler:
+  """A Sampler whose generate is continuous or static."""
+
+  def __init__(self, params, cont, batch_size=4, stop=STOP):
+    self.cont = cont
+    self.sampler = Sampler(M.Transformer(CFG), params, pad_id=0, stop_ids=stop,
+                           batch_size=batch_size)
+
+  def generate(self, prompts, **kw):
+    if self.cont:
+      return continuous.generate(self.sampler, prompts, **kw)
+    return self.sampler.generate(prompts, **kw)
+
+
+@pytest.mark.parametrize('kw', [{}, dict(temperature=1.0, top_k=20, seed=3)])
+def test_continuous_equals_static(params, kw):
+  """Bitwise. (Not top-p: it draws in sorted order, and the order of two
+  logits equal but for the last bit can differ between batch shapes, in
+  static batching too.)"""
+  prompts, limits = _prompts(23)
+  want = _sampler(params, False).generate(prompts, max_new_tokens=limits, **kw)
+  got = _sampler(params, True).generate(prompts, max_new_tokens=limits, **kw)
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_rows_that_stop_early_free_their_slot(params):
+  """Stop ids that the model emits: rows end at different steps and their
+  slots are refilled; outputs still equal static batching's."""
+  prompts, limits = _prompts(30, seed=1)
+  static = _sampler(params, False, stop=list(range(0, 262144, 7)))
+  want = static.generate(prompts, max_new_tokens=limits)
+  assert len({len(w) for w in want}) > 5  # Really different lengths.
+  assert any(len(w) < l for w, l in zip(want, limits))  # Some stopped early.
+  got = _sampler(params, True, stop=list(range(0, 262144, 7))).generate(
+      prompts, max_new_tokens=limits)
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_slot_count_and_order_do_not_change_outputs(params):
+  prompts, limits = _prompts(13, seed=2)
+  kw = dict(temperature=1.0, seed=11)
+  a = _sampler(params, True, batch_size=2).generate(prompts, max_new_tokens=limits, **kw)
+  b = _sampler(params, True, batch_size=5).generate(prompts, max_new_tokens=limits, **kw)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  order = np.random.default_rng(0).permutation(len(prompts))
+  g = _sampler(params, True, batch_size=3).generate(
+      [prompts[i] for i in order], max_new_tokens=limits[order])
+  want = _sampler(params, False).generate(prompts, max_new_tokens=limits)
+  for j, i in enumerate(order):
+    np.testing.assert_array_equal(g[j], want[i])
+
+
+def test_a_whole_evaluation_compiles_a_fixed_set(params, tokenizer, mtnt_dir):
+  """All 852 valid sentences: one decode chunk and at most one insert per
+  prompt bucket (MTNT's prompts span 6: 16 to 512 tokens; an insert takes
+  the bucket of its longest prompt); a second call compiles nothing."""
+  sources = [s for s, _ in data.load_pairs('valid', mtnt_dir=mtnt_dir)]
+  tr = Translator(CFG, params, tokenizer, batch_size=16)
+  widths = {next(b for b in (16, 32, 64, 128, 256, 512, 1024)
+                 if b >= len(tr.prompt_tokens(s))) for s in sources}
+  tr.translate(sources, max_new_tokens=4)
+  kinds = [k[0] for k in tr.compiled_shapes]
+  assert kinds.count('chunk') == 1 and 1 <= kinds.count('insert') <= len(widths) == 6
+  n = tr.num_compiles
+  tr.translate(sources[::-1], max_new_tokens=4)  # Other order, same shapes.
+  assert tr.num_compiles == n
+
+
+def test_static_batching_is_still_there(params, tokenizer):
+  tr = Translator(CFG, params, tokenizer, batch_size=2, continuous=False)
+  tr.translate(['a', 'b', 'c'], max_new_tokens=3)
+  assert all(isinstance(k[0], int) for k in tr.compiled_shapes)
+
+
+@pytest.mark.slow
+def test_real_270m_continuous_equals_static(tokenizer, mtnt_dir):
+  from gemma_mt.weights.embedded import load_gemma3_270m
+  cfg, weights = M.TransformerConfig.gemma3_270m(), load_gemma3_270m()
+  sources = [s for s, _ in data.load_pairs('valid', mtnt_dir=mtnt_dir)[:10]]
+  kw = dict(batch_size=4, max_new_tokens=24)
+  static = Translator(cfg, weights, tokenizer, continuous=False).translate(sources, **kw)
+  cont = Translator(cfg, weights, tokenizer).translate(sources, **kw)
+  assert cont == static
+  assert continuous.MIN_RING >= 512
