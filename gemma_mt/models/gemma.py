@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_mt.models.config import FamilyConfig
 from gemma_mt.models.layers import (GLOBAL, LOCAL, Array, Einsum, TiedHead,
                                     apply_rope, attention, empty_cache,
                                     sliding_mask, write_cache)
@@ -33,7 +34,7 @@ Cache = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(FamilyConfig):
   """Architecture hyper-parameters; one classmethod per released model.
 
   Implements `models.ModelConfig`: the module, cache and accounting of the
@@ -68,16 +69,9 @@ class TransformerConfig:
   global_rope_scale: float = 1.0
 
   @property
-  def num_layers(self) -> int:
-    return len(self.attention_types)
-
-  @property
   def use_qkv_einsum(self) -> bool:
     """Official checkpoints fuse q/k/v into one tensor when heads == kv heads."""
     return self.num_heads == self.num_kv_heads
-
-  def replace(self, **kw) -> 'TransformerConfig':
-    return dataclasses.replace(self, **kw)
 
   def num_params(self, include_embedding: bool = True) -> int:
     d, f, h = self.embed_dim, self.hidden_dim, self.head_dim
@@ -156,28 +150,6 @@ class TransformerConfig:
                        query_pre_attn_scalar=16**-0.5,
                        attention_types=(LOCAL, LOCAL, GLOBAL))
     return base.replace(**kw)
-
-  @classmethod
-  def from_name(cls, name: str) -> 'TransformerConfig':
-    if name not in cls.NAMES + ('tiny',):
-      raise ValueError(f'unknown model {name!r}; choose one of {cls.NAMES}')
-    return getattr(cls, name)()
-
-  def name(self) -> str | None:
-    """The released model name of exactly this config, if any."""
-    return next((n for n in self.NAMES if getattr(TransformerConfig, n)() == self),
-                None)
-
-  def to_dict(self) -> dict[str, Any]:
-    return {'family': self.family, **dataclasses.asdict(self)}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'TransformerConfig':
-    d = {k: v for k, v in d.items() if k != 'family'}
-    names = {f.name for f in dataclasses.fields(cls)}
-    if unknown := sorted(set(d) - names):
-      raise ValueError(f'unknown model config fields {unknown}')
-    return cls(**{**d, 'attention_types': tuple(d['attention_types'])})
 
   # --- The model protocol (`models.ModelConfig`) ---------------------------------
   def module(self, **kw) -> 'Transformer':

@@ -32,13 +32,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_mt.models.config import FamilyConfig
 from gemma_mt.models.layers import (GLOBAL, LOCAL, Array, Einsum, TiedHead,
                                     apply_rope, attention, empty_cache,
                                     param_shapes, sliding_mask, write_cache)
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma4Config:
+class Gemma4Config(FamilyConfig):
   """Gemma 4 hyper-parameters; implements `models.ModelConfig`."""
 
   family: ClassVar[str] = 'gemma4'
@@ -70,34 +71,6 @@ class Gemma4Config:
   num_experts: int = 0                # > 0: MoE FFW beside the dense one
   expert_dim: int = 0
   top_k_experts: int = 0
-
-  @property
-  def num_layers(self) -> int:
-    return len(self.attention_types)
-
-  def replace(self, **kw) -> 'Gemma4Config':
-    return dataclasses.replace(self, **kw)
-
-  @classmethod
-  def from_name(cls, name: str) -> 'Gemma4Config':
-    if name not in cls.NAMES + ('tiny',):
-      raise ValueError(f'unknown model {name!r}; choose one of {cls.NAMES}')
-    return getattr(cls, name)()
-
-  def name(self) -> str | None:
-    return next((n for n in self.NAMES
-                 if getattr(Gemma4Config, n)() == self), None)
-
-  def to_dict(self) -> dict[str, Any]:
-    return {'family': self.family, **dataclasses.asdict(self)}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'Gemma4Config':
-    d = {k: v for k, v in d.items() if k != 'family'}
-    names = {f.name for f in dataclasses.fields(cls)}
-    if unknown := sorted(set(d) - names):
-      raise ValueError(f'unknown model config fields {unknown}')
-    return cls(**{**d, 'attention_types': tuple(d['attention_types'])})
 
   # --- The model protocol (`models.ModelConfig`) ---------------------------------
   def module(self, **kw) -> 'Gemma4':
