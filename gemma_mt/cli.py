@@ -13,18 +13,21 @@ command compiles nothing (`--compile_cache_dir`, `--no_compile_cache`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import inspect
 import logging
 import os
 import re
+import signal
 import sys
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 
+from gemma_mt import signals
 from gemma_mt.cache import CACHE_ENV, cache_home
 
 log = logging.getLogger(__name__)
@@ -288,14 +291,24 @@ def main_guard(fn: Callable[[list[str] | None], int],
       stats = enable_compile_cache(cache)
     except OSError as e:
       log.warning('no compile cache at %s: %s', cache, e)
+  # SIGTERM as SIGINT, so that both end a run the same way (`signals`).
+  with contextlib.suppress(ValueError):  # Not in the main thread.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
   try:
     return fn(argv)
   except SystemExit as e:  # argparse: --help (0) or a bad flag (2).
     return e.code if isinstance(e.code, int) else 2
-  except (ValueError, OSError, RuntimeError, KeyError) as e:
+  except (signals.Interrupted, KeyboardInterrupt) as e:
     if debug:
       raise
-    msg = str(e).strip() or type(e).__name__
+    print(f'interrupted: {str(e).strip() or "nothing was kept"}',
+          file=sys.stderr)
+    return signals.EXIT_CODE
+  except (ValueError, OSError, RuntimeError, KeyError, ArithmeticError,
+          TypeError) as e:
+    if debug:
+      raise
+    msg = ' '.join(str(e).split()) or type(e).__name__
     print(f'error: {msg}', file=sys.stderr)
     return 2
   finally:

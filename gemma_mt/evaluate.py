@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from gemma_mt import cli
+from gemma_mt import cli, fs, signals
 from gemma_mt.data import mtnt as data
 from gemma_mt.eval import report
 from gemma_mt.eval.metrics import evaluate
@@ -88,6 +88,12 @@ def parse_args(argv=None):
     p.error('--tfds_data_dir and --mtnt_archive go with --tfds')
   if args.limit is not None and args.limit < 1:
     p.error('--limit must be >= 1')
+  for flag in ('tsv', 'mtnt_archive'):
+    if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
+      p.error(f'--{flag} {getattr(args, flag)}: no such file')
+  for flag in ('mtnt_dir', 'compare_checkpoint'):
+    if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
+      p.error(f'--{flag} {getattr(args, flag)}: no such directory')
   args.options = cli.sampling_options(args)
   cli.check_model_args(args)
   return args
@@ -118,16 +124,29 @@ def run(argv=None) -> int:
       default_output_dir() / 'hypotheses.txt')
   summary_path = Path(args.summary) if args.summary else (
       output.with_name('summary.json'))
-  if summary_path.resolve() == output.resolve():
-    raise ValueError('--summary and --output must differ')
-  for flag, path in (('--output', output), ('--summary', summary_path),
-                     ('--report', args.report)):
+  outputs = {'--output': output, '--summary': summary_path,
+             '--report': args.report}
+  fs.check_outputs(outputs, {
+      '--tsv': args.tsv, '--mtnt_dir': args.mtnt_dir,
+      '--checkpoint': args.checkpoint,
+      '--compare_checkpoint': args.compare_checkpoint,
+      '--tfds_data_dir': args.tfds_data_dir, '--mtnt_archive': args.mtnt_archive})
+  for flag, path in outputs.items():
     check_writable(flag, path)  # Before hours of translating, not after.
+  with fs.RunLock(output, for_output=True):
+    return _evaluate(args, pairs, where, output, summary_path)
+
+
+def _evaluate(args, pairs, where, output: Path, summary_path: Path) -> int:
   translator = cli.build_translator(args)
   log.info('translating %d pairs from %s', len(pairs), where)
-  partial = output.with_name(output.name + '.partial')
-  hyps, summary = evaluate(translator, pairs, args.options,
-                           batch_size=args.batch_size, partial=partial)
+  partial = fs.partial_path(output)
+  try:
+    hyps, summary = evaluate(translator, pairs, args.options,
+                             batch_size=args.batch_size, partial=partial)
+  except KeyboardInterrupt:
+    raise signals.Interrupted(
+        f'the hypotheses translated so far are in {partial}') from None
   summary = {'data': where, 'lang_pair': args.lang_pair,
              'model': args.model, 'checkpoint': args.checkpoint,
              'batch_size': args.batch_size,
@@ -149,9 +168,8 @@ def run(argv=None) -> int:
     report.write(Path(args.report), report.rows(pairs, hyps, hyps_b),
                  f'{where}: {len(pairs)} sentences', names)
     summary['report'] = args.report
-  summary_path.parent.mkdir(parents=True, exist_ok=True)
-  summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False)
-                          + '\n', encoding='utf-8')
+  fs.atomic_write(summary_path, json.dumps(summary, indent=2,
+                                          ensure_ascii=False) + '\n')
   log.info('hypotheses: %s; summary: %s', output, summary_path)
   print(json.dumps(summary, indent=2, ensure_ascii=False))
   return 0

@@ -51,11 +51,17 @@ def parse_args(argv=None):
   p.add_argument('--overwrite', action='store_true',
                  help='replace an existing output')
   args = p.parse_args(argv)
-  out = Path(args.out)
-  if out.exists() and not args.overwrite:
-    p.error(f'{out} exists; pass --overwrite to replace it')
   if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
     p.error(f'--checkpoint {args.checkpoint}: no such directory')
+  from gemma_mt import fs
+  base = args.base if args.base and Path(args.base).exists() else None
+  try:  # Refused before anything is loaded.
+    fs.check_outputs({'OUT': args.out},
+                     {'--checkpoint': args.checkpoint, '--base': base})
+    fs.check_replaceable(args.out, args.overwrite, 'OUT',
+                         directory=args.to != 'gguf')
+  except (ValueError, OSError) as e:
+    p.error(str(e))
   return args
 
 
@@ -93,7 +99,13 @@ def export_peft(args) -> Path:
 
 
 def run(argv=None) -> int:
+  from gemma_mt import fs
   args = parse_args(argv)
+  with fs.RunLock(args.out, for_output=True):
+    return _export(args)
+
+
+def _export(args) -> int:
   t0 = time.time()
   if args.to == 'peft':
     out = export_peft(args)

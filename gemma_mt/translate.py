@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 import time
 
 from gemma_mt import cli
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     p.error('--jsonl reads requests from stdin; give no sentences/--input')
   if args.sentences and args.input:
     p.error('give sentences as arguments or --input, not both')
+  if args.input and not Path(args.input).is_file():
+    p.error(f'--input {args.input}: no such file')
   args.options = cli.sampling_options(args)  # Checked before any loading.
   cli.check_model_args(args)
   return args
@@ -70,6 +73,12 @@ def _read_lines(args) -> list[str]:
 
 def run(argv=None) -> int:
   args = parse_args(argv)
+  # A closed stream is None here (the shell's `>&-`): say so before the work,
+  # instead of translating into nothing.
+  if sys.stdout is None:
+    raise ValueError('stdout is closed: the translations could go nowhere')
+  if sys.stdin is None and (args.jsonl or not (args.sentences or args.input)):
+    raise ValueError('stdin is closed: give sentences or --input FILE')
   if hasattr(sys.stdout, 'reconfigure'):
     sys.stdout.reconfigure(encoding='utf-8')  # French, whatever the locale.
   if args.jsonl:
@@ -84,8 +93,11 @@ def run(argv=None) -> int:
   out = translator.translate(sources, args.options)
   log.info('%d sentences in %.1fs (%d compiled shapes)', len(sources),
            time.time() - t0, translator.num_compiles)
-  for line in out:
-    print(line)
+  try:
+    sys.stdout.write(''.join(line + '\n' for line in out))
+    sys.stdout.flush()
+  except (OSError, ValueError) as e:  # A closed pipe or file.
+    raise OSError(f'cannot write the translations to stdout: {e}') from None
   return 0
 
 

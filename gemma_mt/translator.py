@@ -12,7 +12,7 @@ after generation; it never stops the device loop early).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import flax.linen as nn
@@ -83,6 +83,32 @@ class Translation:
   candidates: list[str] | None = None  # beam/MBR: the n-best texts, best first
 
 
+def check_sources(sources) -> list[str]:
+  """The sources as a list, each a valid Unicode string; TypeError or
+  ValueError naming the first bad one, before any device work."""
+  if isinstance(sources, (str, bytes)):
+    raise TypeError('sources must be a list of strings, not one string')
+  if isinstance(sources, (Mapping, Set)) or not isinstance(sources, Iterable):
+    raise TypeError(f'sources must be a sequence of strings, in order; got '
+                    f'a {type(sources).__name__}')
+  sources = list(sources)  # A generator is read once, here.
+  for i, s in enumerate(sources):
+    if not isinstance(s, str):
+      raise TypeError(f'sources[{i}] is a {type(s).__name__}, not a str')
+    try:
+      s.encode('utf-8')
+    except UnicodeEncodeError as e:
+      raise ValueError(f'sources[{i}] is not valid Unicode (a lone surrogate '
+                       f'at character {e.start})') from None
+  return sources
+
+
+def check_batch_size(batch_size) -> None:
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
+      or batch_size < 1:
+    raise ValueError(f'batch_size must be an integer >= 1, got {batch_size!r}')
+
+
 def default_dtype():
   """bfloat16 on accelerators; float32 on CPU, where bf16 matmuls are slow."""
   return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
@@ -125,6 +151,10 @@ class Translator:
                fast_decode: bool | None = None, progress: bool = False,
                continuous: bool = True,
                prompt_format: str = prompts.DEFAULT):
+    if params is None:
+      raise TypeError('params is None: pass the model\'s weights '
+                      '(Translator.from_pretrained loads them)')
+    check_batch_size(batch_size)
     if isinstance(model_or_config, nn.Module):
       model = model_or_config
       if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
@@ -244,8 +274,7 @@ class Translator:
   def prepare(self, sources: Sequence[str],
               options: SamplingOptions) -> Prepared:
     """Prompts of every source, all checked before any is decoded."""
-    if isinstance(sources, str):
-      raise TypeError('sources must be a list of strings, not one string')
+    sources = check_sources(sources)
     return Prepared(sources, options,
                     [None if not s.strip() else self._fit(i, s)
                      for i, s in enumerate(sources)])
@@ -255,6 +284,8 @@ class Translator:
     """Runs the model on `prep`: beam search when its options search
     (beam/MBR), else continuous batching for more prompts than a batch,
     else static batches."""
+    if batch_size is not None:
+      check_batch_size(batch_size)
     opts, prompts, limits = prep.options, prep.prompts, prep.limits
     nbest = None
     if opts.search_width > 1:

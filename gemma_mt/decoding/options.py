@@ -20,6 +20,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 # A translation of one line never needs more; larger budgets only size the
 # KV cache (B x (prompt + budget) slots) toward out-of-memory.
 MAX_NEW_TOKENS_LIMIT = 8192
+MAX_TEMPERATURE = 100.0  # beyond it, sampling is uniform to float precision
 # CLI default: French runs ~1.2-1.5x the English token count, so 3x the
 # whole prompt never cuts a real translation but bounds a runaway one.
 DEFAULT_MAX_LENGTH_RATIO = 3.0
@@ -79,8 +80,8 @@ class SamplingOptions:
     need(_is_int(self.max_new_tokens)
          and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
          'max_new_tokens', f'an int in [1, {MAX_NEW_TOKENS_LIMIT}]')
-    need(_is_num(self.temperature) and self.temperature >= 0, 'temperature',
-         'a finite number >= 0')
+    need(_is_num(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+         'temperature', f'a number in [0, {MAX_TEMPERATURE}]')
     need(opt(self.top_k, lambda k: _is_int(k) and k >= 1), 'top_k',
          'None or an int >= 1')
     need(opt(self.top_p, lambda p: _is_num(p) and 0 < p <= 1), 'top_p',

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
+from gemma_mt import fs
 from gemma_mt.decoding import postprocess
 from gemma_mt.decoding.options import SamplingOptions
 
@@ -48,15 +49,17 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
   t0 = time.perf_counter()
   results = []
   if partial is not None:
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text('', encoding='utf-8')
+    fs.atomic_write(partial, '')
   for start in range(0, len(sources), CHUNK):
     chunk = translator.translate_detailed(sources[start:start + CHUNK], options,
                                           batch_size=batch_size)
     results += chunk
     if partial is not None:
-      with partial.open('a', encoding='utf-8') as f:
-        f.write(hypothesis_lines(r.text for r in chunk))
+      try:
+        with partial.open('a', encoding='utf-8') as f:
+          f.write(hypothesis_lines(r.text for r in chunk))
+      except OSError as e:
+        raise fs.failed(partial, e) from e
   seconds = time.perf_counter() - t0
   hyps = [r.text for r in results]
   long_ = [postprocess.too_long(h, r) for h, r in zip(hyps, refs)]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from sacrebleu.metrics import CHRF
 
+from gemma_mt import fs
+
 
 def rows(pairs: Sequence[tuple[str, str]], hyps: Sequence[str],
          hyps_b: Sequence[str] | None = None) -> list[dict]:
@@ -82,4 +84,4 @@ def write(path: Path, report: list[dict], title: str, names=('A', 'B')) -> None:
   path = Path(path)
   text = (to_html(report, title, names) if path.suffix.lower() in ('.html', '.htm')
           else to_tsv(report))
-  path.write_text(text, encoding='utf-8')
+  fs.atomic_write(path, text)

@@ -8,7 +8,10 @@ is the comment beside the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
+import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
 OPTIMIZERS = ('sgd', 'adamw', 'adafactor')
 SCHEDULES = ('constant', 'cosine', 'linear')
 SELECT_BY = ('chrf', 'bleu')
+MAX_RATE = 100.0
 
 
 @dataclasses.dataclass
@@ -90,6 +94,7 @@ class TrainingConfig:
 
   def check(self) -> None:
     """Raises ValueError naming the first bad field (before anything loads)."""
+    check_types(self)
     positive = ('batch_size', 'grad_accum_steps', 'max_seq_len', 'num_epochs',
                 'log_every_n', 'checkpoint_every_n', 'keep_checkpoints')
     for name in positive:
@@ -105,10 +110,19 @@ class TrainingConfig:
                  'eval_bleu_every_n', 'early_stop_patience'):
       if getattr(self, name) < 0:
         raise ValueError(f'--{name} must be >= 0, got {getattr(self, name)}')
-    if not self.learning_rate > 0:
-      raise ValueError(f'--learning_rate must be > 0, got {self.learning_rate}')
-    if self.weight_decay < 0:
-      raise ValueError(f'--weight_decay must be >= 0, got {self.weight_decay}')
+    # Upper bounds far past any working value, so that a typo (1e8 for
+    # 1e-8) is refused here instead of diverging after the compile.
+    if not 0 < self.learning_rate <= MAX_RATE:
+      raise ValueError(f'--learning_rate must be in (0, {MAX_RATE}], got '
+                       f'{self.learning_rate}')
+    if not 0 <= self.weight_decay <= MAX_RATE:
+      raise ValueError(f'--weight_decay must be in [0, {MAX_RATE}], got '
+                       f'{self.weight_decay}')
+    workdir = Path(self.workdir)
+    if workdir.exists() and not workdir.is_dir():
+      raise ValueError(f'--workdir {workdir}: is a file')
+    if self.mtnt_dir and not Path(self.mtnt_dir).is_dir():
+      raise ValueError(f'--mtnt_dir {self.mtnt_dir}: no such directory')
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(f'batch_size={self.batch_size} is not a multiple of '
                        f'grad_accum_steps={self.grad_accum_steps}')
@@ -146,21 +160,65 @@ class TrainingConfig:
                          f'{getattr(self, name)!r}') from None
 
 
+def _accepts(tp: str, v) -> bool:
+  """`v` fits the field annotation `tp` (a string: 'int', 'float | None')."""
+  kinds = {'int': int, 'float': (int, float), 'str': str, 'bool': bool}
+  options = [t.strip() for t in tp.split('|')]
+  if v is None:
+    return 'None' in options
+  if isinstance(v, bool):
+    return 'bool' in options
+  return any(isinstance(v, kinds[t]) for t in options if t in kinds)
+
+
+def check_types(config: TrainingConfig) -> None:
+  """Every field holds its declared type and every number is finite: what a
+  config file sets is checked like what a flag sets."""
+  for f in dataclasses.fields(config):
+    v = getattr(config, f.name)
+    if not _accepts(f.type, v):
+      raise ValueError(f'{f.name} must be {f.type}, got {v!r}')
+    if isinstance(v, float) and not math.isfinite(v):
+      raise ValueError(f'{f.name} must be finite, got {v!r}')
+
+
 def load_config_file(path: str | Path) -> TrainingConfig:
-  """A python file with `get_config() -> TrainingConfig`."""
+  """A python file with `get_config() -> TrainingConfig`.
+
+  Whatever goes wrong inside the file (an exception, `sys.exit`, a misspelled
+  field, a wrong type) is one ValueError naming the file and, where there is
+  one, the field and the closest real field.
+  """
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'config file not found: {path}')
+    raise FileNotFoundError(f'--config {path}: no such file')
   spec = importlib.util.spec_from_file_location(f'_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-  except Exception as e:  # A syntax error or failing import in the file.
+    if not hasattr(module, 'get_config'):
+      raise ValueError('defines no get_config()')
+    config = module.get_config()
+  except TypeError as e:
+    raise ValueError(f'config file {path}: {unknown_field_hint(e)}') from None
+  except (Exception, SystemExit) as e:  # Its own code: anything can happen.
     raise ValueError(f'config file {path}: {type(e).__name__}: {e}') from None
-  if not hasattr(module, 'get_config'):
-    raise ValueError(f'{path} defines no get_config()')
-  config = module.get_config()
   if not isinstance(config, TrainingConfig):
     raise ValueError(f'{path}: get_config() returned a '
                      f'{type(config).__name__}, not a TrainingConfig')
+  try:
+    check_types(config)
+  except ValueError as e:
+    raise ValueError(f'config file {path}: {e}') from None
   return config
+
+
+def unknown_field_hint(e: TypeError) -> str:
+  """"unexpected keyword argument 'lerning_rate'" → the closest field."""
+  m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+  if not m:
+    return f'TypeError: {e}'
+  names = [f.name for f in dataclasses.fields(TrainingConfig)]
+  close = difflib.get_close_matches(m[1], names, n=1)
+  return (f'unknown field {m[1]!r}' +
+          (f'; did you mean {close[0]!r}?' if close else ''))

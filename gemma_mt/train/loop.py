@@ -12,6 +12,7 @@ final params in `workdir/final` in the format the translation tools load.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -22,16 +23,18 @@ from typing import Any
 
 import jax
 
-from gemma_mt import lora, sharding, weights
+from gemma_mt import fs, lora, sharding, signals, weights
 from gemma_mt.data import packing
 from gemma_mt.data.mtnt import (MTNTDatasetBuilder, place_mtnt_archive,
                                 prefetch_to_device)
 from gemma_mt.train import checkpoints, metrics, steps
 from gemma_mt.train.config import TrainingConfig
-from gemma_mt.train.quality import QualityTracker
+from gemma_mt.train.quality import BEST_DIR, QualityTracker
 from gemma_mt.train.state import TrainState, init_model, init_train, lora_base_dir
 
 log = logging.getLogger(__name__)
+
+DATA_KEY = 'train_data_sha256'  # beside the config fields in config.json
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -167,14 +170,55 @@ def check_resume(config: TrainingConfig, saved_config: Path) -> None:
                      '--force_resume to go on anyway')
 
 
+def data_fingerprint(builder: MTNTDatasetBuilder) -> str:
+  """SHA-256 of the training pairs as read: a resumed run must see the same
+  data, or its data order (and what it learned) would not continue."""
+  h = hashlib.sha256()
+  for src, dst in builder.load_pairs('train'):
+    h.update(json.dumps([src, dst], ensure_ascii=False).encode())
+  return h.hexdigest()
+
+
+def check_data(config: TrainingConfig, saved_config: Path,
+               fingerprint: str) -> None:
+  """Refuses to resume on other training data unless --force_resume."""
+  try:
+    saved = json.loads(saved_config.read_text()).get(DATA_KEY)
+  except (OSError, ValueError, AttributeError):
+    return
+  if saved is None or saved == fingerprint:
+    return
+  if not config.force_resume:
+    raise ValueError(f'--resume: the training data changed since the run in '
+                     f'{saved_config.parent} started (sha256 {saved[:12]}… → '
+                     f'{fingerprint[:12]}…); pass --force_resume to go on '
+                     'anyway')
+  log.warning('--force_resume: training on changed data (sha256 %s… → %s…)',
+              saved[:12], fingerprint[:12])
+
+
 def train_loop(config: TrainingConfig) -> Any:
-  """Runs (or resumes) training; returns the final params."""
+  """Runs (or resumes) training; returns the final params.
+
+  The workdir is held by a `fs.RunLock` for the whole run: a second process
+  on it is refused in one line, before it touches any file there.
+  """
   config.check()
   workdir = Path(config.workdir).absolute()
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f'--workdir {workdir} is a file')
   created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
+  with fs.RunLock(workdir):
+    return _train_locked(config, workdir, created)
+
+
+def _train_locked(config: TrainingConfig, workdir: Path, created: bool) -> Any:
+  # The dirs written at the end (or at evaluations) are replaced only if this
+  # package wrote them: refused now, not after the training.
+  for name in ('final', BEST_DIR, 'adapters'):
+    fs.check_replaceable(workdir / name, overwrite=True,
+                         flag=f'--workdir {workdir}: {name}/')
   mngr = checkpoints.checkpoint_manager(config)
   ckpt_dir = workdir / 'checkpoints'
   latest = mngr.latest_step()
@@ -201,6 +245,9 @@ def train_loop(config: TrainingConfig) -> Any:
     loaded = init_model(config)
     tokenizer, arch = loaded.tokenizer, loaded.arch
     builder, train_data, total = make_data(config, tokenizer)
+    fingerprint = data_fingerprint(builder)
+    if latest is not None:
+      check_data(config, workdir / 'config.json', fingerprint)
     setup = init_train(config, mesh, total, loaded)  # Schedule ends at total.
     state = setup.state
     start = 0
@@ -208,8 +255,8 @@ def train_loop(config: TrainingConfig) -> Any:
       state, start, latest = checkpoints.restore_latest(mngr, state)
       log.info('resumed from step %d', start)
     # Written once the run really starts or resumes.
-    (workdir / 'config.json').write_text(
-        json.dumps(dataclasses.asdict(config), indent=2) + '\n')
+    fs.atomic_write(workdir / 'config.json', json.dumps(
+        {**dataclasses.asdict(config), DATA_KEY: fingerprint}, indent=2) + '\n')
   except BaseException:
     mngr.close()
     if created:
@@ -286,7 +333,9 @@ def train_loop(config: TrainingConfig) -> Any:
                       tok_s=f'{values["tokens_per_s"]:.0f}')
       window.reset()
 
+  stop = signals.StopRequest()
   try:
+    stop.__enter__()
     it = prefetch_to_device(
         sharding.host_local_batches(train_data(start)), put)
     for step in range(start + 1, total + 1):
@@ -296,10 +345,15 @@ def train_loop(config: TrainingConfig) -> Any:
       state, m = train_step(state, batch)
       flush()  # The previous step's metrics, while this one runs.
       pending = (step, m)
-      if step % config.checkpoint_every_n == 0 or step == total:
+      if (step % config.checkpoint_every_n == 0 or step == total
+          or stop.requested):
         flush()
         checkpoints.save_checkpoint(mngr, step, state)
         last_good = step
+      if stop.requested:
+        raise signals.Interrupted(
+            f'{signals.name(stop.signum)} at step {step}: checkpoint saved in '
+            f'{ckpt_dir}')
       if config.eval_every_n > 0 and (step % config.eval_every_n == 0
                                       or step == total):
         flush()
@@ -316,6 +370,7 @@ def train_loop(config: TrainingConfig) -> Any:
           break
     flush()
   finally:
+    stop.__exit__()
     bar.close()
     writer.close()
     mngr.close()
@@ -330,10 +385,11 @@ def train_loop(config: TrainingConfig) -> Any:
   final = weights.save(workdir / 'final', arch, params, tokenizer,
                        overwrite=True, prompt_format=config.prompt_format)
   metrics.plot_losses(writer.path, workdir / 'loss.png')
+  best = workdir / BEST_DIR
   log.info('final params in %s%s', final, '' if quality is None or
-           quality.best is None else f'; best ({config.select_by} '
-           f'{quality.best[config.select_by]:.2f} at step '
-           f'{quality.best["step"]}) in {workdir / "best"}')
+           quality.best is None or not best.is_dir() else
+           f'; best ({config.select_by} {quality.best[config.select_by]:.2f} '
+           f'at step {quality.best["step"]}) in {best}')
   return params
 
 

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
-from gemma_mt import cli
+from gemma_mt import cli, signals
 from gemma_mt.train.config import TrainingConfig, load_config_file
 
 
@@ -31,7 +32,13 @@ def run(argv: list[str] | None = None) -> int:
   from gemma_mt import sharding
   from gemma_mt.train.loop import train_loop
   sharding.maybe_initialize_distributed()  # Before anything touches devices.
-  train_loop(config)
+  try:
+    train_loop(config)
+  except signals.Interrupted as e:
+    args = list(sys.argv[1:] if argv is None else argv)
+    again = ['python', '-m', 'gemma_mt.train', *args,
+             *([] if '--resume' in args else ['--resume'])]
+    raise signals.Interrupted(f'{e}; resume with: {shlex.join(again)}') from None
   return 0
 
 

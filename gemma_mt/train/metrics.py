@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
 from pathlib import Path
+
+from gemma_mt import fs
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ def plot_losses(metrics_path: Path, out: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
+  fs.atomic_write(out, png.getvalue())
   return out

@@ -12,6 +12,7 @@ best stop the run.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from gemma_mt.train.config import TrainingConfig
 from gemma_mt.translator import Translator
 
 BEST_DIR, BEST_FILE = 'best', 'best.json'
+
+log = logging.getLogger(__name__)
 
 
 class QualityTracker:
@@ -43,10 +46,24 @@ class QualityTracker:
     self.since_best = 0
 
   def _read_best(self) -> dict | None:
+    """The record of a resumed run's best, if best/ is still what it says:
+    present and matching its checksums. Else the record is forgotten, with
+    a warning, and the next evaluation sets a new best."""
     path = self.workdir / BEST_FILE
-    if self.config.resume and path.is_file():
-      return json.loads(path.read_text())
-    return None
+    if not (self.config.resume and path.is_file()):
+      return None
+    best = self.workdir / BEST_DIR
+    try:
+      record = json.loads(path.read_text())
+      if not best.is_dir():
+        raise fs.DamagedError(f'{best} is missing')
+      fs.verify_dir(best)
+      record[self.config.select_by]  # noqa: B018 (a KeyError if another key)
+    except (ValueError, KeyError, OSError) as e:
+      log.warning('forgetting the best record of %s: %s; the next evaluation '
+                  'sets a new best', path, e)
+      return None
+    return record
 
   def score(self, params) -> dict:
     """Scores of `params` (plain, merged weights) on the subset."""
@@ -65,7 +82,7 @@ class QualityTracker:
                  overwrite=True, prompt_format=self.config.prompt_format)
     self.best = {'step': step, 'select_by': key, **scores}
     fs.atomic_write(self.workdir / BEST_FILE,  # best/ first, then
-                          json.dumps(self.best, indent=2) + '\n')  # its record.
+                    json.dumps(self.best, indent=2) + '\n')  # its record.
     self.since_best = 0
     return True
 

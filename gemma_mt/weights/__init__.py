@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from gemma_mt import lora, models
+from gemma_mt import fs, lora, models
 from gemma_mt.data import prompts
 from gemma_mt.data.tokenizer import GemmaTokenizer
 from gemma_mt.models import ModelConfig
@@ -154,6 +154,7 @@ def load_dir(path: str | os.PathLike, default_arch: str | None = None,
              dtype: Any = None, sharding: Any = None) -> Pretrained:
   """A local dir: ours (with gemma_mt.json), an official one, or adapters."""
   path = Path(path).expanduser()
+  fs.verify_dir(path)  # A damaged file is named before anything is read.
   if adapters.is_adapter_dir(path):
     return _load_with_adapters(path, dtype, sharding)
   if (path / 'checkpoints').is_dir() and not orbax_io.is_orbax_dir(path):

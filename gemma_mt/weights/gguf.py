@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from gemma_mt import fs
 from gemma_mt.data.tokenizer import GemmaTokenizer
 from gemma_mt.models.gemma import TransformerConfig
 
@@ -329,8 +330,7 @@ def write_gguf(
     raise GGUFError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
   check_llama_cpp_config(config)
   path = Path(path).expanduser().absolute()
-  if path.exists() and not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+  fs.check_replaceable(path, overwrite, directory=False)  # Before the work.
   qt, ft = gguf.GGMLQuantizationType, gguf.LlamaFileType
   qtype = {"f32": qt.F32, "f16": qt.F16, "bf16": qt.BF16, "q8_0": qt.Q8_0}[outtype]
   w = gguf.GGUFWriter(None, "gemma3")
@@ -360,15 +360,11 @@ def write_gguf(
       w.add_tensor(tname, x.astype(np.float16))
     else:
       w.add_tensor(tname, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
+  with fs.atomic_path(path, overwrite) as tmp:
     w.write_header_to_file(tmp)
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
   return path
 
 

@@ -109,6 +109,11 @@ def _require(cfg: TransformerConfig, ok: bool, what: str) -> None:
     raise ValueError(f'cannot write this config as {cfg.hf_model_type()}: {what}')
 
 
+_INT_FIELDS = ('num_hidden_layers', 'vocab_size', 'hidden_size',
+               'intermediate_size', 'num_attention_heads', 'head_dim',
+               'num_key_value_heads', 'sliding_window')
+
+
 def config_from_hf(d: dict, where: str = CONFIG_FILE) -> TransformerConfig:
   """Our config of a transformers config.json (the text part of Gemma 3's)."""
   kind = d.get('model_type')
@@ -126,9 +131,16 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> TransformerConfig:
   def get(key):
     if key not in d:
       raise CheckpointError(f'{where}: field {key!r} is missing')
-    return d[key]
+    v = d[key]
+    if key in _INT_FIELDS and (isinstance(v, bool) or not isinstance(v, int)
+                               or v < 1):
+      raise CheckpointError(f'{where}: {key} {v!r} is not a positive integer')
+    return v
 
   n = get('num_hidden_layers')
+  for key in _INT_FIELDS:
+    if key in d and d[key] is not None:
+      get(key)
   head_dim = d.get('head_dim') or get('hidden_size') // get('num_attention_heads')
   kw: dict[str, Any] = dict(
       vocab_size=get('vocab_size'), embed_dim=get('hidden_size'),
@@ -148,6 +160,9 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> TransformerConfig:
     types = ['full_attention' if (i + 1) % period == 0 else 'sliding_attention'
              for i in range(n)]
   ours = {v: k for k, v in _HF_LAYER.items()}
+  if len(types) != n or not set(types) <= set(ours):
+    raise CheckpointError(f'{where}: layer_types must be {n} (num_hidden_layers) '
+                          f'of {sorted(ours)}')
   kw.update(attention_types=tuple(ours[t] for t in types),
             final_logit_softcap=d.get('final_logit_softcapping'),
             attn_logits_soft_cap=d.get('attn_logit_softcapping'),
@@ -322,7 +337,9 @@ def read_dir(path: str | os.PathLike, dtype: Any = np.float32
   rows = handles[embed[0]].get_slice(embed[0]).get_shape()[0]
   tokenizer = read_tokenizer(path)
   cfg = named_config(cfg.replace(vocab_size=rows), tokenizer.vocab_size)
+  check_sizes(cfg, path / CONFIG_FILE)
   dtype = np.dtype(dtype)
+  used = set()
 
   def get(name, shape):
     if name not in handles:
@@ -331,9 +348,31 @@ def read_dir(path: str | os.PathLike, dtype: Any = np.float32
     if tuple(x.shape) != shape:
       raise CheckpointError(f'{path}: tensor {name!r} has shape '
                             f'{tuple(x.shape)}, expected {shape}')
+    used.add(name)
     return x.astype(dtype)
 
-  return cfg, params_from_hf(get, cfg, prefix, rows), tokenizer
+  params = params_from_hf(get, cfg, prefix, rows)
+  # Every text-decoder tensor must be read: one left over means config.json
+  # describes a smaller model than the weights (a layer count, say).
+  # lm_head.weight is the tied embedding, which some exports also store.
+  if unused := sorted(k for k in handles if k.startswith(prefix)
+                      and k not in used):
+    more = f' and {len(unused) - 3} more' if len(unused) > 3 else ''
+    raise CheckpointError(
+        f'{path}: tensors {", ".join(unused[:3])}{more} are not part of the '
+        f'model config.json describes ({cfg.num_layers} layers); the config '
+        'and the weights disagree')
+  return cfg, params, tokenizer
+
+
+def check_sizes(cfg: TransformerConfig, where: Path) -> None:
+  """Every size of the config is positive, so no model is built empty."""
+  sizes = {'num_hidden_layers': cfg.num_layers, 'vocab_size': cfg.vocab_size,
+           'hidden_size': cfg.embed_dim, 'intermediate_size': cfg.hidden_dim,
+           'num_attention_heads': cfg.num_heads, 'head_dim': cfg.head_dim,
+           'num_key_value_heads': cfg.num_kv_heads}
+  if bad := [f'{k} {v}' for k, v in sizes.items() if v < 1]:
+    raise CheckpointError(f'{where}: {", ".join(bad)}: sizes must be >= 1')
 
 
 def read_tokenizer(path: Path) -> GemmaTokenizer:

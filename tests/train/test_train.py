@@ -7,6 +7,7 @@ and in subprocesses, compile the train step only once.
 
 import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -256,9 +257,61 @@ def test_checkpoint_of_another_model_is_named_not_moved(uninterrupted, tmp_path,
 
 
 def test_failed_start_leaves_no_workdir(tmp_path, mtnt_dir):
-  with pytest.raises(FileNotFoundError, match='MTNT file not found'):
+  with pytest.raises(ValueError, match='--mtnt_dir .*no_mtnt: no such directory'):
     loop.train_loop(tiny_config(tmp_path / 'new', tmp_path / 'no_mtnt'))
   assert not (tmp_path / 'new').exists()
+  (tmp_path / 'empty_mtnt').mkdir()
+  with pytest.raises(FileNotFoundError, match='MTNT file not found'):
+    loop.train_loop(tiny_config(tmp_path / 'new', tmp_path / 'empty_mtnt'))
+  assert not (tmp_path / 'new').exists()
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(
+    signum, uninterrupted, tmp_path, mtnt_dir, monkeypatch, xla_cache, capsys):
+  """A signal during step 3 (no checkpoint due): the run saves step 3, ends
+  with one line (exit 130) that holds the resume command, and that command
+  ends where an uninterrupted run ends."""
+  real = steps.make_train_step
+
+  def signalling(*a, **kw):
+    step_fn, count = real(*a, **kw), [0]
+
+    def wrapped(state, batch):
+      count[0] += 1
+      if count[0] == 3:
+        os.kill(os.getpid(), signum)
+      return step_fn(state, batch)
+    return wrapped
+
+  argv = cli_args(tmp_path, mtnt_dir)
+  with monkeypatch.context() as m:
+    m.setattr(steps, 'make_train_step', signalling)
+    assert train_main.main(argv) == 130
+  err = [l for l in capsys.readouterr().err.splitlines()
+         if l.startswith('interrupted')]
+  assert len(err) == 1, err
+  assert f'{signal.Signals(signum).name} at step 3: checkpoint saved' in err[0]
+  command = err[0].split('resume with: ')[1]
+  assert command.endswith('--resume')
+  assert (tmp_path / 'checkpoints' / '3').is_dir()
+  assert not (tmp_path / 'final').exists()
+  assert train_main.main(shlex.split(command)[3:]) == 0
+  assert_trees_equal(weights.load_dir(tmp_path / 'final').params,
+                     uninterrupted[1])
+
+
+def test_resume_refuses_changed_training_data(tmp_path, mtnt_dir, xla_cache):
+  data = tmp_path / 'mtnt'
+  shutil.copytree(mtnt_dir, data)
+  loop.train_loop(tiny_config(tmp_path / 'run', data, max_steps=2))
+  train = data / 'train' / 'train.en-fr.tsv'
+  rows = train.read_text().splitlines(keepends=True)
+  train.write_text(''.join(rows[:300][::-1]))  # Fewer rows, reordered.
+  before = _tree_files(tmp_path / 'run')
+  with pytest.raises(ValueError, match='training data changed'):
+    loop.train_loop(tiny_config(tmp_path / 'run', data, resume=True))
+  assert _tree_files(tmp_path / 'run') == before
 
 
 def test_blown_up_params_are_divergence_and_never_saved(tmp_path, mtnt_dir,
@@ -290,10 +343,10 @@ def test_parse_args_types_and_errors():
     (['--lr=1'], 'error: unrecognized arguments: --lr=1'),
     (['--batch_size=four'], "--batch_size: expects int, got 'four'"),
     (['--remat=maybe'], "--remat: expects true/false, got 'maybe'"),
-    (['--config', 'nope.py'], 'error: config file not found: nope.py'),
+    (['--config', 'nope.py'], 'error: --config nope.py: no such file'),
     (['--batch_size', '-2'], 'error: --batch_size must be >= 1, got -2'),
     (['--grad_accum_steps', '0'], '--grad_accum_steps must be >= 1'),
-    (['--learning_rate', '-1'], '--learning_rate must be > 0, got -1.0'),
+    (['--learning_rate', '-1'], '--learning_rate must be in (0, 100.0], got -1.0'),
     (['--dtype', 'float99'], "--dtype: unknown dtype 'float99'"),
     (['--optimizer', 'lion'], '--optimizer must be one of'),
     (['--lr_schedule', 'step'], '--lr_schedule must be one of'),
@@ -450,6 +503,27 @@ def test_bleu_evaluation_keeps_the_best_and_resume_keeps_it(
   loop.train_loop(tiny_config(tmp_path / 'b', mtnt_dir, max_steps=2, **BLEU_KW))
   loop.train_loop(tiny_config(tmp_path / 'b', mtnt_dir, resume=True, **BLEU_KW))
   assert _best(tmp_path / 'b') == _best(tmp_path / 'a')
+
+
+@pytest.mark.parametrize('damage', ['deleted', 'bit-flipped'])
+def test_resume_forgets_a_damaged_best_and_never_names_it(
+    damage, tmp_path, mtnt_dir, xla_cache, caplog):
+  loop.train_loop(tiny_config(tmp_path, mtnt_dir, max_steps=2, **BLEU_KW))
+  best = tmp_path / 'best'
+  if damage == 'deleted':
+    shutil.rmtree(best)
+  else:
+    f = max((p for p in best.rglob('*') if p.is_file()),
+            key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    data[:4096] = bytes(b ^ 0xFF for b in data[:4096])
+    f.write_bytes(bytes(data))
+  with caplog.at_level('INFO'):
+    loop.train_loop(tiny_config(tmp_path, mtnt_dir, resume=True, **BLEU_KW))
+  assert 'forgetting the best record' in caplog.text
+  # The next evaluation set a new best, which is there and loads.
+  assert _best(tmp_path)['step'] == 4
+  assert weights.load_dir(best).arch == 'tiny'
 
 
 def test_early_stop_after_patience(tmp_path, mtnt_dir, xla_cache, monkeypatch):
