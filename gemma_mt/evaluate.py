@@ -131,8 +131,10 @@ def run(argv=None) -> int:
       '--checkpoint': args.checkpoint,
       '--compare_checkpoint': args.compare_checkpoint,
       '--tfds_data_dir': args.tfds_data_dir, '--mtnt_archive': args.mtnt_archive})
-  for flag, path in outputs.items():
-    check_writable(flag, path)  # Before hours of translating, not after.
+  for flag, path in outputs.items():  # Before hours of translating, not after.
+    check_writable(flag, path)
+    if path is not None:
+      fs.check_replaceable(path, True, flag, directory=False)
   with fs.RunLock(output, for_output=True):
     return _evaluate(args, pairs, where, output, summary_path)
 

@@ -120,8 +120,8 @@ def check_outputs(outputs: Mapping[str, PathLike | None],
 
   `outputs` and `inputs` map a flag (as the user wrote it) to a path, or None
   when not given. An output may not be an input (through links too), hold
-  one, or lie inside an input dir; nor be the working directory or one above
-  it; two outputs may not be the same path.
+  one, or replace a file inside an input dir; nor be the working directory
+  or one above it; two outputs may not be the same path.
   """
   cwd = _resolved(Path.cwd())
   outs = {k: _resolved(v) for k, v in outputs.items() if v is not None}
@@ -135,8 +135,8 @@ def check_outputs(outputs: Mapping[str, PathLike | None],
         what = 'is'
       elif _within(inp, out):
         what = 'holds'
-      elif _within(out, inp):
-        what = 'is inside'
+      elif _within(out, inp) and os.path.lexists(out):
+        what = 'is a file of'  # A new file beside the inputs replaces none.
       else:
         continue
       raise UnsafeOutputError(f'{flag} {out}: {what} the input {in_flag} '
@@ -148,11 +148,30 @@ def check_outputs(outputs: Mapping[str, PathLike | None],
     seen[out] = flag
 
 
+# What model dirs written before manifests hold at their top level: orbax's
+# files, ours, an HF export's, LoRA adapters'.
+_LEGACY = re.compile(
+    r'_CHECKPOINT_METADATA|_METADATA|_sharding|array_metadatas|d|'
+    r'manifest\.ocdbt|ocdbt\.process_\d+|commit_success\.txt|'
+    r'tokenizer\.model|gemma_mt\.json|lora\.json|adapters|config\.json|'
+    r'generation_config\.json|tokenizer_config\.json|special_tokens_map\.json|'
+    r'model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json')
+_LEGACY_MARKERS = ('gemma_mt.json', 'lora.json')
+
+
 def written_by_us(path: PathLike) -> bool:
-  """A dir the package wrote: it has a manifest naming every file in it."""
+  """A dir the package wrote: it has a manifest naming every file in it, or
+  (written before manifests) our marker and nothing but what we write."""
   path = Path(path)
   try:
     names = set(json.loads((path / MANIFEST).read_text())['files'])
+  except FileNotFoundError:
+    try:
+      entries = [e.name for e in path.iterdir()]
+    except OSError:
+      return False
+    return (any(m in entries for m in _LEGACY_MARKERS)
+            and all(_LEGACY.fullmatch(n) for n in entries))
   except (OSError, ValueError, KeyError, TypeError):
     return False
   return set(_walk(path)) <= names | {MANIFEST, LOCK_FILE}
@@ -201,7 +220,7 @@ def _pid_alive(pid: int) -> bool:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:
+  except (PermissionError, OverflowError):  # Another user's, or not a pid.
     return True
   return True
 
@@ -223,7 +242,11 @@ def sweep_stale(path: PathLike) -> list[Path]:
       continue
     kind, pid = m[1], m[2]
     if kind == 'old' and not os.path.lexists(path):
-      continue  # A swap was cut between its renames: the old one is all there is.
+      # A swap was cut between its two renames: put the earlier one back.
+      log.warning('restoring %s from %s, left by a killed process %s', path,
+                  e, pid)
+      os.rename(e, path)
+      continue
     log.warning('removing %s, left by a killed process %s', e, pid)
     _remove(e)
     gone.append(e)
@@ -271,10 +294,10 @@ def verify_dir(root: PathLike) -> bool:
   (a dir from an older version, or another tool). Raises `DamagedError`
   naming the first file that is missing, truncated or changed."""
   root = Path(root)
+  if not (root / MANIFEST).is_file():
+    return False
   try:
     files = json.loads((root / MANIFEST).read_text())['files']
-  except FileNotFoundError:
-    return False
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise DamagedError(f'{root / MANIFEST}: unreadable ({e})') from None
   for rel, rec in files.items():
@@ -323,6 +346,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False, flag: str = 'output'
       yield tmp  # Not created: writers such as orbax create it themselves.
     with _writing(path):
       write_manifest(tmp)
+      check_replaceable(path, overwrite, flag)  # Again: it may have appeared.
       if os.path.lexists(path):
         os.rename(path, old)
         try:
@@ -339,8 +363,9 @@ def atomic_dir(path: PathLike, overwrite: bool = False, flag: str = 'output'
 
 def remove_temps(tmp: Path) -> None:
   """`tmp` and what a writer derived from its name (orbax's own temp)."""
-  for p in tmp.parent.glob(glob.escape(tmp.name) + '*'):
-    _remove(p)
+  for p in [tmp, *tmp.parent.glob(glob.escape(tmp.name) + '.*')]:
+    if os.path.lexists(p):
+      _remove(p)
 
 
 @contextlib.contextmanager
@@ -403,15 +428,22 @@ class RunLock:
 
   def __enter__(self) -> 'RunLock':
     self.file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      held = os.read(fd, 4096).decode('utf-8', 'replace').strip()
+    while True:
+      fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        held = os.read(fd, 4096).decode('utf-8', 'replace').strip()
+        os.close(fd)
+        who = _describe(held)
+        raise RunLockedError(f'{self.file.parent} is in use by {who}; wait '
+                             'for it to end, or stop it') from None
+      try:  # The file a releasing holder unlinked is no lock: open anew.
+        if os.stat(self.file).st_ino == os.fstat(fd).st_ino:
+          break
+      except FileNotFoundError:
+        pass
       os.close(fd)
-      who = _describe(held)
-      raise RunLockedError(f'{self.file.parent} is in use by {who}; wait for '
-                           'it to end, or stop it') from None
     stale = os.read(fd, 4096).decode('utf-8', 'replace').strip()
     if stale:
       log.warning('taking over the lock of %s, which is no longer running',

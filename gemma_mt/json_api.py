@@ -31,6 +31,7 @@ request whose inputs cannot all be translated fails as a whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -107,8 +108,11 @@ def _int(req, name, lo, hi):
 _JSON_NAMES = {'max_new_tokens': 'max_tokens'}  # SamplingOptions -> JSON
 
 
-def parse_request(req: Any) -> tuple[list[str], SamplingOptions]:
+def parse_request(req: Any, defaults: SamplingOptions | None = None
+                  ) -> tuple[list[str], SamplingOptions]:
   """(sources, options) of a request; RequestError names the JSON field.
+
+  Absent fields take `defaults` (the server's or the CLI's flags).
 
   JSON types and this service's limits are checked here; what the values
   mean (greedy unless sampling, top_k/top_p imply temperature 1, ranges) is
@@ -144,7 +148,8 @@ def parse_request(req: Any) -> tuple[list[str], SamplingOptions]:
     kw['top_p'] = None if top_p >= 1 else top_p  # 1 = off
   if 'temperature' in req:
     kw['temperature'] = _number(req, 'temperature', 0, 1)
-  elif 'top_k' in req or 'top_p' in req:
+  elif ('top_k' in req or 'top_p' in req) and not (
+      defaults is not None and defaults.temperature):
     kw['temperature'] = 1.0
   if 'max_tokens' in req:
     kw['max_new_tokens'] = _int(req, 'max_tokens', 1, MAX_TOKENS_LIMIT)
@@ -157,13 +162,16 @@ def parse_request(req: Any) -> tuple[list[str], SamplingOptions]:
                                    MAX_LENGTH_PENALTY)
   if 'mbr' in req:
     kw['mbr'] = _int(req, 'mbr', 0, MAX_MBR)
-  stops = req.get('stop_sequences', [])
-  if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES:
-    raise RequestError(f'stop_sequences must be a list of at most '
-                       f'{MAX_STOP_SEQUENCES} strings')
-  kw['stop_sequences'] = stops
+  if 'stop_sequences' in req:
+    stops = req['stop_sequences']
+    if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES:
+      raise RequestError(f'stop_sequences must be a list of at most '
+                         f'{MAX_STOP_SEQUENCES} strings')
+    kw['stop_sequences'] = stops
   if kw.get('temperature', 0) > 0 and kw.get('top_p', 1) == 0:
     raise RequestError('top_p must be > 0 when sampling (temperature > 0)')
+  if defaults is not None:
+    kw = {**dataclasses.asdict(defaults), **kw}
   try:
     return sources, SamplingOptions(**kw)
   except OptionError as e:
@@ -176,15 +184,17 @@ def fail(error: str) -> dict:
 
 
 def handle_request(translator, request: Any,
-                   max_length_ratio: float | None = None) -> dict:
+                   max_length_ratio: float | None = None,
+                   defaults: SamplingOptions | None = None) -> dict:
   """A response dict for a request (a parsed object or its JSON text).
 
-  `max_length_ratio` is the server's runaway cap (`SamplingOptions`).
+  `max_length_ratio` is the server's runaway cap (`SamplingOptions`);
+  `defaults`, what absent fields take.
   """
   req = None
   try:
     req = loads(request) if isinstance(request, (str, bytes)) else request
-    sources, options = parse_request(req)
+    sources, options = parse_request(req, defaults)
     results = translator.translate_detailed(
         sources, options.replace(max_length_ratio=max_length_ratio))
   except ValueError as e:  # RequestError, InputTooLongError, other input problems.
@@ -217,7 +227,8 @@ def dumps(response: dict) -> str:
 
 
 def serve_jsonl(translator, lines: BinaryIO, out: TextIO,
-                max_length_ratio: float | None = None) -> int:
+                max_length_ratio: float | None = None,
+                defaults: SamplingOptions | None = None) -> int:
   """One response line per request line (bytes in, text out); returns count."""
   n = 0
   for n, raw in enumerate(lines, start=1):
@@ -228,7 +239,8 @@ def serve_jsonl(translator, lines: BinaryIO, out: TextIO,
       response = fail(f'invalid UTF-8 at byte {e.start}')
     else:
       response = (fail('empty line') if not text.strip()
-                  else handle_request(translator, text, max_length_ratio))
+                  else handle_request(translator, text, max_length_ratio,
+                                      defaults))
     if response['status'] == 'FAIL':
       response['error'] = f'line {n}: {response["error"]}'
     out.write(dumps(response) + '\n')

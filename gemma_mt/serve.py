@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # of the server.
 STREAM_BUDGET = 256
 STREAM_RING = 1024
+MAX_TIMEOUT_S = 3600.0
+CLIENT_POLL_S = 0.25  # how often a waiting request checks its client
 
 
 class Overloaded(Exception):
@@ -60,6 +62,7 @@ class Batcher:
     self._items: collections.deque = collections.deque()
     self._cv = threading.Condition()
     self._stop = False
+    self._draining = False    # Shutting down: queued work is refused (503).
     self._decoder = None      # The continuous batch of greedy requests.
     self._streaming: set = set()  # Futures of requests in it.
     self._thread = threading.Thread(target=self._run, name='translator',
@@ -79,6 +82,20 @@ class Batcher:
       self._cv.notify()
     return fut
 
+  def drain(self) -> None:
+    """On shutdown: requests not yet started are answered 503 at once, so
+    that what is decoding finishes within the graceful timeout."""
+    with self._cv:
+      self._draining = True
+      items = list(self._items)
+      self._items.clear()
+      for sources, _, _ in items:
+        self.queued -= len(sources)
+      self._cv.notify()
+    for _, _, fut in items:
+      if fut.set_running_or_notify_cancel():
+        fut.set_exception(Overloaded('server is shutting down'))
+
   def close(self) -> None:
     """Finishes what is queued, then stops the thread."""
     with self._cv:
@@ -97,6 +114,10 @@ class Batcher:
         self._items.clear()
       groups = collections.defaultdict(list)
       for item in items:
+        if not item[2].set_running_or_notify_cancel():  # Its client left.
+          with self._cv:
+            self.queued -= len(item[0])
+          continue
         try:
           streamed = self._stream(item)
         except Exception as e:  # noqa: BLE001  The thread must live on.
@@ -113,6 +134,12 @@ class Batcher:
           key = opts if opts.temperature == 0 else (opts, id(item))
           groups[key].append(item)
       for group in groups.values():
+        if self._draining:
+          for sources, _, fut in group:
+            fut.set_exception(Overloaded('server is shutting down'))
+          with self._cv:
+            self.queued -= sum(len(g[0]) for g in group)
+          continue
         self._translate(group)
       if self._streaming:
         try:
@@ -184,11 +211,43 @@ class Batcher:
       self.served += len(group)
 
 
+class _ClientLeft(Exception):
+  pass
+
+
+async def _unless_client_leaves(request, fut, n: int):
+  """The result of `fut`, or `_ClientLeft` once the client disconnects (its
+  work is dropped if it has not started)."""
+  waiter = asyncio.wrap_future(fut)
+
+  async def gone():
+    while not await request.is_disconnected():
+      await asyncio.sleep(CLIENT_POLL_S)
+
+  watcher = asyncio.ensure_future(gone())
+  try:
+    done, _ = await asyncio.wait({waiter, watcher},
+                                 return_when=asyncio.FIRST_COMPLETED)
+  finally:
+    watcher.cancel()
+  if waiter in done:
+    return waiter.result()
+  dropped = fut.cancel()
+  log.info('a client left; its %d sentences were %s', n,
+           'dropped' if dropped else 'already being translated')
+  raise _ClientLeft
+
+
 def make_app(batcher: Batcher, *, max_body_bytes: int = 1 << 20,
-             name: str = ''):
-  """The Starlette app around a running `Batcher`."""
+             name: str = '', defaults=None, body_timeout: float = 30.0):
+  """The Starlette app around a running `Batcher`.
+
+  `defaults` (SamplingOptions, the server's flags) are what a request's
+  absent fields take. A body that has not arrived after `body_timeout`
+  seconds is answered 408; a client that leaves has its queued work dropped.
+  """
   from starlette.applications import Starlette
-  from starlette.responses import JSONResponse
+  from starlette.responses import JSONResponse, Response
   from starlette.routing import Route
 
   from gemma_mt import json_api
@@ -210,25 +269,37 @@ def make_app(batcher: Batcher, *, max_body_bytes: int = 1 << 20,
     return bytes(body)
 
   async def translate(request):
-    body = await read_body(request)
+    try:
+      body = await asyncio.wait_for(read_body(request), body_timeout)
+    except TimeoutError:
+      return answer(json_api.fail(f'request body not received within '
+                                  f'{body_timeout:g}s'), 408)
     if body is None:
       return answer(json_api.fail(f'request body over {max_body_bytes} bytes'),
                     413)
     req = None
     try:
       req = json_api.loads(body.decode('utf-8'))
-      sources, options = json_api.parse_request(req)
+      sources, options = json_api.parse_request(req, defaults)
       batcher.translator.check(sources)
     except UnicodeDecodeError as e:
       return answer(json_api.fail(f'invalid UTF-8 at byte {e.start}'), 400)
     except ValueError as e:
       return answer(json_api.fail(json_api.error_message(e, req)), 400)
+    if len(sources) > batcher.max_queued:  # Retrying would never help.
+      return answer(json_api.fail(
+          f'input_text has {len(sources)} sentences; this server queues at '
+          f'most {batcher.max_queued}: split the request'), 413)
     try:
       fut = batcher.submit(sources, options)
     except Overloaded as e:
       return answer(json_api.fail(str(e)), 503, **{'Retry-After': '1'})
     try:
-      results = await asyncio.wrap_future(fut)
+      results = await _unless_client_leaves(request, fut, len(sources))
+    except _ClientLeft:
+      return Response(status_code=499)  # Nobody reads it.
+    except Overloaded as e:
+      return answer(json_api.fail(str(e)), 503)
     except ValueError as e:
       return answer(json_api.fail(json_api.error_message(e, req)), 400)
     except Exception as e:  # noqa: BLE001
@@ -244,6 +315,20 @@ def make_app(batcher: Batcher, *, max_body_bytes: int = 1 << 20,
                            Route('/health', health, methods=['GET'])])
 
 
+def make_server(batcher: Batcher, config):
+  """A uvicorn server that, told to exit (SIGINT, SIGTERM), answers what is
+  queued 503 at once and finishes what is decoding within the graceful
+  timeout."""
+  import uvicorn
+
+  class DrainingServer(uvicorn.Server):
+    def handle_exit(self, sig, frame):
+      batcher.drain()
+      super().handle_exit(sig, frame)
+
+  return DrainingServer(config)
+
+
 def parse_args(argv=None):
   p = cli.ArgumentParser(prog='python -m gemma_mt.serve',
                          description=__doc__.split('\n')[0])
@@ -255,7 +340,10 @@ def parse_args(argv=None):
   p.add_argument('--max_body_bytes', type=int, default=1 << 20,
                  help='largest request body (413 above)')
   p.add_argument('--graceful_timeout', type=float, default=60.0,
-                 help='seconds to finish requests in flight on shutdown')
+                 help='seconds to finish requests in flight on shutdown '
+                      '(queued ones get 503 at once)')
+  p.add_argument('--body_timeout', type=float, default=30.0,
+                 help='seconds a request body may take to arrive (408 after)')
   cli.add_model_args(p)
   cli.add_sampling_args(p)
   args = p.parse_args(argv)
@@ -264,6 +352,10 @@ def parse_args(argv=None):
   for flag in ('max_queued', 'max_body_bytes'):
     if getattr(args, flag) < 1:
       p.error(f'--{flag} must be >= 1, got {getattr(args, flag)}')
+  for flag in ('graceful_timeout', 'body_timeout'):
+    v = getattr(args, flag)
+    if not 0 < v <= MAX_TIMEOUT_S:  # nan fails too.
+      p.error(f'--{flag} must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {v}')
   args.options = cli.sampling_options(args)
   cli.check_model_args(args)
   return args
@@ -277,15 +369,18 @@ def run(argv=None) -> int:
   translator.sampler.progress = False  # One bar per request would be noise.
   batcher = Batcher(translator, args.max_queued, args.options.max_length_ratio)
   app = make_app(batcher, max_body_bytes=args.max_body_bytes,
-                 name=args.checkpoint or args.model)
+                 name=args.checkpoint or args.model, defaults=args.options,
+                 body_timeout=args.body_timeout)
   config = uvicorn.Config(app, host=args.host, port=args.port,
                           timeout_graceful_shutdown=args.graceful_timeout,
                           log_level='info')
   try:
-    uvicorn.Server(config).run()
+    make_server(batcher, config).run()
+  except KeyboardInterrupt:  # uvicorn re-raises the signal once it stopped.
+    pass
   finally:
     batcher.close()
-  log.info('served %d requests', batcher.served)
+  print(f'stopped: served {batcher.served} requests', file=sys.stderr)
   return 0
 
 

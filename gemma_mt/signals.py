@@ -42,7 +42,8 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     if self.signum is not None:  # A second signal: the user insists.
-      raise KeyboardInterrupt
+      raise Interrupted(f'a second {name(signum)}: stopped at once; the '
+                        'checkpoints saved before are kept')
     self.signum = signum
 
   def __enter__(self) -> 'StopRequest':

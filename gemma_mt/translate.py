@@ -85,7 +85,7 @@ def run(argv=None) -> int:
     from gemma_mt import json_api
     translator = cli.build_translator(args)
     json_api.serve_jsonl(translator, sys.stdin.buffer, sys.stdout,
-                         args.options.max_length_ratio)
+                         args.options.max_length_ratio, args.options)
     return 0
   sources = _read_lines(args)
   translator = cli.build_translator(args)

@@ -178,7 +178,7 @@ def test_adapter_checkpoint_round_trip(setup, tmp_path):
                                       base_model='gemma3_270m')
   path = save()
   assert sorted(p.name for p in path.iterdir()) == [
-      'adapters', 'gemma_mt.json', 'lora.json']
+      'adapters', 'gemma_mt.files.json', 'gemma_mt.json', 'lora.json']
   loaded, loaded_cfg, meta = weights.adapters.load(path)
   assert loaded_cfg == lcfg and meta['base_model'] == 'gemma3_270m'
   assert_frozen(adapters, loaded)  # same tree, bit-for-bit

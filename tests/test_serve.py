@@ -23,13 +23,14 @@ def _free_port() -> int:
 
 
 class Server:
-  def __init__(self, translator, **kw):
+  def __init__(self, translator, app_kw=None, **kw):
     self.port = _free_port()
     self.batcher = serve.Batcher(translator, **kw)
-    app = serve.make_app(self.batcher, max_body_bytes=4096, name='tiny')
+    app = serve.make_app(self.batcher, max_body_bytes=4096, name='tiny',
+                         **(app_kw or {}))
     config = uvicorn.Config(app, host='127.0.0.1', port=self.port,
                             log_level='warning', timeout_graceful_shutdown=30)
-    self.server = uvicorn.Server(config)
+    self.server = serve.make_server(self.batcher, config)
     self.thread = threading.Thread(target=self.server.run, daemon=True)
     self.thread.start()
     deadline = time.time() + 30
@@ -120,8 +121,9 @@ def test_concurrent_mixed_load_every_request_answered_once(server, tr):
   # Greedy requests ran in the service's running continuous batch.
   assert any(k[0] == 'chunk' and k[2] == serve.STREAM_RING
              for k in tr.compiled_shapes)
-  # The 48 good ones and the one whose client left: each translated once.
-  assert server.batcher.served - served == 49
+  # The 48 good ones, each translated once, and the one whose client left:
+  # dropped if it had not started yet.
+  assert server.batcher.served - served in (48, 49)
   status, body, _ = server.request('GET', '/health')
   assert status == 200 and body['queued'] == 0
 
@@ -203,3 +205,108 @@ def test_a_failing_request_does_not_stop_the_server(tr):
     assert status == 200 and s.batcher.queued == 0
   finally:
     s.stop()
+
+
+def test_request_larger_than_the_queue_is_413_not_503(tr):
+  s = Server(tr, max_queued=3)
+  try:
+    status, body, headers = s.request('POST', '/translate', json.dumps(
+        {'input_text': ['a', 'b', 'c', 'd']}))
+    assert status == 413 and 'at most 3' in body['error']
+    assert 'retry-after' not in headers
+  finally:
+    s.stop()
+
+
+def test_slow_body_is_408(tr):
+  s = Server(tr, app_kw=dict(body_timeout=0.5))
+  try:
+    with socket.create_connection(('127.0.0.1', s.port), timeout=30) as c:
+      c.sendall(b'POST /translate HTTP/1.1\r\nHost: x\r\n'
+                b'Content-Length: 100\r\n\r\n{"input_text"')
+      reply = c.recv(4096).decode()
+    assert reply.startswith('HTTP/1.1 408'), reply
+  finally:
+    s.stop()
+
+
+def test_server_flags_are_request_defaults(tr):
+  """--max_new_tokens and --stop_sequences apply to a request that does not
+  set them; a field in the request wins."""
+  defaults = SamplingOptions(max_new_tokens=2)
+  s = Server(tr, app_kw=dict(defaults=defaults))
+  try:
+    _, body, _ = s.request('POST', '/translate',
+                           json.dumps({'input_text': 'Hello there'}))
+    assert body['usage']['output_tokens'] <= 2
+    _, body, _ = s.request('POST', '/translate', json.dumps(
+        {'input_text': 'Hello there', 'max_tokens': 5}))
+    assert body['usage']['output_tokens'] > 2
+  finally:
+    s.stop()
+
+
+def test_exit_answers_queued_requests_503_and_finishes_in_flight(tr):
+  """SIGINT/SIGTERM (uvicorn's handle_exit): the request being decoded
+  finishes (200); one queued behind it (sampled, so not batched with it)
+  gets a JSON 503 at once, not a 500 or a dropped connection."""
+  slow = Slow(tr)
+  s = Server(slow)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    first = pool.submit(s.request, 'POST', '/translate', json.dumps(
+        {'input_text': 'a', 'max_tokens': 2, 'temperature': 1, 'seed': 1}))
+    while s.batcher.queued < 1:
+      time.sleep(0.01)
+    second = pool.submit(s.request, 'POST', '/translate', json.dumps(
+        {'input_text': 'b', 'max_tokens': 2, 'temperature': 1, 'seed': 2}))
+    while s.batcher.queued < 2:
+      time.sleep(0.01)
+    import signal
+    s.server.handle_exit(signal.SIGTERM, None)
+    status, body, _ = second.result(60)
+    assert status == 503 and body['error'] == 'server is shutting down'
+    slow.go.set()
+    assert first.result(60)[0] == 200
+  s.thread.join(60)
+  s.batcher.close()
+
+
+@pytest.mark.parametrize('flag,value', [('--graceful_timeout', '-5'),
+                                        ('--graceful_timeout', 'nan'),
+                                        ('--graceful_timeout', '0'),
+                                        ('--body_timeout', 'inf')])
+def test_timeouts_are_checked(flag, value, capsys):
+  assert serve.main([flag, value]) == 2
+  err = capsys.readouterr().err
+  assert flag in err and err.count('\n') == 1, err
+
+
+def test_ctrl_c_stops_the_service_in_one_line(tmp_path, tokenizer):
+  import os
+  import signal
+  import subprocess
+  import sys
+
+  from support.tiny import tiny_params
+
+  from gemma_mt import weights
+  model = weights.save(tmp_path / 'm', 'tiny', tiny_params(), tokenizer)
+  port = _free_port()
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'gemma_mt.serve', '--checkpoint', str(model),
+       '--port', str(port), '--no_compile_cache'],
+      stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      conn = http.client.HTTPConnection('127.0.0.1', port, timeout=5)
+      conn.request('GET', '/health')
+      if conn.getresponse().status == 200:
+        break
+    except OSError:
+      time.sleep(0.3)
+  proc.send_signal(signal.SIGINT)
+  err = proc.communicate(timeout=120)[1]
+  assert proc.returncode == 0, err[-2000:]
+  assert 'Traceback' not in err and 'stopped: served 0 requests' in err, err

@@ -11,6 +11,7 @@ final params in `workdir/final` in the format the translation tools load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -209,11 +210,20 @@ def train_loop(config: TrainingConfig) -> Any:
     raise ValueError(f'--workdir {workdir} is a file')
   created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
-  with fs.RunLock(workdir):
-    return _train_locked(config, workdir, created)
+  # One lock per run: in a multi-process run, process 0 holds it for all.
+  lock = (fs.RunLock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  try:
+    with lock:
+      return _train_locked(config, workdir)
+  except BaseException:
+    # A run that never started (no config.json) leaves no new workdir.
+    if created and not (workdir / 'config.json').exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
 
 
-def _train_locked(config: TrainingConfig, workdir: Path, created: bool) -> Any:
+def _train_locked(config: TrainingConfig, workdir: Path) -> Any:
   # The dirs written at the end (or at evaluations) are replaced only if this
   # package wrote them: refused now, not after the training.
   for name in ('final', BEST_DIR, 'adapters'):
@@ -259,8 +269,6 @@ def _train_locked(config: TrainingConfig, workdir: Path, created: bool) -> Any:
         {**dataclasses.asdict(config), DATA_KEY: fingerprint}, indent=2) + '\n')
   except BaseException:
     mngr.close()
-    if created:
-      shutil.rmtree(workdir, ignore_errors=True)
     raise
   last_good = latest
 
@@ -345,15 +353,10 @@ def _train_locked(config: TrainingConfig, workdir: Path, created: bool) -> Any:
       state, m = train_step(state, batch)
       flush()  # The previous step's metrics, while this one runs.
       pending = (step, m)
-      if (step % config.checkpoint_every_n == 0 or step == total
-          or stop.requested):
+      if step % config.checkpoint_every_n == 0 or step == total:
         flush()
         checkpoints.save_checkpoint(mngr, step, state)
         last_good = step
-      if stop.requested:
-        raise signals.Interrupted(
-            f'{signals.name(stop.signum)} at step {step}: checkpoint saved in '
-            f'{ckpt_dir}')
       if config.eval_every_n > 0 and (step % config.eval_every_n == 0
                                       or step == total):
         flush()
@@ -368,6 +371,13 @@ def _train_locked(config: TrainingConfig, workdir: Path, created: bool) -> Any:
           if step % config.checkpoint_every_n:
             checkpoints.save_checkpoint(mngr, step, state)
           break
+      if stop.requested and step < total:  # At the step boundary.
+        flush()
+        if last_good != step:
+          checkpoints.save_checkpoint(mngr, step, state)
+        raise signals.Interrupted(
+            f'{signals.name(stop.signum)} at step {step}: checkpoint saved in '
+            f'{ckpt_dir}')
     flush()
   finally:
     stop.__exit__()

@@ -2,6 +2,8 @@
 
 import json
 
+from pathlib import Path
+
 import pytest
 from support.tiny import make_tiny_translator
 
@@ -85,11 +87,14 @@ def test_report_html_and_tsv(mtnt_dir, tokenizer, tmp_path, monkeypatch):
   trs = {None: make_tiny_translator(tokenizer),
          'other': make_tiny_translator(tokenizer, max_input_tokens=512)}
   trs['other'].set_params(__import__('support.tiny', fromlist=['tiny']).tiny_params(seed=1))
-  monkeypatch.setattr(cli, 'build_translator', lambda a: trs[a.checkpoint])
+  other = tmp_path / 'other'
+  other.mkdir()
+  monkeypatch.setattr(cli, 'build_translator', lambda a: trs[
+      a.checkpoint and Path(a.checkpoint).name])
   path = tmp_path / 'r.html'
   assert E.main(['--mtnt_dir', str(mtnt_dir), '--limit', '5', '--output',
                  str(tmp_path / 'h.txt'), '--max_new_tokens', '4',
-                 '--report', str(path), '--compare_checkpoint', 'other']) == 0
+                 '--report', str(path), '--compare_checkpoint', str(other)]) == 0
 
   class Cells(html.parser.HTMLParser):
     rows, cells, tags = 0, [], []
@@ -131,7 +136,8 @@ def test_unwritable_outputs_fail_before_translating(tmp_path, monkeypatch, capsy
 
 
 def test_killed_evaluation_keeps_the_chunks_it_translated(mtnt_dir, tokenizer,
-                                                          tmp_path, monkeypatch):
+                                                          tmp_path, monkeypatch,
+                                                          capsys):
   tr = make_tiny_translator(tokenizer)
   real, calls = tr.translate_detailed, []
 
@@ -146,9 +152,10 @@ def test_killed_evaluation_keeps_the_chunks_it_translated(mtnt_dir, tokenizer,
   from gemma_mt.eval import metrics
   monkeypatch.setattr(metrics, 'CHUNK', 2)
   out = tmp_path / 'hyp.txt'
-  with pytest.raises(KeyboardInterrupt):
-    E.main(['--mtnt_dir', str(mtnt_dir), '--limit', '5', '--output', str(out),
-            '--max_new_tokens', '4'])
+  assert E.main(['--mtnt_dir', str(mtnt_dir), '--limit', '5', '--output',
+                 str(out), '--max_new_tokens', '4']) == 130
+  err = capsys.readouterr().err
+  assert f'interrupted: the hypotheses translated so far are in {out}.partial' in err
   assert calls == [2, 2, 1] and not out.exists()
   kept = (tmp_path / 'hyp.txt.partial').read_text(encoding='utf-8').splitlines()
   from gemma_mt.data import mtnt as data

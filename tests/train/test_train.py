@@ -315,11 +315,14 @@ def test_resume_refuses_changed_training_data(tmp_path, mtnt_dir, xla_cache):
 
 
 def test_blown_up_params_are_divergence_and_never_saved(tmp_path, mtnt_dir,
-                                                       xla_cache):
-  """lr 1e30: the loss of step 1 is finite (it is computed before the
-  update) but the params it leaves are not sane; nothing is saved."""
-  cfg = tiny_config(tmp_path, mtnt_dir, optimizer='sgd', learning_rate=1e30,
+                                                       xla_cache, monkeypatch):
+  """lr 1e30 (past what the config accepts, as a library caller can set
+  it): the loss of step 1 is finite (it is computed before the update) but
+  the params it leaves are not sane; nothing is saved."""
+  cfg = tiny_config(tmp_path, mtnt_dir, optimizer='sgd', learning_rate=1.0,
                     checkpoint_every_n=1, eval_every_n=0)
+  cfg.learning_rate = 1e30
+  monkeypatch.setattr(type(cfg), 'check', lambda self: None)
   with pytest.raises(loop.TrainingDivergedError,
                      match=r'diverged at step 1 .*param_norm=.*no checkpoint '
                            r'was written'):
@@ -330,10 +333,10 @@ def test_blown_up_params_are_divergence_and_never_saved(tmp_path, mtnt_dir,
 def test_parse_args_types_and_errors():
   cfg = train_main.parse_args(
       ['--config', str(TINY), '--max_steps', '7', '--learning_rate=0.5',
-       '--grad_clip=none', '--remat', '--packing=false', '--mtnt_dir', '/x'])
+       '--grad_clip=none', '--remat', '--packing=false', '--mtnt_dir', '/'])
   assert (cfg.max_steps, cfg.learning_rate, cfg.grad_clip, cfg.remat,
           cfg.packing, cfg.mtnt_dir, cfg.model) == (7, 0.5, None, True, False,
-                                                    '/x', 'tiny')
+                                                    '/', 'tiny')
   assert train_main.parse_args(['--max_steps=none']).max_steps is None
   assert train_main.parse_args([]).model == 'gemma3_270m'
   assert train_main.parse_args(['--packing', '--seed', '3']).packing
