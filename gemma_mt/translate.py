@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 import time
 
-from gemma_mt import cli
+from gemma_mt import cli, signals
 
 log = logging.getLogger(__name__)
+
+CHUNK = 512  # Sentences translated between two writes to stdout.
 
 
 def parse_args(argv=None):
@@ -89,15 +91,23 @@ def run(argv=None) -> int:
     return 0
   sources = _read_lines(args)
   translator = cli.build_translator(args)
-  t0 = time.time()
-  out = translator.translate(sources, args.options)
+  translator.check(sources)  # Every input fits before any is written.
+  t0, written = time.time(), 0
+  try:
+    # Written as they are done, so an interrupted run keeps what it has.
+    for start in range(0, len(sources), CHUNK):
+      out = translator.translate(sources[start:start + CHUNK], args.options)
+      try:
+        sys.stdout.write(''.join(line + '\n' for line in out))
+        sys.stdout.flush()
+      except (OSError, ValueError) as e:  # A closed pipe or file.
+        raise OSError(f'cannot write the translations to stdout: {e}') from None
+      written += len(out)
+  except KeyboardInterrupt:
+    raise signals.Interrupted(f'the first {written} of {len(sources)} '
+                              'translations were written') from None
   log.info('%d sentences in %.1fs (%d compiled shapes)', len(sources),
            time.time() - t0, translator.num_compiles)
-  try:
-    sys.stdout.write(''.join(line + '\n' for line in out))
-    sys.stdout.flush()
-  except (OSError, ValueError) as e:  # A closed pipe or file.
-    raise OSError(f'cannot write the translations to stdout: {e}') from None
   return 0
 
 

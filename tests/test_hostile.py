@@ -587,3 +587,21 @@ def test_translator_needs_params(tokenizer):
   from gemma_mt.translator import Translator
   with pytest.raises(TypeError, match='params'):
     Translator(models.resolve('tiny'), None, tokenizer)
+
+
+def test_interrupted_translate_keeps_what_it_wrote(tr, monkeypatch, capsys):
+  real, calls = tr.translate, []
+
+  def dies_on_second_chunk(sources, *a, **kw):
+    calls.append(sources)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(sources, *a, **kw)
+
+  monkeypatch.setattr(tr, 'translate', dies_on_second_chunk)
+  monkeypatch.setattr(cli_lib, 'build_translator', lambda a: tr)
+  monkeypatch.setattr(T, 'CHUNK', 1)
+  assert T.main(['Hello', 'World', 'Again', '--max_new_tokens', '2']) == 130
+  out, err = capsys.readouterr()
+  assert len(out.splitlines()) == 1
+  one_line_error(err, 'the first 1 of 3 translations were written')

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 def checkpoint_manager(config: TrainingConfig):
   # Synchronous saves: the next train step donates (overwrites) the buffers.
+  # The workdir is locked (`fs.RunLock`), so a temp dir found at start is a
+  # killed save's: orbax removes it.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, create=True,
-      enable_async_checkpointing=False)
+      enable_async_checkpointing=False, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       Path(config.workdir).absolute() / 'checkpoints', options=options)
 

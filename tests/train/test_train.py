@@ -233,10 +233,14 @@ def test_force_resume_goes_on_with_new_data_settings(uninterrupted, tmp_path,
                                                      mtnt_dir, xla_cache, caplog):
   workdir, _ = uninterrupted
   shutil.copytree(workdir, tmp_path / 'run')
+  killed_save = tmp_path / 'run' / 'checkpoints' / '6.orbax-checkpoint-tmp'
+  killed_save.mkdir()  # What a save killed by disk full leaves.
+  (killed_save / 'junk').write_bytes(b'x' * 100)
   with caplog.at_level('INFO'):
     loop.train_loop(tiny_config(tmp_path / 'run', mtnt_dir, resume=True,
                                 force_resume=True, max_seq_len=64, max_steps=5))
   assert 'resumed from step 4' in caplog.text
+  assert not killed_save.exists()
   import json
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['max_seq_len'] == 64
 
