@@ -189,6 +189,9 @@ NUMERIC_FLAGS = {  # cli → flags that take numbers (no default of 0 allowed)
     'train': ['--batch_size', '--learning_rate', '--max_seq_len',
               '--num_epochs', '--max_steps', '--warmup_steps',
               '--checkpoint_every_n', '--weight_decay'],
+    'serve': ['--port', '--max_queued', '--max_body_bytes',
+              '--graceful_timeout', '--body_timeout', '--batch_size',
+              '--max_new_tokens', '--temperature'],
 }
 # Values that a flag may legitimately take.
 ALLOWED = {('--temperature', 'zero'), ('--warmup_steps', 'zero'),
@@ -202,8 +205,9 @@ OPTIONAL = {'--temperature', '--top_k', '--top_p', '--max_length_ratio',
 
 
 def _main(cmd):
+  from gemma_mt import serve
   return {'translate': T.main, 'evaluate': E.main, 'train': train_main.main,
-          'export': X.main}[cmd]
+          'export': X.main, 'serve': serve.main}[cmd]
 
 
 def _base_argv(cmd, w: Path):
@@ -213,6 +217,8 @@ def _base_argv(cmd, w: Path):
     return ['--tsv', str(w / 'd.tsv'), '--output', str(w / 'o' / 'h.txt')]
   if cmd == 'train':
     return ['--mtnt_dir', str(w / 'data'), '--workdir', str(w / 'tw')]
+  if cmd == 'serve':
+    return []
   return [str(w / 'x'), '--to', 'hf']
 
 
@@ -605,3 +611,18 @@ def test_interrupted_translate_keeps_what_it_wrote(tr, monkeypatch, capsys):
   out, err = capsys.readouterr()
   assert len(out.splitlines()) == 1
   one_line_error(err, 'the first 1 of 3 translations were written')
+
+
+@pytest.mark.parametrize('seed', range(2))
+def test_load_random_argument_types_raise_at_the_boundary(seed, world):
+  rng = random.Random(seed)
+  checked = 0
+  for value in _random_values(rng):
+    for kw in (dict(model=value), dict(checkpoint=value), dict(dtype=value)):
+      if kw.get('checkpoint') is None and 'checkpoint' in kw:
+        continue
+      try:
+        weights.load(**{'checkpoint': str(world / 'run' / 'final'), **kw})
+      except (TypeError, ValueError, FileNotFoundError):  # 'x': no such dir.
+        checked += 1
+  assert checked >= 30

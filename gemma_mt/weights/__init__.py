@@ -118,9 +118,25 @@ def spec(name: str) -> ModelSpec:
   return MODELS[name]
 
 
+def check_load_args(model, checkpoint, dtype) -> None:
+  """TypeError/ValueError naming the argument, before anything is read."""
+  if not isinstance(model, str):
+    raise TypeError(f'model must be a model name (str), got a '
+                    f'{type(model).__name__}')
+  if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+    raise TypeError(f'checkpoint must be a path (str or os.PathLike), got a '
+                    f'{type(checkpoint).__name__}')
+  if dtype is not None:
+    try:
+      jax.numpy.dtype(dtype)
+    except TypeError:
+      raise ValueError(f'dtype {dtype!r} is not a dtype') from None
+
+
 def load(model: str = 'gemma3_270m', checkpoint: str | os.PathLike | None = None,
          dtype: Any = None, sharding: Any = None) -> Pretrained:
   """Loads `checkpoint` (a dir) if given, else the named released model."""
+  check_load_args(model, checkpoint, dtype)
   if checkpoint is not None:
     default_arch = MODELS[model].arch if model in MODELS else None
     return load_dir(checkpoint, default_arch=default_arch, dtype=dtype,
