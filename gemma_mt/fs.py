@@ -211,8 +211,15 @@ def check_replaceable(path: PathLike, overwrite: bool, flag: str = 'output',
 
 # ------------------------------------------------------------------- temps
 
-def _temp(path: Path, kind: str) -> Path:
-  return path.with_name(f'.{path.name}.{kind}-{os.getpid()}')
+def _host() -> str:
+  return re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())
+
+
+def temp_path(path: PathLike, kind: str = 'tmp', pid: int | None = None) -> Path:
+  """.NAME.tmp-HOST-PID: the host, so that on a disk shared between hosts a
+  sweep judges only the pids of its own."""
+  path = Path(path)
+  return path.with_name(f'.{path.name}.{kind}-{_host()}-{pid or os.getpid()}')
 
 
 def _pid_alive(pid: int) -> bool:
@@ -235,7 +242,8 @@ def sweep_stale(path: PathLike) -> list[Path]:
   except OSError:
     return gone
   # .NAME.tmp-PID, and what writers derive from it (.NAME.tmp-PID.orbax-…).
-  pattern = re.compile(re.escape(prefix) + r'(tmp|old)-(\d+)(\..*)?')
+  pattern = re.compile(re.escape(prefix) + r'(tmp|old)-' + re.escape(_host())
+                       + r'-(\d+)(\..*)?')
   for e in entries:
     m = pattern.fullmatch(e.name)
     if not m or _pid_alive(int(m[2])):
@@ -337,7 +345,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False, flag: str = 'output'
   path = _abs(path)
   check_replaceable(path, overwrite, flag)
   sweep_stale(path)
-  tmp, old = _temp(path, 'tmp'), _temp(path, 'old')
+  tmp, old = temp_path(path, 'tmp'), temp_path(path, 'old')
   try:
     with _writing(path):
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,7 +385,7 @@ def atomic_path(path: PathLike, overwrite: bool = True, flag: str = 'output'
   path = _abs(path)
   check_replaceable(path, overwrite, flag, directory=False)
   sweep_stale(path)
-  tmp = _temp(path, 'tmp')
+  tmp = temp_path(path, 'tmp')
   try:
     with _writing(path):
       mode = _mode_for(path)

@@ -342,15 +342,20 @@ def test_disk_full_is_one_line_and_keeps_what_was_there(writer, fault, tmp_path,
 def test_temporaries_of_killed_writers_are_swept(tmp_path, caplog):
   dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                         capture_output=True, text=True).stdout.strip()
-  stale = tmp_path / f'.out.tmp-{dead}'
+  stale = fs.temp_path(tmp_path / 'out', pid=int(dead))
   stale.mkdir()
   (stale / 'big').write_bytes(b'x' * 1000)
-  mine = tmp_path / f'.other.tmp-{dead}'  # Another output's: not touched.
-  mine.mkdir()
+  orbax = stale.with_name(stale.name + '.orbax-checkpoint-tmp')  # Derived.
+  orbax.mkdir()
+  kept = [fs.temp_path(tmp_path / 'other', pid=int(dead)),  # Another output's.
+          tmp_path / f'.out.tmp-otherhost-{dead}']  # Another host's pid.
+  for k in kept:
+    k.mkdir()
   with fs.atomic_dir(tmp_path / 'out') as t:
     t.mkdir()
     (t / 'a').write_text('1')
-  assert not stale.exists() and mine.exists()
+  assert not stale.exists() and not orbax.exists()
+  assert all(k.exists() for k in kept)
   assert 'left by a killed process' in caplog.text
 
 

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gemma_mt import fs
 from gemma_mt.data import prompts
 from gemma_mt.data.prompts import LANG_PAIRS, LANGUAGE_NAMES, format_prompt  # noqa: F401
 
@@ -157,10 +158,7 @@ def place_mtnt_archive(archive: str | os.PathLike, lang_pair: str = 'en-fr',
   builder = tfds_builder(lang_pair, data_dir)
   url = _tfds_mtnt().URL_1_1
   dest = Path(builder.data_dir_root) / 'downloads' / resource.get_dl_fname(url)
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  tmp = dest.with_name(dest.name + '.tmp')
-  tmp.write_bytes(archive.read_bytes())
-  os.replace(tmp, dest)
+  fs.atomic_write(dest, archive.read_bytes())
   resource.write_info_file(url=url, path=dest, dataset_name='mtnt',
                            original_fname=MTNT_ARCHIVE,
                            url_info=checksums.compute_url_info(dest))

@@ -52,10 +52,8 @@ class GemmaTokenizer:
     return self._sp.serialized_model_proto()
 
   def save(self, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(self.serialized_model_proto())
-    return path
+    from gemma_mt import fs
+    return fs.atomic_write(path, self.serialized_model_proto())
 
   # Ids.
 

@@ -46,12 +46,8 @@ def embedded_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
   target = default_cache_dir(cache_dir) / pkg.MODEL_NAME
   if target.exists():
     return target
-  tmp = target.with_name(f'{target.name}.tmp-{os.getpid()}')
-  try:
+  with fs.atomic_path(target) as tmp:
     pkg.assemble(tmp, overwrite=True)
-    os.replace(tmp, target)
-  finally:
-    tmp.unlink(missing_ok=True)
   return target
 
 
