@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from gemma_mt import cli
+from gemma_mt import cli, fs
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
     p.error(f'--checkpoint {args.checkpoint}: no such directory')
-  from gemma_mt import fs
   base = args.base if args.base and Path(args.base).exists() else None
   try:  # Refused before anything is loaded.
     fs.check_outputs({'OUT': args.out},
@@ -99,7 +98,6 @@ def export_peft(args) -> Path:
 
 
 def run(argv=None) -> int:
-  from gemma_mt import fs
   args = parse_args(argv)
   with fs.RunLock(args.out, for_output=True):
     return _export(args)

@@ -91,14 +91,14 @@ def run(argv=None) -> int:
     return 0
   sources = _read_lines(args)
   translator = cli.build_translator(args)
-  translator.check(sources)  # Every input fits before any is written.
+  prep = translator.prepare(sources, args.options)  # All checked first.
   t0, written = time.time(), 0
   try:
     # Written as they are done, so an interrupted run keeps what it has.
-    for start in range(0, len(sources), CHUNK):
-      out = translator.translate(sources[start:start + CHUNK], args.options)
+    for part in prep.chunks(CHUNK):
+      out = translator.finish(part, translator.decode(part))
       try:
-        sys.stdout.write(''.join(line + '\n' for line in out))
+        sys.stdout.write(''.join(t.text + '\n' for t in out))
         sys.stdout.flush()
       except (OSError, ValueError) as e:  # A closed pipe or file.
         raise OSError(f'cannot write the translations to stdout: {e}') from None

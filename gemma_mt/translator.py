@@ -12,7 +12,7 @@ after generation; it never stops the device loop early).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import Any
 
 import flax.linen as nn
@@ -60,6 +60,13 @@ class Prepared:
   @property
   def limits(self) -> list[int]:
     return [self.options.limit(len(p)) for p in self.prompts]
+
+  def chunks(self, size: int) -> Iterator['Prepared']:
+    """The same call in pieces of `size` sources, to decode and finish one
+    at a time (results written as they come, all inputs checked once)."""
+    for a in range(0, len(self.sources), size):
+      yield Prepared(self.sources[a:a + size], self.options,
+                     self.fitted[a:a + size])
 
 
 @dataclasses.dataclass

@@ -87,6 +87,17 @@ def world(tmp_path_factory, tokenizer):
   return root
 
 
+@pytest.fixture
+def no_work(world, monkeypatch):
+  """In the user's world, where loading a model or training fails the test:
+  a refusal must come before any work."""
+  monkeypatch.chdir(world)
+  monkeypatch.setattr(cli_lib, 'build_translator',
+                      lambda a: pytest.fail('loaded a model'))
+  from gemma_mt.train import loop
+  monkeypatch.setattr(loop, 'train_loop', lambda c: pytest.fail('trained'))
+
+
 # ------------------------------------------------------ outputs aimed at inputs
 
 def _evaluate_argv(w: Path, flag: str, target: str) -> list[str]:
@@ -123,10 +134,7 @@ def _out_cases():
 
 @pytest.mark.parametrize('cmd,flag,target', list(_out_cases()))
 def test_outputs_aimed_at_inputs_are_refused(cmd, flag, target, world,
-                                             monkeypatch, capsys):
-  monkeypatch.chdir(world)
-  monkeypatch.setattr(cli_lib, 'build_translator',
-                      lambda a: pytest.fail('loaded a model'))
+                                             no_work, capsys):
   path, named = TARGETS[target]
   path = str(world / path)
   before = snapshot(world)
@@ -232,12 +240,7 @@ def _value_cases():
 
 @pytest.mark.parametrize('cmd,flag,value', list(_value_cases()))
 def test_bad_numbers_one_line_before_any_work(cmd, flag, value, world,
-                                              monkeypatch, capsys):
-  monkeypatch.chdir(world)
-  monkeypatch.setattr(cli_lib, 'build_translator',
-                      lambda a: pytest.fail('loaded a model'))
-  from gemma_mt.train import loop
-  monkeypatch.setattr(loop, 'train_loop', lambda c: pytest.fail('trained'))
+                                              no_work, capsys):
   before = snapshot(world)
   code = _main(cmd)(_base_argv(cmd, world) + [f'{flag}={value}'])
   assert code == 2
@@ -269,12 +272,7 @@ def _path_cases():
 
 @pytest.mark.parametrize('cmd,flag,kind', list(_path_cases()))
 def test_wrong_paths_one_line_before_any_work(cmd, flag, kind, world,
-                                              monkeypatch, capsys):
-  monkeypatch.chdir(world)
-  monkeypatch.setattr(cli_lib, 'build_translator',
-                      lambda a: pytest.fail('loaded a model'))
-  from gemma_mt.train import loop
-  monkeypatch.setattr(loop, 'train_loop', lambda c: pytest.fail('trained'))
+                                              no_work, capsys):
   path = {'file': world / 'in.txt', 'dir': world / 'mine',
           'missing': world / 'nowhere' / 'x'}[kind]
   argv = _base_argv(cmd, world)
@@ -601,15 +599,15 @@ def test_translator_needs_params(tokenizer):
 
 
 def test_interrupted_translate_keeps_what_it_wrote(tr, monkeypatch, capsys):
-  real, calls = tr.translate, []
+  real, calls = tr.decode, []
 
-  def dies_on_second_chunk(sources, *a, **kw):
-    calls.append(sources)
+  def dies_on_second_chunk(prep, *a, **kw):
+    calls.append(prep.sources)
     if len(calls) == 2:
       raise KeyboardInterrupt
-    return real(sources, *a, **kw)
+    return real(prep, *a, **kw)
 
-  monkeypatch.setattr(tr, 'translate', dies_on_second_chunk)
+  monkeypatch.setattr(tr, 'decode', dies_on_second_chunk)
   monkeypatch.setattr(cli_lib, 'build_translator', lambda a: tr)
   monkeypatch.setattr(T, 'CHUNK', 1)
   assert T.main(['Hello', 'World', 'Again', '--max_new_tokens', '2']) == 130
