@@ -114,6 +114,12 @@ def _same_file(a: Path, b: Path) -> bool:
     return False
 
 
+def _check_not_cwd(flag: str, path: Path) -> None:
+  if _within(_resolved(Path.cwd()), _resolved(path)):
+    raise UnsafeOutputError(f'{flag} {path}: is the working directory or '
+                            'above it; choose a new path')
+
+
 def check_outputs(outputs: Mapping[str, PathLike | None],
                   inputs: Mapping[str, PathLike | None]) -> None:
   """Refuses, before any work, outputs that would overwrite an input.
@@ -123,13 +129,10 @@ def check_outputs(outputs: Mapping[str, PathLike | None],
   one, or replace a file inside an input dir; nor be the working directory
   or one above it; two outputs may not be the same path.
   """
-  cwd = _resolved(Path.cwd())
   outs = {k: _resolved(v) for k, v in outputs.items() if v is not None}
   ins = {k: _resolved(v) for k, v in inputs.items() if v is not None}
   for flag, out in outs.items():
-    if _within(cwd, out):
-      raise UnsafeOutputError(f'{flag} {out}: is the working directory or '
-                              'above it; choose a new path')
+    _check_not_cwd(flag, out)
     for in_flag, inp in ins.items():
       if inp == out or _same_file(inp, out):
         what = 'is'
@@ -190,9 +193,7 @@ def check_replaceable(path: PathLike, overwrite: bool, flag: str = 'output',
   if not overwrite:
     raise FileExistsError(f'{flag} {path} exists; pass --overwrite to '
                           'replace it')
-  if _within(_resolved(Path.cwd()), _resolved(path)):
-    raise UnsafeOutputError(f'{flag} {path}: is the working directory or '
-                            'above it')
+  _check_not_cwd(flag, path)
   if path.is_symlink():
     raise UnsafeOutputError(f'{flag} {path} is a link; not replaced')
   if directory:
