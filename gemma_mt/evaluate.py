@@ -143,35 +143,40 @@ def _evaluate(args, pairs, where, output: Path, summary_path: Path) -> int:
   translator = cli.build_translator(args)
   log.info('translating %d pairs from %s', len(pairs), where)
   partial = fs.partial_path(output)
+  hyps_b = None
   try:
     hyps, summary = evaluate(translator, pairs, args.options,
                              batch_size=args.batch_size, partial=partial)
+    if args.compare_checkpoint:
+      del translator
+      args_b = argparse.Namespace(**{**vars(args),
+                                     'checkpoint': args.compare_checkpoint})
+      hyps_b, summary_b = evaluate(cli.build_translator(args_b), pairs,
+                                   args.options, batch_size=args.batch_size)
   except KeyboardInterrupt:
     raise signals.Interrupted(
-        f'the hypotheses translated so far are in {partial}') from None
+        f'the hypotheses translated so far are in {partial}; the earlier '
+        'outputs are unchanged') from None
   summary = {'data': where, 'lang_pair': args.lang_pair,
              'model': args.model, 'checkpoint': args.checkpoint,
              'batch_size': args.batch_size,
              'data_parallel': args.data_parallel, **summary,
              'hypotheses': str(output)}
-  os.replace(partial, output)  # Complete: the partial file becomes the output.
-  hyps_b = None
-  if args.compare_checkpoint:
-    del translator
-    args_b = argparse.Namespace(**{**vars(args),
-                                   'checkpoint': args.compare_checkpoint})
-    hyps_b, summary_b = evaluate(cli.build_translator(args_b), pairs,
-                                 args.options, batch_size=args.batch_size)
+  if hyps_b is not None:
     summary['compare'] = {'checkpoint': args.compare_checkpoint,
                           **{k: summary_b[k] for k in (
                               'bleu', 'bleu_intl', 'chrf', 'runaway')}}
   if args.report:
-    names = (args.checkpoint or args.model, args.compare_checkpoint)
-    report.write(Path(args.report), report.rows(pairs, hyps, hyps_b),
-                 f'{where}: {len(pairs)} sentences', names)
     summary['report'] = args.report
-  fs.atomic_write(summary_path, json.dumps(summary, indent=2,
-                                          ensure_ascii=False) + '\n')
+  # The outputs change together: a signal now waits until all are written.
+  with signals.StopRequest():
+    if args.report:
+      names = (args.checkpoint or args.model, args.compare_checkpoint)
+      report.write(Path(args.report), report.rows(pairs, hyps, hyps_b),
+                   f'{where}: {len(pairs)} sentences', names)
+    os.replace(partial, output)  # Complete: the partial file is the output.
+    fs.atomic_write(summary_path, json.dumps(summary, indent=2,
+                                            ensure_ascii=False) + '\n')
   log.info('hypotheses: %s; summary: %s', output, summary_path)
   print(json.dumps(summary, indent=2, ensure_ascii=False))
   return 0

@@ -40,6 +40,14 @@ def checkpoint_manager(config: TrainingConfig):
       Path(config.workdir).absolute() / 'checkpoints', options=options)
 
 
+def saved_steps(workdir) -> list[int]:
+  """The steps whose checkpoint dirs are complete (orbax renames a finished
+  save's temp dir to the bare step number)."""
+  root = Path(workdir).absolute() / 'checkpoints'
+  return sorted(int(p.name) for p in root.glob('*')
+                if p.name.isdigit() and p.is_dir())
+
+
 def save_checkpoint(mngr, step: int, state: TrainState) -> None:
   # Optimizer state as a leaf list: restores into any optax state structure.
   # The frozen LoRA base is not saved: it is the base model.

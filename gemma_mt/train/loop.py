@@ -271,78 +271,80 @@ def _train_locked(config: TrainingConfig, workdir: Path) -> Any:
     mngr.close()
     raise
   last_good = latest
-
-  eval_bs = config.eval_batch_size or config.batch_size
-  valid = list(_take(builder.get_validation_dataset(eval_bs),
-                     config.eval_max_batches))
-  kw = dict(pad_id=tokenizer.pad_id, chunk_size=config.loss_chunk_size)
-  in_sh, out_sh = setup.step_shardings
-  train_step = steps.make_train_step(
-      setup.model, setup.optimizer, grad_accum_steps=config.grad_accum_steps,
-      in_shardings=in_sh, out_shardings=out_sh, mesh=mesh, **kw)
-  validation_step = steps.make_validation_step(setup.model, **kw)
-  put = lambda batch: sharding.shard_batch(batch, mesh)
-  valid = [put(b) for b in sharding.host_local_batches(valid)]
-  writer = metrics.MetricsWriter(workdir)
-  what = (f'LoRA adapters ({lora.count_params(state.params) / 1e6:.2f}M '
-          f'params)' if state.frozen is not None else 'all params')
-  log.info('training %s (%s) on %d device(s), mesh %s: %s, %d steps from '
-           'step %d', config.model, arch, mesh.size, dict(mesh.shape), what,
-           total, start)
-
-  def run_eval(step):
-    loss = validation_loss(validation_step, state, valid)
-    writer.write('valid', step, loss=loss)
-    log.info('step %d: validation loss %.4f', step, loss)
-
-  quality = None
-  if config.eval_bleu_every_n > 0:
-    quality = QualityTracker(config, loaded.module.config, tokenizer,
-                             builder.load_pairs('valid'), arch,
-                             plain_params(state, config))
-
-  def run_quality(step) -> bool:
-    """Scores the weights, keeps best/; True when it is time to stop."""
-    params = plain_params(state, config)  # LoRA: merged once per evaluation.
-    scores = quality.score(params)
-    writer.write('valid_translation', step, **scores)
-    new = quality.update(step, params, scores)
-    log.info('step %d: BLEU %.2f, chrF %.2f, %d runaways%s', step,
-             scores['bleu'], scores['chrf'], scores['runaway'],
-             ' (new best)' if new else '')
-    return quality.should_stop()
-
-  if start == 0 and config.eval_every_n > 0:
-    run_eval(0)
-  if start == 0 and quality is not None:
-    run_quality(0)
-
-  from tqdm.auto import tqdm
-  bar = tqdm(total=total, initial=start, disable=not config.progress,
-             unit='step', dynamic_ncols=True)
-  window = _Window()
-  max_param_norm = MAX_PARAM_GROWTH * max(
-      float(steps.global_norm(state.params)), 1.0)
-  pending = None  # (step, device metrics): checked one step late, no stall.
-
-  def flush():
-    nonlocal pending
-    if pending is None:
-      return
-    step, m = pending[0], jax.device_get(pending[1])
-    pending = None
-    check_finite(step, m, last_good, ckpt_dir, max_param_norm)
-    window.add(m)
-    bar.update(1)
-    if step % config.log_every_n == 0 or step == total:
-      values = window.summary(m)
-      writer.write('train', step, **values)
-      bar.set_postfix(loss=f'{values["loss"]:.3f}',
-                      tok_s=f'{values["tokens_per_s"]:.0f}')
-      window.reset()
-
+  # Until the loop ends, whatever stops the run closes what it opened (an
+  # open metrics writer would print a traceback at exit).
   stop = signals.StopRequest()
+  writer = bar = None
   try:
+    eval_bs = config.eval_batch_size or config.batch_size
+    valid = list(_take(builder.get_validation_dataset(eval_bs),
+                       config.eval_max_batches))
+    kw = dict(pad_id=tokenizer.pad_id, chunk_size=config.loss_chunk_size)
+    in_sh, out_sh = setup.step_shardings
+    train_step = steps.make_train_step(
+        setup.model, setup.optimizer, grad_accum_steps=config.grad_accum_steps,
+        in_shardings=in_sh, out_shardings=out_sh, mesh=mesh, **kw)
+    validation_step = steps.make_validation_step(setup.model, **kw)
+    put = lambda batch: sharding.shard_batch(batch, mesh)
+    valid = [put(b) for b in sharding.host_local_batches(valid)]
+    writer = metrics.MetricsWriter(workdir)
+    what = (f'LoRA adapters ({lora.count_params(state.params) / 1e6:.2f}M '
+            f'params)' if state.frozen is not None else 'all params')
+    log.info('training %s (%s) on %d device(s), mesh %s: %s, %d steps from '
+             'step %d', config.model, arch, mesh.size, dict(mesh.shape), what,
+             total, start)
+
+    def run_eval(step):
+      loss = validation_loss(validation_step, state, valid)
+      writer.write('valid', step, loss=loss)
+      log.info('step %d: validation loss %.4f', step, loss)
+
+    quality = None
+    if config.eval_bleu_every_n > 0:
+      quality = QualityTracker(config, loaded.module.config, tokenizer,
+                               builder.load_pairs('valid'), arch,
+                               plain_params(state, config))
+
+    def run_quality(step) -> bool:
+      """Scores the weights, keeps best/; True when it is time to stop."""
+      params = plain_params(state, config)  # LoRA: merged once per evaluation.
+      scores = quality.score(params)
+      writer.write('valid_translation', step, **scores)
+      new = quality.update(step, params, scores)
+      log.info('step %d: BLEU %.2f, chrF %.2f, %d runaways%s', step,
+               scores['bleu'], scores['chrf'], scores['runaway'],
+               ' (new best)' if new else '')
+      return quality.should_stop()
+
+    if start == 0 and config.eval_every_n > 0:
+      run_eval(0)
+    if start == 0 and quality is not None:
+      run_quality(0)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=start, disable=not config.progress,
+               unit='step', dynamic_ncols=True)
+    window = _Window()
+    max_param_norm = MAX_PARAM_GROWTH * max(
+        float(steps.global_norm(state.params)), 1.0)
+    pending = None  # (step, device metrics): checked one step late, no stall.
+
+    def flush():
+      nonlocal pending
+      if pending is None:
+        return
+      step, m = pending[0], jax.device_get(pending[1])
+      pending = None
+      check_finite(step, m, last_good, ckpt_dir, max_param_norm)
+      window.add(m)
+      bar.update(1)
+      if step % config.log_every_n == 0 or step == total:
+        values = window.summary(m)
+        writer.write('train', step, **values)
+        bar.set_postfix(loss=f'{values["loss"]:.3f}',
+                        tok_s=f'{values["tokens_per_s"]:.0f}')
+        window.reset()
+
     stop.__enter__()
     it = prefetch_to_device(
         sharding.host_local_batches(train_data(start)), put)
@@ -381,8 +383,10 @@ def _train_locked(config: TrainingConfig, workdir: Path) -> Any:
     flush()
   finally:
     stop.__exit__()
-    bar.close()
-    writer.close()
+    if bar is not None:
+      bar.close()
+    if writer is not None:
+      writer.close()
     mngr.close()
 
   if state.frozen is not None:

@@ -34,11 +34,20 @@ def run(argv: list[str] | None = None) -> int:
   sharding.maybe_initialize_distributed()  # Before anything touches devices.
   try:
     train_loop(config)
-  except signals.Interrupted as e:
-    args = list(sys.argv[1:] if argv is None else argv)
-    again = ['python', '-m', 'gemma_mt.train', *args,
-             *([] if '--resume' in args else ['--resume'])]
-    raise signals.Interrupted(f'{e}; resume with: {shlex.join(again)}') from None
+  except (signals.Interrupted, KeyboardInterrupt) as e:
+    # Interrupted: stopped at a step boundary, with a checkpoint. A signal
+    # outside the step loop (set-up, the final save) arrives as
+    # KeyboardInterrupt: what was saved before is all there is.
+    from gemma_mt.train.checkpoints import saved_steps
+    args = [a for a in (sys.argv[1:] if argv is None else argv)
+            if a != '--resume']
+    saved = saved_steps(config.workdir)
+    what = str(e).strip() or (f'checkpoints up to step {saved[-1]} are kept'
+                              if saved else 'nothing was saved')
+    again = shlex.join(['python', '-m', 'gemma_mt.train', *args,
+                        *(['--resume'] if saved else [])])
+    raise signals.Interrupted(f'{what}; {"resume" if saved else "start again"}'
+                              f' with: {again}') from None
   return 0
 
 

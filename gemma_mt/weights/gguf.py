@@ -11,6 +11,7 @@ the file and the field.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -47,6 +48,32 @@ _NORMS = {  # GGUF block tensor -> official layer sub-module (stored as 1 + w).
 
 class GGUFError(ValueError):
   """The GGUF file is not a Gemma 3 checkpoint of the expected shape."""
+
+
+# A GGUF is one file, so it cannot carry the manifest of a model dir; the
+# CRC-32 of its tensor bytes (in file order) goes into its own metadata
+# instead, which llama.cpp ignores and `verify_tensors` checks on load.
+CHECKSUM_FIELD = "gemma_mt.tensor_crc32"
+
+
+def tensor_crc(arrays: Iterator[np.ndarray]) -> int:
+  """CRC-32 of the arrays' raw bytes, in order."""
+  crc = 0
+  for a in arrays:
+    crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), crc)
+  return crc
+
+
+def verify_tensors(reader: Any, path: str | os.PathLike) -> bool:
+  """Checks the tensor bytes against `CHECKSUM_FIELD`; False when the file
+  has none (one from another tool). GGUFError naming the file if changed."""
+  f = reader.get_field(CHECKSUM_FIELD)
+  if f is None:
+    return False
+  if tensor_crc(t.data for t in reader.tensors) != int(f.contents()):
+    raise GGUFError(f"{path}: its tensors changed since it was written "
+                    "(checksum mismatch)")
+  return True
 
 
 def open_reader(path: str | os.PathLike) -> Any:
@@ -113,6 +140,7 @@ def params_from_gguf(
   meta = read_metadata(reader, path)
   if expect:
     check_metadata(meta, expect, path)
+  verify_tensors(reader, path)
   tensors = {t.name.removesuffix(".weight"): t for t in reader.tensors}
 
   n_layers = meta["block_count"]
@@ -353,13 +381,18 @@ def write_gguf(
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(config.global_rope_scale)
   _add_tokenizer(w, tokenizer, chat_template)
+  stored = []
   for tname, x, is_norm in progress(_gguf_tensors(params, config)):
     if is_norm or qtype == qt.F32:
-      w.add_tensor(tname, x)  # float32 already
+      stored.append(x)  # float32 already
+      w.add_tensor(tname, x)
     elif qtype == qt.F16:
-      w.add_tensor(tname, x.astype(np.float16))
+      stored.append(x.astype(np.float16))
+      w.add_tensor(tname, stored[-1])
     else:
-      w.add_tensor(tname, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+      stored.append(gguf.quants.quantize(x, qtype))
+      w.add_tensor(tname, stored[-1], raw_dtype=qtype)
+  w.add_uint32(CHECKSUM_FIELD, tensor_crc(stored))
   with fs.atomic_path(path, overwrite) as tmp:
     w.write_header_to_file(tmp)
     w.write_kv_data_to_file()

@@ -1,6 +1,8 @@
 """Evaluation: runaway detector, metrics, and `python -m gemma_mt.evaluate` end to end on a tiny model."""
 
 import json
+import os
+import signal
 
 from pathlib import Path
 
@@ -161,3 +163,62 @@ def test_killed_evaluation_keeps_the_chunks_it_translated(mtnt_dir, tokenizer,
   from gemma_mt.data import mtnt as data
   sources = [s for s, _ in data.load_pairs('valid', mtnt_dir=mtnt_dir)[:4]]
   assert kept == [t.text for t in real(sources, max_new_tokens=4)]
+
+
+# (what is patched, which call): a signal while loading, translating, loading
+# the compared checkpoint, or writing the outputs.
+EVAL_SIGNAL_POINTS = {
+    'loading the model': ('build_translator', 1),
+    'translating chunk 2': ('translate_detailed', 2),
+    'loading --compare_checkpoint': ('build_translator', 2),
+    'writing the report': ('report', 1),
+}
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('point', EVAL_SIGNAL_POINTS)
+def test_a_signal_anywhere_leaves_the_earlier_outputs(
+    point, signum, mtnt_dir, tokenizer, tmp_path, monkeypatch, capsys):
+  """Before the outputs are written, a signal is exit 130 in one line and
+  every earlier output is byte-for-byte as it was; once they are being
+  written, it waits, and all of them are new."""
+  from gemma_mt.eval import report
+  tr = make_tiny_translator(tokenizer)
+  what, at = EVAL_SIGNAL_POINTS[point]
+  calls = {'build_translator': 0, 'translate_detailed': 0, 'report': 0}
+
+  def hook(name, real):
+    def call(*a, **kw):
+      calls[name] += 1
+      if name == what and calls[name] == at:
+        os.kill(os.getpid(), signum)
+      return real(*a, **kw)
+    return call
+
+  monkeypatch.setattr(cli, 'build_translator',
+                      hook('build_translator', lambda args: tr))
+  monkeypatch.setattr(tr, 'translate_detailed',
+                      hook('translate_detailed', tr.translate_detailed))
+  monkeypatch.setattr(report, 'write', hook('report', report.write))
+  from gemma_mt.eval import metrics
+  monkeypatch.setattr(metrics, 'CHUNK', 2)
+  (tmp_path / 'other').mkdir()
+  outs = {'--output': tmp_path / 'hyp.txt', '--summary': tmp_path / 's.json',
+          '--report': tmp_path / 'r.tsv'}
+  for p in outs.values():
+    p.write_text(f'earlier {p.name}\n')
+  argv = ['--mtnt_dir', str(mtnt_dir), '--limit', '5', '--max_new_tokens', '4',
+          '--compare_checkpoint', str(tmp_path / 'other')]
+  argv += [x for flag, p in outs.items() for x in (flag, str(p))]
+  code = E.main(argv)
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err
+  changed = {p.name for p in outs.values()
+             if p.read_text() != f'earlier {p.name}\n'}
+  if point == 'writing the report':
+    assert code == 0 and changed == {'hyp.txt', 's.json', 'r.tsv'}
+    return
+  assert code == 130 and not changed
+  lines = [l for l in err.splitlines() if l.startswith('interrupted')]
+  assert len(lines) == 1, err
+  assert not list(tmp_path.glob('.*tmp*'))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mt import sharding, weights
+from gemma_mt import fs, sharding, weights
 from gemma_mt.train import checkpoints as ckpt_lib
 from gemma_mt.train import config as config_lib
 from gemma_mt.train import loop, steps
@@ -302,6 +302,54 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(
   assert not (tmp_path / 'final').exists()
   assert train_main.main(shlex.split(command)[3:]) == 0
   assert_trees_equal(weights.load_dir(tmp_path / 'final').params,
+                     uninterrupted[1])
+
+
+# Where a signal can land in a run: (module, function, which call). Inside the
+# step loop it is honoured at the next step boundary; outside (set-up, the
+# first validation, the final save) it interrupts there.
+SIGNAL_POINTS = {
+    'loading the model': (loop, 'init_model', 1),
+    'validation before step 1': (loop, 'validation_loss', 1),
+    'validation at step 2': (loop, 'validation_loss', 2),
+    'checkpoint save at step 2': (ckpt_lib, 'save_checkpoint', 1),
+    'writing final/': (fs, 'write_manifest', 1),
+}
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('point', SIGNAL_POINTS)
+def test_a_signal_anywhere_leaves_a_run_its_command_completes(
+    point, signum, uninterrupted, tmp_path, mtnt_dir, monkeypatch, xla_cache,
+    capsys):
+  """Generated over the points of a run: exit 130, one line, no traceback,
+  nothing half-written; the command in that line (resume, or start again
+  when nothing was saved) ends where an uninterrupted run ends."""
+  module, attr, at = SIGNAL_POINTS[point]
+  real, calls = getattr(module, attr), [0]
+
+  def signalling(*a, **kw):
+    calls[0] += 1
+    if calls[0] == at:
+      os.kill(os.getpid(), signum)
+    return real(*a, **kw)
+
+  workdir = tmp_path / 'run'
+  argv = cli_args(workdir, mtnt_dir)
+  with monkeypatch.context() as m:
+    m.setattr(module, attr, signalling)
+    assert train_main.main(argv) == 130
+  assert calls[0] >= at
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err
+  lines = [l for l in err.splitlines() if l.startswith('interrupted')]
+  assert len(lines) == 1, err
+  assert not (workdir / 'final').exists()
+  assert not list(workdir.glob('.*tmp*')) if workdir.exists() else True
+  command = lines[0].split(' with: ')[1]
+  assert command.endswith('--resume') == bool(ckpt_lib.saved_steps(workdir))
+  assert train_main.main(shlex.split(command)[3:]) == 0
+  assert_trees_equal(weights.load_dir(workdir / 'final').params,
                      uninterrupted[1])
 
 

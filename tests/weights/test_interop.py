@@ -242,6 +242,31 @@ def test_gguf_export_reads_back(outtype, tokenizer, tmp_path):
     assert rebuilt.tokenize(s).tolist() == tokenizer.tokenize(s).tolist()
 
 
+@pytest.mark.parametrize('outtype', ['f32', 'q8_0'])
+def test_gguf_export_is_verified_on_load(outtype, tokenizer, tmp_path):
+  """A GGUF carries the CRC-32 of its tensors: any flipped byte in any
+  tensor is named on load, and an unchanged file loads."""
+  cfg = LLAMA_CFG
+  path = gguf.write_gguf(tmp_path / 'm.gguf', cfg, random_params(cfg),
+                         tokenizer, outtype)
+  reader = gguf.open_reader(path)
+  assert gguf.verify_tensors(reader, path) is True
+  spans = [(int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+  del reader
+  good = path.read_bytes()
+  rng = np.random.default_rng(0)
+  for i in rng.choice(len(spans), 3, replace=False):
+    start, n = spans[i]
+    bad = bytearray(good)
+    bad[start + int(rng.integers(n))] ^= 0x10
+    path.write_bytes(bytes(bad))
+    with pytest.raises(gguf.GGUFError, match='checksum mismatch') as e:
+      gguf.params_from_gguf(path)
+    assert str(path) in str(e.value)
+  path.write_bytes(good)
+  gguf.params_from_gguf(path, expect=gguf.expected_fields(cfg))
+
+
 def _q8_bound(key, w, cfg):
   """Half a Q8_0 step per value, blocks taken along the GGUF rows."""
   rows = {  # Our weight -> (to GGUF rows, back).
