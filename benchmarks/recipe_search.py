@@ -8,7 +8,8 @@ overrides}; every run trains with `--eval_bleu_every_n` and keeps its
 `best/` by chrF on valid. The winner (best chrF) and the extra `--decode`
 checkpoints (names -> dirs, "base" = the untuned model) are then decoded on
 all of valid.en-fr with greedy, beam 4, beam 4 + each `--length_penalties`
-value, and MBR `--mbr`. One process: the persistent compilation cache and
+value, beam MBR `--mbr`, and sampled / pooled MBR at each `--sampled_mbr`,
+each with and without the guard against untranslated output. One process: the persistent compilation cache and
 in-process executables are shared by all runs.
 """
 
@@ -66,32 +67,52 @@ def train_grid(base, grid, root: Path, winner: dict | None,
 
 
 def decode_table(checkpoints: dict[str, str | None], pairs, lps, mbr: int,
-                 batch_size: int, max_new_tokens: int) -> list[dict]:
+                 batch_size: int, max_new_tokens: int,
+                 sampled: tuple[int, ...] = (16, 32)) -> list[dict]:
+  """Every checkpoint x decoding, each with and without the guard.
+
+  One decode serves both rows: the guard only re-chooses among candidates
+  (and, for a single output, adds a beam's n-best to the rows it rejects),
+  so `Translator.guard` + `finish` run on the unguarded generation.
+  """
   from gemma_mt.decoding.options import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions
-  from gemma_mt.eval.metrics import evaluate
+  from gemma_mt.eval.metrics import failures, score
   from gemma_mt.translator import Translator
-  base = SamplingOptions(max_new_tokens=max_new_tokens,
+  base = SamplingOptions(max_new_tokens=max_new_tokens, guard=False,
                          max_length_ratio=DEFAULT_MAX_LENGTH_RATIO)
   decodes = [('greedy', base), ('beam4', base.replace(beam_size=4))]
   decodes += [(f'beam4_lp{a}', base.replace(beam_size=4, length_penalty=a))
               for a in lps]
-  decodes += [(f'mbr{mbr}', base.replace(mbr=mbr))]
+  decodes += [(f'beam_mbr{mbr}', base.replace(mbr=mbr))]
+  for n in sampled:
+    decodes += [(f'sampled_mbr{n}', base.replace(mbr=n, mbr_candidates='sample')),
+                (f'pooled_mbr{n}', base.replace(mbr=n, mbr_candidates='both'))]
+  sources, refs = [s for s, _ in pairs], [r for _, r in pairs]
   rows = []
   for name, ckpt in checkpoints.items():
     tr = Translator.from_pretrained('gemma3_270m', ckpt, batch_size=batch_size)
     for label, opts in decodes:
       try:
-        _, s = evaluate(tr, pairs, opts)
+        t0 = time.perf_counter()
+        prep = tr.prepare(sources, opts)
+        gen = tr.decode(prep)
+        seconds = time.perf_counter() - t0
+        for guard in (False, True):
+          t1 = time.perf_counter()
+          p = tr.prepare(sources, opts.replace(guard=guard))
+          hyps = [t.text for t in tr.finish(p, tr.guard(p, gen))]
+          took = seconds + time.perf_counter() - t1
+          failed = failures(pairs, hyps, tr.lang_pair)
+          rows.append({'checkpoint': name, 'decode': label, 'guard': guard,
+                       **score(hyps, refs),
+                       **{k: len(v) for k, v in failed.items()},
+                       'seconds': round(took, 2),
+                       'sentences_per_second': round(len(pairs) / took, 1)})
+          print(json.dumps(rows[-1]), flush=True)
       except Exception as e:  # Keep the rest of the table.
         rows.append({'checkpoint': name, 'decode': label,
                      'error': f'{type(e).__name__}: {e}'[:2000]})
         print(json.dumps(rows[-1]), flush=True)
-        continue
-      rows.append({'checkpoint': name, 'decode': label, **{k: s[k] for k in (
-          'bleu', 'bleu_intl', 'chrf', 'runaway', 'seconds',
-          'sentences_per_second', 'num_compiles', 'bleu_signature',
-          'bleu_intl_signature', 'chrf_signature')}})
-      print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
@@ -110,7 +131,9 @@ def main(argv=None) -> int:
                       'runs compete for the winner; "inherit" runs start '
                       'from its winner')
   p.add_argument('--length_penalties', default='0.6,1.0')
-  p.add_argument('--mbr', type=int, default=8)
+  p.add_argument('--mbr', type=int, default=8, help='beam MBR candidates')
+  p.add_argument('--sampled_mbr', default='16,32',
+                 help='sampled (and pooled) MBR candidate counts')
   p.add_argument('--decode_limit', type=int, default=None,
                  help='decode only the first N valid pairs')
   p.add_argument('--batch_size', type=int, default=64)
@@ -159,7 +182,9 @@ def main(argv=None) -> int:
     pairs = data.load_pairs('valid', mtnt_dir=args.mtnt_dir)[:args.decode_limit]
     lps = [float(x) for x in args.length_penalties.split(',') if x]
     out['decoding'] = decode_table(checkpoints, pairs, lps, args.mbr,
-                                   args.batch_size, args.max_new_tokens)
+                                   args.batch_size, args.max_new_tokens,
+                                   tuple(int(x) for x in
+                                         args.sampled_mbr.split(',') if x))
   out['seconds'] = round(time.time() - t0, 1)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(out, indent=2) + '\n')

@@ -8,7 +8,10 @@ included, their count reported) and runaway outputs, i.e. hypotheses that
 
 * are more than 3x the reference's length in characters, or
 * repeat themselves: some word 4-gram occurs 3 or more times (whitespace
-  words, case-sensitive; `postprocess.is_runaway`).
+  words, case-sensitive; `postprocess.is_runaway`);
+
+and untranslated outputs: `copied` (the source, up to case and whitespace)
+and `off_target` (confidently another language; `gemma_mt.language`).
 
 Writes hypotheses (one per line, in input order) and a JSON summary. Default
 paths are `workdir/eval/<timestamp>-<pid>/{hypotheses.txt,summary.json}`;
@@ -165,14 +168,16 @@ def _evaluate(args, pairs, where, output: Path, summary_path: Path) -> int:
   if hyps_b is not None:
     summary['compare'] = {'checkpoint': args.compare_checkpoint,
                           **{k: summary_b[k] for k in (
-                              'bleu', 'bleu_intl', 'chrf', 'runaway')}}
+                              'bleu', 'bleu_intl', 'chrf', 'runaway', 'copied',
+                              'off_target')}}
   if args.report:
     summary['report'] = args.report
   # The outputs change together: a signal now waits until all are written.
   with signals.StopRequest():
     if args.report:
       names = (args.checkpoint or args.model, args.compare_checkpoint)
-      report.write(Path(args.report), report.rows(pairs, hyps, hyps_b),
+      report.write(Path(args.report), report.rows(pairs, hyps, hyps_b,
+                                                        args.lang_pair),
                    f'{where}: {len(pairs)} sentences', names)
     os.replace(partial, output)  # Complete: the partial file is the output.
     fs.atomic_write(summary_path, json.dumps(summary, indent=2,

@@ -11,7 +11,11 @@ Request (only `input_text` is required; unknown fields are rejected):
    "seed": 0..2**31-1,        default 0
    "beam_size": 1..16,        beam search (default 1: greedy)
    "length_penalty": 0..2,    GNMT alpha for beam search, default 0
-   "mbr": 0..32}              MBR over a beam's N-best (0/1: off)
+   "mbr": 0..32,              MBR over N candidates (0/1: off)
+   "mbr_candidates": "beam" | "sample" | "both",   default "beam"
+   "mbr_utility": "chrf" | "bleu" | "chrf+bleu",   default "chrf"
+   "epsilon": 0..1,           epsilon sampling cut (sampled MBR: 0.02)
+   "guard": true | false}     avoid copies of the source / other languages (default true)
 
 Response: {"status": "SUCCESS", "translations": [str, ...],
            "usage": {"input_tokens": n, "output_tokens": m}}
@@ -48,7 +52,8 @@ MAX_TOP_K = 500
 MAX_STOP_SEQUENCES = 16
 _SURROGATE = re.compile('[\ud800-\udfff]')
 FIELDS = ('input_text', 'temperature', 'top_p', 'top_k', 'max_tokens',
-          'stop_sequences', 'seed', 'beam_size', 'length_penalty', 'mbr')
+          'stop_sequences', 'seed', 'beam_size', 'length_penalty', 'mbr',
+          'mbr_candidates', 'mbr_utility', 'epsilon', 'guard')
 MAX_BEAM_SIZE, MAX_MBR, MAX_LENGTH_PENALTY = 16, 32, 2
 
 
@@ -162,6 +167,19 @@ def parse_request(req: Any, defaults: SamplingOptions | None = None
                                    MAX_LENGTH_PENALTY)
   if 'mbr' in req:
     kw['mbr'] = _int(req, 'mbr', 0, MAX_MBR)
+  for name in ('mbr_candidates', 'mbr_utility'):
+    if name in req:
+      if not isinstance(req[name], str):
+        raise RequestError(f'{name} must be a string, got '
+                           f'{json.dumps(req[name])}')
+      kw[name] = req[name]  # Its values are checked by SamplingOptions.
+  if 'epsilon' in req:
+    kw['epsilon'] = _number(req, 'epsilon', 0, 1) or None  # 0 = off
+  if 'guard' in req:
+    if not isinstance(req['guard'], bool):
+      raise RequestError(f'guard must be true or false, got '
+                         f'{json.dumps(req["guard"])}')
+    kw['guard'] = req['guard']
   if 'stop_sequences' in req:
     stops = req['stop_sequences']
     if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES:

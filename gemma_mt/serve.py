@@ -155,7 +155,7 @@ class Batcher:
     """Greedy requests join the running continuous batch; False: not one."""
     sources, options, fut = item
     opts = options.replace(max_length_ratio=self.max_length_ratio)
-    if opts.temperature != 0 or opts.search_width > 1:
+    if opts.temperature != 0 or opts.search_width > 1 or opts.mbr_samples:
       return False
     tr = self.translator
     prep = tr.prepare(sources, opts)
@@ -170,7 +170,7 @@ class Batcher:
     outs: dict = {}
 
     def finish():
-      fut.set_result(tr.finish(prep, tr.generation(prep, outs)))
+      fut.set_result(tr.finish(prep, tr.guard(prep, tr.generation(prep, outs))))
       self._streaming.discard(fut)
       with self._cv:
         self.queued -= len(sources)

@@ -20,12 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt import sharding, weights
+from gemma_mt import language, sharding, weights
 from gemma_mt.data import prompts
 from gemma_mt.decoding import continuous, postprocess
 from gemma_mt.decoding import mbr as mbr_lib
 from gemma_mt.decoding.options import DEFAULT_MAX_INPUT_TOKENS, SamplingOptions
 from gemma_mt.decoding.sampler import Hypothesis, Sampler
+
+
+# Beam width of the guard's second decode of an untranslated output.
+GUARD_BEAM = 4
 
 
 class InputTooLongError(ValueError):
@@ -78,7 +82,9 @@ class Generation:
   output_tokens: list[int]     # == len(token_ids[i])
   stop_reasons: list[str]      # 'eos' | 'newline' | 'max_tokens' | 'blank'
   truncated: list[bool]        # source was cut to fit max_input_tokens
-  nbest: list[list[Hypothesis]] | None = None  # beam search: K best, best first
+  # Candidates per input, best first: beam search's K best, MBR's samples,
+  # or the guard's alternatives to an untranslated output ([]: none).
+  nbest: list[list[Hypothesis]] | None = None
 
 
 @dataclasses.dataclass
@@ -87,7 +93,7 @@ class Translation:
   input_tokens: int
   output_tokens: int
   stop_reason: str  # as in Generation, or 'stop_sequence'
-  candidates: list[str] | None = None  # beam/MBR: the n-best texts, best first
+  candidates: list[str] | None = None  # beam/MBR/guard: the candidate texts, best first
 
 
 def check_sources(sources) -> list[str]:
@@ -289,8 +295,9 @@ class Translator:
   def decode(self, prep: Prepared, *, batch_size: int | None = None
              ) -> Generation:
     """Runs the model on `prep`: beam search when its options search
-    (beam/MBR), else continuous batching for more prompts than a batch,
-    else static batches."""
+    (beam/MBR), sampled MBR candidates as rows of their own, else continuous
+    batching for more prompts than a batch, else static batches; then the
+    guard (`guard`)."""
     if batch_size is not None:
       check_batch_size(batch_size)
     opts, prompts, limits = prep.options, prep.prompts, prep.limits
@@ -300,17 +307,72 @@ class Translator:
           prompts, max_new_tokens=limits, beam_size=opts.search_width,
           length_penalty=opts.length_penalty, batch_size=batch_size)
       outs = [b[0].ids for b in beams]
-      nbest = [[] for _ in prep.sources]
-      for i, b in zip(prep.todo, beams):
-        nbest[i] = b
-    else:
-      kw = dict(max_new_tokens=limits, temperature=float(opts.temperature),
-                top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
-      if self.continuous and len(prompts) > (batch_size or self.sampler.batch_size):
-        outs = continuous.generate(self.sampler, prompts, slots=batch_size, **kw)
-      else:
-        outs = self.sampler.generate(prompts, batch_size=batch_size, **kw)
-    return self.generation(prep, dict(zip(prep.todo, outs)), nbest)
+      nbest = [list(b) for b in beams]
+    elif not opts.mbr_samples:
+      outs = self._sample(prompts, limits, opts, batch_size)
+    if opts.mbr_samples:  # N rows per source, one key per row.
+      n = opts.mbr_samples
+      drawn = self._sample([p for p in prompts for _ in range(n)],
+                           [l for l in limits for _ in range(n)],
+                           opts.candidate_sampling(), batch_size)
+      samples = [[Hypothesis(x, float('nan'), float('nan'))
+                  for x in drawn[k * n:(k + 1) * n]] for k in range(len(prompts))]
+      nbest = samples if nbest is None else [
+          b + s for b, s in zip(nbest, samples)]
+      if opts.search_width == 1:
+        outs = [s[0].ids for s in samples]
+    if nbest is not None:
+      by_index = [[] for _ in prep.sources]
+      for i, b in zip(prep.todo, nbest):
+        by_index[i] = b
+      nbest = by_index
+    return self.guard(prep, self.generation(prep, dict(zip(prep.todo, outs)),
+                                            nbest), batch_size=batch_size)
+
+  def _sample(self, prompts, limits, opts: SamplingOptions, batch_size):
+    """Greedy or sampled ids of each prompt (no search)."""
+    kw = dict(max_new_tokens=limits, temperature=float(opts.temperature),
+              top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed,
+              epsilon=opts.epsilon)
+    if self.continuous and len(prompts) > (batch_size or self.sampler.batch_size):
+      return continuous.generate(self.sampler, prompts, slots=batch_size, **kw)
+    return self.sampler.generate(prompts, batch_size=batch_size, **kw)
+
+  def guard(self, prep: Prepared, gen: Generation, *,
+            batch_size: int | None = None) -> Generation:
+    """Alternatives for the inputs whose only output is untranslated.
+
+    An input with candidates already (beam, MBR) is left to `finish`, which
+    picks among those in the target language. One whose single output is a
+    copy of the source or another language (`language.judge`) gets the
+    n-best of a beam of GUARD_BEAM as further candidates: a few rows of a
+    corpus, so the guard costs little. Off with `options.guard=False`.
+    """
+    if not prep.options.guard:
+      return gen
+    redo = [i for i in prep.todo if not (gen.nbest and gen.nbest[i])
+            and not self._judge(gen.token_ids[i], prep, i).ok]
+    if not redo:
+      return gen
+    opts = prep.options
+    beams = self.sampler.beam_search(
+        [prep.fitted[i][0] for i in redo],
+        max_new_tokens=[opts.limit(len(prep.fitted[i][0])) for i in redo],
+        beam_size=GUARD_BEAM, length_penalty=opts.length_penalty,
+        batch_size=batch_size)
+    nbest = list(gen.nbest) if gen.nbest else [[] for _ in prep.sources]
+    for i, b in zip(redo, beams):
+      first = Hypothesis(gen.token_ids[i], float('nan'), float('nan'))
+      nbest[i] = [first, *b]  # The output itself stays first.
+    return dataclasses.replace(gen, nbest=nbest)
+
+  def _clean(self, ids, source: str, opts: SamplingOptions):
+    return postprocess.clean_translation(self.tokenizer.decode(ids), source,
+                                         opts.stop_sequences)
+
+  def _judge(self, ids, prep: Prepared, i: int) -> language.Verdict:
+    text, _ = self._clean(ids, prep.sources[i], prep.options)
+    return language.judge(text, prep.sources[i], self.lang_pair)
 
   def generation(self, prep: Prepared, outs: dict, nbest=None) -> Generation:
     """A `Generation` from {index: generated ids} of `prep`'s sources."""
@@ -345,10 +407,11 @@ class Translator:
     return self.finish(prep, self.decode(prep, batch_size=batch_size))
 
   def finish(self, prep: Prepared, gen: Generation) -> list[Translation]:
-    """Text of a `Generation`: cleaned, stop sequences cut, MBR picked."""
+    """Text of a `Generation`: cleaned, stop sequences cut, and among
+    candidates the MBR choice or the best; under the guard, a candidate in
+    the target language whenever there is one."""
     sources, opts = prep.sources, prep.options
-    clean = lambda ids, src: postprocess.clean_translation(
-        self.tokenizer.decode(ids), src, opts.stop_sequences)
+    clean = lambda ids, src: self._clean(ids, src, opts)
     out = []
     for i, src in enumerate(sources):
       ids, reason = gen.token_ids[i], gen.stop_reasons[i]
@@ -356,8 +419,12 @@ class Translator:
       if gen.nbest is not None and gen.nbest[i]:  # Best first.
         cleaned = [clean(h.ids, src) for h in gen.nbest[i]]
         candidates = [text for text, _ in cleaned]
-        pick = (mbr_lib.mbr_select(candidates, opts.mbr_utility)
-                if opts.mbr > 1 else 0)
+        ok = ([language.judge(c, src, self.lang_pair).ok for c in candidates]
+              if opts.guard else None)
+        if opts.mbr > 1:
+          pick = mbr_lib.mbr_select(candidates, opts.mbr_utility, ok)
+        else:
+          pick = next((k for k, good in enumerate(ok) if good), 0) if ok else 0
         ids = gen.nbest[i][pick].ids
         text, cut = cleaned[pick]
         reason = self._stop_reason(ids, False)

@@ -22,3 +22,13 @@ def mtnt_dir() -> Path:
   if not path.is_dir():
     pytest.skip(f'offline MTNT copy not found at {path}')
   return path
+
+
+@pytest.fixture
+def default_sigint():
+  """SIGINT raising KeyboardInterrupt, as in a command started from a shell
+  (pytest-xdist's workers ignore SIGINT)."""
+  import signal
+  old = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, old)

@@ -196,14 +196,14 @@ NUMERIC_FLAGS = {  # cli → flags that take numbers (no default of 0 allowed)
                  '--beam_size'],
     'train': ['--batch_size', '--learning_rate', '--max_seq_len',
               '--num_epochs', '--max_steps', '--warmup_steps',
-              '--checkpoint_every_n', '--weight_decay'],
+              '--checkpoint_every_n', '--weight_decay', '--label_smoothing'],
     'serve': ['--port', '--max_queued', '--max_body_bytes',
               '--graceful_timeout', '--body_timeout', '--batch_size',
               '--max_new_tokens', '--temperature'],
 }
 # Values that a flag may legitimately take.
 ALLOWED = {('--temperature', 'zero'), ('--warmup_steps', 'zero'),
-           ('--weight_decay', 'zero'), ('--max_length_ratio', 'zero'),
+           ('--weight_decay', 'zero'), ('--label_smoothing', 'zero'), ('--max_length_ratio', 'zero'),
            ('--max_length_ratio', 'huge'), ('--max_input_tokens', 'huge')}
 
 

@@ -5,6 +5,7 @@ import json
 import sys
 
 import jax
+import numpy as np
 import pytest
 from support.tiny import forcing, make_tiny_translator
 
@@ -477,3 +478,92 @@ def test_checkpoint_records_its_prompt_format(tokenizer, tmp_path):
     weights.save(tmp_path / 'bad', 'tiny', tiny_params(), tokenizer,
                  prompt_format='alpaca')
   assert not (tmp_path / 'bad').exists()
+
+
+# --- The guard against untranslated output ------------------------------------------
+COPY_SOURCE = 'Where is the nearest train station?'
+FRENCH = 'Où est la gare la plus proche ?'
+
+
+def hyp(tokenizer, text):
+  from gemma_mt.decoding.sampler import Hypothesis
+  ids = list(tokenizer.tokenize(text, add_bos=False, add_eos=False))
+  return Hypothesis(np.asarray(ids + [tokenizer.eos_id], np.int32), 0.0, 0.0)
+
+
+@pytest.mark.parametrize('mbr', [0, 3])
+def test_guard_picks_the_candidate_in_the_target_language(tr, tokenizer, mbr):
+  """The n-best (or MBR pool) holds a copy of the source, English that is
+  not the source, and French: the guard answers French, though the copy is
+  the best (and the consensus, for MBR); without the guard the copy."""
+  pool = [hyp(tokenizer, t) for t in (
+      COPY_SOURCE, COPY_SOURCE, 'Where is the train station near here?', FRENCH)]
+  for guard, want in ((True, FRENCH), (False, COPY_SOURCE)):
+    prep = tr.prepare([COPY_SOURCE], SamplingOptions(beam_size=4, mbr=mbr,
+                                                     guard=guard))
+    gen = tr.generation(prep, {0: pool[0].ids}, [pool])
+    (out,) = tr.finish(prep, gen)
+    assert out.text == want and len(out.candidates) == 4
+
+
+def test_guard_decodes_an_untranslated_output_again(tr, tokenizer,
+                                                    monkeypatch):
+  """A greedy copy gets a beam's n-best as alternatives (the copy stays
+  first); a names-only source's copy is left alone, with no second decode."""
+  from gemma_mt import translator as translator_lib
+  calls = []
+
+  def beam_search(prompts, *, max_new_tokens, beam_size, **kw):
+    calls.append((len(prompts), beam_size))
+    return [[hyp(tokenizer, 'Where is it?'), hyp(tokenizer, FRENCH)]
+            for _ in prompts]
+
+  monkeypatch.setattr(tr.sampler, 'beam_search', beam_search)
+  sources = [COPY_SOURCE, 'Donald Trump', 'Bonjour']
+  prep = tr.prepare(sources, SamplingOptions())
+  outs = {0: hyp(tokenizer, COPY_SOURCE).ids, 1: hyp(tokenizer, sources[1]).ids,
+          2: hyp(tokenizer, 'Salut à tous').ids}
+  gen = tr.guard(prep, tr.generation(prep, outs))
+  assert calls == [(1, translator_lib.GUARD_BEAM)]
+  texts = [t.text for t in tr.finish(prep, gen)]
+  assert texts == [FRENCH, 'Donald Trump', 'Salut à tous']
+  assert tokenizer.decode(gen.nbest[0][0].ids).startswith(COPY_SOURCE)
+  off = tr.prepare(sources, SamplingOptions(guard=False))
+  assert tr.guard(off, tr.generation(off, outs)).nbest is None
+
+
+def test_guard_on_the_real_decode_path(tr):
+  """Unpatched: an output the guard reconsiders keeps its greedy text as
+  the first candidate, and the answer is the first acceptable one."""
+  from gemma_mt import language
+  sources = [COPY_SOURCE, 'Thanks, it worked!', 'lol', 'r/france']
+  plain = tr.translate_detailed(sources, guard=False, max_new_tokens=8)
+  guarded = tr.translate_detailed(sources, max_new_tokens=8)
+  for src, p, g in zip(sources, plain, guarded):
+    if g.candidates is None:
+      assert g.text == p.text and language.judge(p.text, src).ok
+      continue
+    assert g.candidates[0] == p.text and not language.judge(p.text, src).ok
+    ok = [c for c in g.candidates if language.judge(c, src).ok]
+    assert g.text == (ok[0] if ok else p.text)
+
+
+def test_sampled_mbr_is_one_answer_per_seed(tr):
+  sources = ['Hello there', 'Good morning, reddit']
+  # The tiny model's distributions are peaked: a flatter, wider draw.
+  kw = dict(mbr=4, mbr_candidates='sample', max_new_tokens=6, guard=False,
+            temperature=3.0, epsilon=1e-7)
+  a = tr.translate_detailed(sources, seed=3, **kw)
+  assert [t.text for t in a] == [t.text for t in tr.translate_detailed(
+      sources, seed=3, **kw)]
+  assert all(len(t.candidates) == 4 for t in a)
+  b = tr.translate_detailed(sources, seed=4, **kw)
+  assert [t.candidates for t in a] != [t.candidates for t in b]
+  # Pooled: the n-best of a beam of N/2, then N/2 samples.
+  both = tr.translate_detailed(sources, seed=3, **{
+      **kw, 'mbr_candidates': 'both', 'temperature': 0})
+  beam = tr.translate_detailed(sources, mbr=2, max_new_tokens=6, guard=False)
+  a = tr.translate_detailed(sources, seed=3, **{**kw, 'temperature': 0,
+                                                'mbr': 2})
+  for x, y, z in zip(both, beam, a):
+    assert x.candidates == y.candidates + z.candidates

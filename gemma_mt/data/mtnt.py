@@ -105,6 +105,12 @@ def read_mtnt_tsv(path: str | os.PathLike) -> tuple[list[tuple[str, str]], int]:
   return pairs, malformed
 
 
+def reverse_pair(lang_pair: str) -> str:
+  """'en-fr' -> 'fr-en'."""
+  src, dst = lang_pair.split('-')
+  return f'{dst}-{src}'
+
+
 def tsv_path(mtnt_dir: str | os.PathLike, split: str, lang_pair: str = 'en-fr') -> Path:
   """`<dir>/<split>/<split>.<pair>.tsv`; `<dir>/MTNT/...` (the tarball root) works too."""
   _check_pair(lang_pair)
@@ -245,8 +251,11 @@ class MTNTDatasetBuilder:
       truncate: bool = False,
       tfds_data_dir: str | None = None,
       prompt_format: str = prompts.DEFAULT,
+      both_directions: bool = False,
   ):
     _check_pair(lang_pair)
+    if both_directions:
+      _check_pair(reverse_pair(lang_pair))
     self.prompt_format = prompts.check(prompt_format)
     self.tokenizer = tokenizer
     self.max_seq_len = max_seq_len
@@ -258,6 +267,7 @@ class MTNTDatasetBuilder:
     self.seed = seed
     self.truncate = truncate
     self.tfds_data_dir = tfds_data_dir
+    self.both_directions = both_directions
     self.stats: dict[str, SplitStats] = {}  # Filled as splits are encoded.
     self._encoded: dict[str, TrainingInput] = {}
 
@@ -267,9 +277,11 @@ class MTNTDatasetBuilder:
   def _load_counted(self, split):
     return _load(split, self.source, self.mtnt_dir, self.lang_pair, self.tfds_data_dir)
 
-  def encode_pair(self, src: str, dst: str) -> tuple[np.ndarray, int] | None:
+  def encode_pair(self, src: str, dst: str, lang_pair: str | None = None
+                  ) -> tuple[np.ndarray, int] | None:
     """(tokens, prompt length) of one example, unpadded; None if it must be dropped."""
-    prompt = prompts.prompt_ids(self.tokenizer, src, self.lang_pair, self.prompt_format)
+    prompt = prompts.prompt_ids(self.tokenizer, src, lang_pair or self.lang_pair,
+                                self.prompt_format)
     target = prompts.answer_ids(self.tokenizer, dst, self.prompt_format)
     room = self.max_seq_len - len(prompt)
     if len(target) > room:
@@ -284,13 +296,20 @@ class MTNTDatasetBuilder:
       return self._encoded[split]
     pairs, malformed = self._load_counted(split)
     stats = SplitStats(malformed=malformed)
+    examples = [(s, d, self.lang_pair) for s, d in pairs]
+    if self.both_directions and split == 'train':
+      # Each pair also as the reverse task, right after it (so that a
+      # shuffled epoch holds both); validation stays the one direction.
+      back = reverse_pair(self.lang_pair)
+      examples = [x for s, d in pairs
+                  for x in ((s, d, self.lang_pair), (d, s, back))]
     end_id = prompts.answer_ids(self.tokenizer, '', self.prompt_format)[-1]
     L = self.max_seq_len
-    tokens = np.full((len(pairs), L), self.tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(pairs), L), bool)
+    tokens = np.full((len(examples), L), self.tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(examples), L), bool)
     n = 0
-    for src, dst in pairs:
-      encoded = self.encode_pair(src, dst)
+    for src, dst, pair in examples:
+      encoded = self.encode_pair(src, dst, pair)
       if encoded is None:
         stats.dropped_too_long += 1
         continue

@@ -233,7 +233,8 @@ class ContinuousDecoder:
 def generate(sampler, prompts: Sequence[np.ndarray], *,
              max_new_tokens: int | Sequence[int], temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, slots: int | None = None) -> list[np.ndarray]:
+             seed: int = 0, epsilon: float | None = None,
+             slots: int | None = None) -> list[np.ndarray]:
   """`sampler.generate`'s result, decoded through `slots` (default the
   sampler's batch size) refilled rows."""
   if sampler.mesh is not None and sampler.mesh.size > 1:
@@ -241,7 +242,8 @@ def generate(sampler, prompts: Sequence[np.ndarray], *,
   limits = sampler.limits(prompts, max_new_tokens)
   if not len(prompts):
     return []
-  mode, sampling = sampler.sampling_args(temperature, top_k, top_p, seed)
+  mode, sampling = sampler.sampling_args(temperature, top_k, top_p, seed,
+                                         epsilon)
   decoder = ContinuousDecoder.for_prompts(
       sampler, slots or sampler.batch_size, mode, sampling, prompts, limits)
   with progress_bar(len(prompts), sampler.progress) as bar:

@@ -1,57 +1,97 @@
 """Minimum-Bayes-risk selection: the candidate the others agree with most.
 
 Given N candidate translations of one source, MBR returns the one with the
-highest expected utility, the mean of its sentence chrF (or BLEU) against
-each other candidate taken as a pseudo-reference. Utilities are
-sacreBLEU's own sentence scores.
+highest expected utility: the mean of its sentence chrF, BLEU, or their mean
+against each other candidate taken as a pseudo-reference. Utilities are
+sacreBLEU's sentence scores.
 
-The candidates are the n-best of one beam search of width N
-(`SamplingOptions(mbr=N)`): deterministic (no seed decides the answer),
-one search per sentence, and the n-best already holds the model's most
-likely alternatives. Sampled candidates (epsilon / nucleus sampling, which
-the literature prefers for large N) are not offered yet.
+Candidates (`SamplingOptions.mbr_candidates`) are the n-best of a beam of N
+(deterministic), N epsilon samples (Freitag et al. 2023: the better pool for
+large N; one seed gives one answer), or both pooled. Samples repeat, so the
+expected utilities are computed over the distinct candidates, weighted by
+how often each was drawn: |distinct|^2 utility calls instead of N^2.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics.helpers import extract_all_char_ngrams
 
-UTILITIES = ('chrf', 'bleu')
+UTILITIES = ('chrf', 'bleu', 'chrf+bleu')
 
 
-def _metric(utility: str):
-  if utility == 'chrf':
-    return CHRF()
-  if utility == 'bleu':
-    return BLEU(effective_order=True)  # Sentence-level: smoothed orders.
-  raise ValueError(f'mbr utility must be one of {UTILITIES}, got {utility!r}')
+class _ChrF:
+  """Sentence chrF (sacreBLEU's defaults) with each string's character
+  n-grams extracted once, not once per pair: with N candidates that is N
+  extractions instead of N^2. The match statistics and F-score are
+  sacreBLEU's own (tests compare against `CHRF.sentence_score`)."""
+
+  def __init__(self):
+    self.metric = CHRF()
+    self._ngrams: dict[str, list[Counter]] = {}
+
+  def _grams(self, text: str) -> list[Counter]:
+    if text not in self._ngrams:
+      self._ngrams[text] = extract_all_char_ngrams(
+          text, self.metric.char_order, self.metric.whitespace)
+    return self._ngrams[text]
+
+  def __call__(self, hyp: str, ref: str) -> float:
+    stats = []
+    for h, r in zip(self._grams(hyp), self._grams(ref)):
+      stats.extend(self.metric._get_match_statistics(h, r))
+    return self.metric._compute_f_score(stats)
+
+
+class _BLEU:
+  def __init__(self):
+    self.metric = BLEU(effective_order=True)  # Sentence-level: smoothed orders.
+
+  def __call__(self, hyp: str, ref: str) -> float:
+    return self.metric.sentence_score(hyp, [ref]).score
+
+
+def _utility(name: str):
+  if name == 'chrf':
+    return _ChrF()
+  if name == 'bleu':
+    return _BLEU()
+  if name == 'chrf+bleu':
+    chrf, bleu = _ChrF(), _BLEU()
+    return lambda h, r: (chrf(h, r) + bleu(h, r)) / 2
+  raise ValueError(f'mbr utility must be one of {UTILITIES}, got {name!r}')
 
 
 def expected_utilities(candidates: Sequence[str],
                        utility: str = 'chrf') -> list[float]:
-  """Mean utility of each candidate against every other one."""
-  metric = _metric(utility)
+  """Mean utility of each candidate against every other one (each draw of
+  a repeated candidate counts as one pseudo-reference)."""
+  u = _utility(utility)
   n = len(candidates)
   if n == 1:
     return [0.0]
-  cache: dict[tuple[str, str], float] = {}
-  out = []
-  for i, h in enumerate(candidates):
-    total = 0.0
-    for j, r in enumerate(candidates):
-      if i != j:
-        if (h, r) not in cache:
-          cache[h, r] = metric.sentence_score(h, [r]).score
-        total += cache[h, r]
-    out.append(total / (n - 1))
-  return out
+  counts = Counter(candidates)
+  distinct = list(counts)
+  by_text = {}
+  for h in distinct:
+    total = sum(m * u(h, r) for r, m in counts.items() if r != h)
+    total += (counts[h] - 1) * u(h, h)  # The other draws of h itself.
+    by_text[h] = total / (n - 1)
+  return [by_text[c] for c in candidates]
 
 
-def mbr_select(candidates: Sequence[str], utility: str = 'chrf') -> int:
-  """Index of the MBR choice (the first one on ties: the best-scored)."""
+def mbr_select(candidates: Sequence[str], utility: str = 'chrf',
+               allowed: Sequence[bool] | None = None) -> int:
+  """Index of the MBR choice (the first one on ties: the best-scored).
+
+  `allowed`: only these may be chosen (the guard's verdicts); all of the
+  candidates still serve as pseudo-references. None, or none allowed: any.
+  """
   if not candidates:
     raise ValueError('mbr_select needs at least one candidate')
   u = expected_utilities(candidates, utility)
-  return max(range(len(u)), key=lambda i: (u[i], -i))
+  pool = [i for i in range(len(u)) if allowed is None or allowed[i]]
+  return max(pool or range(len(u)), key=lambda i: (u[i], -i))

@@ -24,6 +24,12 @@ MAX_TEMPERATURE = 100.0  # beyond it, sampling is uniform to float precision
 # CLI default: French runs ~1.2-1.5x the English token count, so 3x the
 # whole prompt never cuts a real translation but bounds a runaway one.
 DEFAULT_MAX_LENGTH_RATIO = 3.0
+MAX_MBR = 256  # candidates per source; MBR's cost grows with their square
+MBR_CANDIDATES = ('beam', 'sample', 'both')
+MBR_UTILITIES = ('chrf', 'bleu', 'chrf+bleu')
+# Epsilon sampling's cut for MBR candidates (Freitag et al. 2023, "Epsilon
+# sampling rocks": 0.02 gave the best MBR candidates).
+MBR_EPSILON = 0.02
 
 
 class OptionError(ValueError):
@@ -56,8 +62,11 @@ class SamplingOptions:
   max_length_ratio: float | None = None  # at most ceil(r * prompt tokens) new tokens; 0/None: off
   beam_size: int = 1                # beam search with K beams (1: greedy / sampling)
   length_penalty: float = 0.0       # GNMT alpha: score = logp / ((5 + len) / 6) ** alpha
-  mbr: int = 0                      # MBR over the N-best of a beam of N (0/1: off)
-  mbr_utility: str = 'chrf'         # MBR utility: 'chrf' or 'bleu' (sacreBLEU)
+  epsilon: float | None = None      # epsilon sampling: drop tokens below this probability
+  mbr: int = 0                      # MBR over N candidates (0/1: off)
+  mbr_candidates: str = 'beam'      # 'beam' (N-best of a beam of N), 'sample' (N epsilon samples), 'both' (half each)
+  mbr_utility: str = 'chrf'         # MBR utility: 'chrf', 'bleu' or 'chrf+bleu' (their mean)
+  guard: bool = True                # never answer with a copy of the source or another language when a candidate in the target language exists
 
   FLAG_ALIASES: ClassVar[dict[str, str]] = {'stop_sequences': '--stop'}
 
@@ -98,17 +107,44 @@ class SamplingOptions:
          'an int >= 1')
     need(_is_num(self.length_penalty) and self.length_penalty >= 0,
          'length_penalty', 'a number >= 0')
-    need(_is_int(self.mbr) and self.mbr >= 0, 'mbr', 'an int >= 0')
-    need(self.mbr_utility in ('chrf', 'bleu'), 'mbr_utility',
-         "'chrf' or 'bleu'")
+    need(opt(self.epsilon, lambda e: _is_num(e) and 0 < e < 1), 'epsilon',
+         'None or a number in (0, 1)')
+    need(_is_int(self.mbr) and 0 <= self.mbr <= MAX_MBR, 'mbr',
+         f'an int in [0, {MAX_MBR}]')
+    need(self.mbr_candidates in MBR_CANDIDATES, 'mbr_candidates',
+         ' or '.join(map(repr, MBR_CANDIDATES)))
+    need(self.mbr_utility in MBR_UTILITIES, 'mbr_utility',
+         ' or '.join(map(repr, MBR_UTILITIES)))
+    need(isinstance(self.guard, bool), 'guard', 'true or false')
+    if self.mbr_candidates == 'both' and 1 < self.mbr < 4:
+      raise OptionError('mbr', "must be >= 4 with mbr_candidates='both' "
+                        '(a beam of N/2 and N/2 samples)')
     if self.search_width > 1 and self.temperature > 0:
-      raise OptionError('beam_size', 'and mbr search cannot be combined '
-                        'with sampling (temperature > 0)')
+      raise OptionError('beam_size', 'and beam candidates for mbr cannot be '
+                        'combined with sampling (temperature > 0); sampled '
+                        "MBR candidates are mbr_candidates='sample'")
 
   @property
   def search_width(self) -> int:
-    """Beams to run: beam_size, widened to mbr's N candidates."""
-    return max(self.beam_size, self.mbr)
+    """Beams to run: beam_size, widened to mbr's N beam candidates."""
+    beam_mbr = {'beam': self.mbr, 'sample': 0,
+                'both': self.mbr // 2}[self.mbr_candidates]
+    return max(self.beam_size, beam_mbr)
+
+  @property
+  def mbr_samples(self) -> int:
+    """Sampled MBR candidates per source (0: none)."""
+    if self.mbr <= 1:
+      return 0
+    return {'beam': 0, 'sample': self.mbr,
+            'both': self.mbr - self.mbr // 2}[self.mbr_candidates]
+
+  def candidate_sampling(self) -> 'SamplingOptions':
+    """The options that draw the sampled MBR candidates: this temperature
+    (1 if greedy) and epsilon (MBR_EPSILON if unset), no search."""
+    return self.replace(
+        temperature=self.temperature or 1.0, beam_size=1, mbr=0,
+        epsilon=self.epsilon if self.epsilon is not None else MBR_EPSILON)
 
   @property
   def greedy(self) -> bool:

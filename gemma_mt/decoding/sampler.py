@@ -341,6 +341,7 @@ class Sampler:
                max_new_tokens: int | Sequence[int],
                temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0,
+               epsilon: float | None = None,
                batch_size: int | None = None) -> list[np.ndarray]:
     """Generated ids of each prompt (ending with its stop token, if any).
 
@@ -348,7 +349,8 @@ class Sampler:
     sorted by length and cut into batches (`split_batches`), so similar
     lengths share a prompt bucket; results come back in input order.
     """
-    mode, sampling = self.sampling_args(temperature, top_k, top_p, seed)
+    mode, sampling = self.sampling_args(temperature, top_k, top_p, seed,
+                                        epsilon)
 
     def run(batch, B, P, budget):
       tokens, lens, active, ids, limits = batch
@@ -359,12 +361,12 @@ class Sampler:
 
     return self._batched(prompts, max_new_tokens, batch_size, run)
 
-  def sampling_args(self, temperature=0.0, top_k=None, top_p=None, seed=0
-                    ) -> tuple[SamplingMode, SamplingParams]:
+  def sampling_args(self, temperature=0.0, top_k=None, top_p=None, seed=0,
+                    epsilon=None) -> tuple[SamplingMode, SamplingParams]:
     """(static mode, traced values) of a sampling setting."""
     mode = SamplingMode.of(temperature, top_k, top_p,
-                           self.model.config.vocab_size)
-    return mode, SamplingParams.of(temperature, top_k, top_p, seed)
+                           self.model.config.vocab_size, epsilon)
+    return mode, SamplingParams.of(temperature, top_k, top_p, seed, epsilon)
 
   def beam_search(self, prompts: Sequence[np.ndarray], *,
                   max_new_tokens: int | Sequence[int], beam_size: int,

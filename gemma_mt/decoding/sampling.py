@@ -24,14 +24,16 @@ class SamplingMode:
   greedy: bool = True
   k_cap: int | None = None  # candidates kept by lax.top_k; None: no top-k
   top_p: bool = False
+  epsilon: bool = False
 
   @classmethod
   def of(cls, temperature: float, top_k: int | None, top_p: float | None,
-         vocab_size: int) -> 'SamplingMode':
+         vocab_size: int, epsilon: float | None = None) -> 'SamplingMode':
     if temperature == 0:
       return cls()
     k_cap = None if top_k is None else min(next_pow2(top_k), vocab_size)
-    return cls(False, k_cap, top_p is not None and top_p < 1)
+    return cls(False, k_cap, top_p is not None and top_p < 1,
+               epsilon is not None and epsilon > 0)
 
 
 @flax.struct.dataclass
@@ -43,12 +45,15 @@ class SamplingParams:
   temperature: jax.Array
   top_k: jax.Array   # 0: no top-k
   top_p: jax.Array   # 1: no nucleus cut
+  epsilon: jax.Array  # 0: no epsilon cut
 
   @classmethod
   def of(cls, temperature: float = 0.0, top_k: int | None = None,
-         top_p: float | None = None, seed: int = 0) -> 'SamplingParams':
+         top_p: float | None = None, seed: int = 0,
+         epsilon: float | None = None) -> 'SamplingParams':
     return cls(np.int32(seed), np.float32(temperature or 1.0),
-               np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p))
+               np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p),
+               np.float32(epsilon or 0.0))
 
 
 def sample_logits(logits: jax.Array, keys: jax.Array, sp: SamplingParams,
@@ -56,8 +61,10 @@ def sample_logits(logits: jax.Array, keys: jax.Array, sp: SamplingParams,
   """Next tokens [B] from logits [B, V]: argmax, or temperature/top-k/top-p.
 
   Order as in common samplers: scale by temperature, keep the top_k, then
-  the smallest prefix of those whose probability reaches top_p (the most
-  likely token is always kept). `keys` holds one PRNG key per row.
+  the smallest prefix of those whose probability reaches top_p, then (epsilon
+  sampling, Hewitt et al. 2022) only tokens whose probability is at least
+  epsilon. The most likely token is always kept. `keys` holds one PRNG key
+  per row.
   """
   if mode.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -73,6 +80,12 @@ def sample_logits(logits: jax.Array, keys: jax.Array, sp: SamplingParams,
       probs = jax.nn.softmax(cand, axis=-1)
       before = jnp.cumsum(probs, axis=-1) - probs  # mass of better tokens
       cand = jnp.where((before < sp.top_p) | (rank == 0), cand, -jnp.inf)
+  if mode.epsilon:  # Probabilities of the whole (tempered) distribution.
+    probs = jax.nn.softmax(logits, axis=-1)
+    if idx is not None:
+      probs = jnp.take_along_axis(probs, idx, axis=-1)
+    top = jnp.max(cand, axis=-1, keepdims=True)
+    cand = jnp.where((probs >= sp.epsilon) | (cand == top), cand, -jnp.inf)
   choice = jax.vmap(jax.random.categorical)(keys, cand)
   if idx is not None:
     choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]

@@ -3,7 +3,9 @@ evaluate CLI and in-training BLEU (`train.quality`).
 
 BLEU with sacreBLEU's default tokenizer (13a) and with `tokenize='intl'`
 (the MTNT paper's setting), chrF with its defaults, each with its
-signature; runaways (`postprocess.is_runaway`) beside them.
+signature; beside them the outputs that fail outright: runaways
+(`postprocess.is_runaway`), copies of the source and off-target text
+(`language.judge`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from gemma_mt import fs
+from gemma_mt import fs, language
 from gemma_mt.decoding import postprocess
 from gemma_mt.decoding.options import SamplingOptions
 
@@ -31,6 +33,22 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
 
 
 CHUNK = 512  # Sentences translated between two writes of the hypotheses.
+
+
+def failures(pairs: Sequence[tuple[str, str]], hyps: Sequence[str],
+             lang_pair: str = 'en-fr') -> dict[str, list[int]]:
+  """Indices of the outputs that are runaways, copies of their source, or
+  in another language than the target (a copy is not also off-target)."""
+  out = {'runaway': [], 'copied': [], 'off_target': []}
+  for i, ((src, ref), hyp) in enumerate(zip(pairs, hyps)):
+    if postprocess.too_long(hyp, ref) or postprocess.repeats_itself(hyp):
+      out['runaway'].append(i)
+    verdict = language.judge(hyp, src, lang_pair)
+    if verdict.copied:
+      out['copied'].append(i)
+    if verdict.off_target:
+      out['off_target'].append(i)
+  return out
 
 
 def evaluate(translator, pairs: Sequence[tuple[str, str]],
@@ -64,6 +82,7 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
   hyps = [r.text for r in results]
   long_ = [postprocess.too_long(h, r) for h, r in zip(hyps, refs)]
   loops = [postprocess.repeats_itself(h) for h in hyps]
+  failed = failures(pairs, hyps, translator.lang_pair)
   summary = {
       'num_sentences': len(pairs),
       **score(hyps, refs),
@@ -73,6 +92,8 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
       'runaway': sum(a or b for a, b in zip(long_, loops)),
       'runaway_too_long': sum(long_),
       'runaway_repeating': sum(loops),
+      'copied': len(failed['copied']),
+      'off_target': len(failed['off_target']),
       'hit_max_new_tokens': sum(r.stop_reason == 'max_tokens' for r in results),
       'input_tokens': sum(r.input_tokens for r in results),
       'output_tokens': sum(r.output_tokens for r in results),

@@ -1,6 +1,7 @@
 """A per-sentence evaluation report: what people look at to judge a system.
 
-Rows hold source, reference, hypothesis and its sentence chrF (sacreBLEU);
+Rows hold source, reference, hypothesis, its sentence chrF (sacreBLEU) and
+what it fails at, if anything (`failure`: runaway, copied, off-target);
 with a second system, both hypotheses and the chrF difference, sorted by it
 (biggest wins of the second system first, its biggest losses last). Written
 as TSV or as one self-contained HTML file (no scripts, no network).
@@ -17,21 +18,35 @@ from pathlib import Path
 from sacrebleu.metrics import CHRF
 
 from gemma_mt import fs
+from gemma_mt.eval.metrics import failures
+
+
+def _failure_names(pairs, hyps, lang_pair) -> list[str]:
+  names = [[] for _ in hyps]
+  for kind, rows_ in failures(pairs, hyps, lang_pair).items():
+    for i in rows_:
+      names[i].append(kind.replace('_', '-'))
+  return [', '.join(n) for n in names]
 
 
 def rows(pairs: Sequence[tuple[str, str]], hyps: Sequence[str],
-         hyps_b: Sequence[str] | None = None) -> list[dict]:
+         hyps_b: Sequence[str] | None = None, lang_pair: str = 'en-fr'
+         ) -> list[dict]:
   """One dict per sentence (line number from 1), sorted by chrF delta if
   two systems are given, else in input order."""
   chrf = CHRF()
+  fail = _failure_names(pairs, hyps, lang_pair)
+  fail_b = None if hyps_b is None else _failure_names(pairs, hyps_b, lang_pair)
   out = []
   for i, ((src, ref), hyp) in enumerate(zip(pairs, hyps), start=1):
     r = {'line': i, 'source': src, 'reference': ref, 'hypothesis': hyp,
-         'chrf': round(chrf.sentence_score(hyp, [ref]).score, 2)}
+         'chrf': round(chrf.sentence_score(hyp, [ref]).score, 2),
+         'failure': fail[i - 1]}
     if hyps_b is not None:
       hb = hyps_b[i - 1]
       r['hypothesis_b'] = hb
       r['chrf_b'] = round(chrf.sentence_score(hb, [ref]).score, 2)
+      r['failure_b'] = fail_b[i - 1]
       r['delta'] = round(r['chrf_b'] - r['chrf'], 2)
     out.append(r)
   if hyps_b is not None:
@@ -52,7 +67,8 @@ def to_tsv(report: list[dict]) -> str:
 _CSS = ('body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}'
         'td,th{border:1px solid #ccc;padding:4px;vertical-align:top}'
         'th{background:#eee;position:sticky;top:0}.pos{background:#e6ffe6}'
-        '.neg{background:#ffe6e6}td.n{text-align:right}')
+        '.neg{background:#ffe6e6}.fail{background:#fff3d6}'
+        'td.n{text-align:right}')
 
 
 def to_html(report: list[dict], title: str, names=('A', 'B')) -> str:
@@ -60,6 +76,8 @@ def to_html(report: list[dict], title: str, names=('A', 'B')) -> str:
   label = {'hypothesis': f'hypothesis ({names[0]})',
            'hypothesis_b': f'hypothesis ({names[1]})',
            'chrf': f'chrF ({names[0]})', 'chrf_b': f'chrF ({names[1]})',
+           'failure': f'failure ({names[0]})',
+           'failure_b': f'failure ({names[1]})',
            'delta': f'chrF {names[1]} - {names[0]}'}
   e = html.escape
   head = ''.join(f'<th>{e(label.get(c, c))}</th>' for c in cols)
@@ -68,6 +86,8 @@ def to_html(report: list[dict], title: str, names=('A', 'B')) -> str:
     cls = ''
     if 'delta' in r and r['delta']:
       cls = ' class="pos"' if r['delta'] > 0 else ' class="neg"'
+    elif r.get('failure'):
+      cls = ' class="fail"'
     cells = ''.join(
         f'<td class="n">{r[c]}</td>' if isinstance(r[c], (int, float))
         else f'<td>{e(str(r[c]))}</td>' for c in cols)

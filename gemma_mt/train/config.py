@@ -53,6 +53,7 @@ class TrainingConfig:
   prompt_format: str = 'plain'      # 'plain', 'chat' or 'translategemma' (gemma_mt.prompts)
   max_seq_len: int = 128            # tokens per row (longer pairs dropped)
   truncate: bool = False            # cut long pairs instead of dropping them
+  both_directions: bool = False     # also train the reverse task (fr->en) on the same pairs, with its own prompt
   packing: bool = False             # several pairs per row (segment ids)
   batch_size: int = 4               # rows per optimizer update
   eval_batch_size: int | None = None  # default: batch_size
@@ -66,6 +67,8 @@ class TrainingConfig:
   weight_decay: float = 0.0         # decoupled weight decay
   grad_clip: float | None = None    # global-norm clipping
   grad_accum_steps: int = 1         # micro-batches per update (same math)
+  ema_decay: float = 0.0            # also keep an EMA of the params (e.g. 0.99; 0: off); scored like the params, may become best/
+  label_smoothing: float = 0.0      # training target: 1 - a on the label, a spread over the vocabulary
   loss_chunk_size: int | None = None  # rows of [rows, vocab] logits at a time; None: the loss's default
   # Loop and outputs.
   workdir: str = 'runs/mtnt'        # metrics, checkpoints, final/
@@ -118,6 +121,14 @@ class TrainingConfig:
     if not 0 <= self.weight_decay <= MAX_RATE:
       raise ValueError(f'--weight_decay must be in [0, {MAX_RATE}], got '
                        f'{self.weight_decay}')
+    if not 0 <= self.ema_decay < 1:
+      raise ValueError(f'--ema_decay must be in [0, 1), got {self.ema_decay}')
+    if self.ema_decay and not self.eval_bleu_every_n:
+      raise ValueError('--ema_decay needs --eval_bleu_every_n > 0 (the '
+                       'average is kept only if it scores better)')
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f'--label_smoothing must be in [0, 1), got '
+                       f'{self.label_smoothing}')
     workdir = Path(self.workdir)
     if workdir.exists() and not workdir.is_dir():
       raise ValueError(f'--workdir {workdir}: is a file')

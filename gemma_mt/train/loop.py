@@ -29,6 +29,7 @@ from gemma_mt.data import packing
 from gemma_mt.data.mtnt import (MTNTDatasetBuilder, place_mtnt_archive,
                                 prefetch_to_device)
 from gemma_mt.train import checkpoints, metrics, steps
+from gemma_mt.train import optimizer as optimizer_lib
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.quality import BEST_DIR, QualityTracker
 from gemma_mt.train.state import TrainState, init_model, init_train, lora_base_dir
@@ -50,7 +51,8 @@ def make_data(config: TrainingConfig, tokenizer):
       tokenizer, config.max_seq_len, source=config.source,
       mtnt_dir=config.mtnt_dir, lang_pair=config.lang_pair, seed=config.seed,
       truncate=config.truncate, tfds_data_dir=config.tfds_data_dir,
-      prompt_format=config.prompt_format)
+      prompt_format=config.prompt_format,
+      both_directions=config.both_directions)
   if config.packing:
     data = builder.encode_split('train')
     kw = dict(pad_id=tokenizer.pad_id, seed=config.seed)
@@ -142,8 +144,9 @@ class _Window:
 
 # What a checkpoint's tree depends on, and what the data order depends on.
 _STATE_FIELDS = ('model', 'optimizer', 'lora_rank', 'lora_targets', 'lora_quant',
-                 'param_dtype')
+                 'param_dtype', 'ema_decay')
 _DATA_FIELDS = ('batch_size', 'grad_accum_steps', 'max_seq_len', 'packing',
+                'both_directions',
                 'truncate', 'seed', 'lang_pair', 'source', 'mtnt_dir',
                 'prompt_format')
 
@@ -283,7 +286,8 @@ def _train_locked(config: TrainingConfig, workdir: Path) -> Any:
     in_sh, out_sh = setup.step_shardings
     train_step = steps.make_train_step(
         setup.model, setup.optimizer, grad_accum_steps=config.grad_accum_steps,
-        in_shardings=in_sh, out_shardings=out_sh, mesh=mesh, **kw)
+        in_shardings=in_sh, out_shardings=out_sh, mesh=mesh,
+        label_smoothing=config.label_smoothing, **kw)
     validation_step = steps.make_validation_step(setup.model, **kw)
     put = lambda batch: sharding.shard_batch(batch, mesh)
     valid = [put(b) for b in sharding.host_local_batches(valid)]
@@ -306,13 +310,27 @@ def _train_locked(config: TrainingConfig, workdir: Path) -> Any:
                                plain_params(state, config))
 
     def run_quality(step) -> bool:
-      """Scores the weights, keeps best/; True when it is time to stop."""
+      """Scores the weights (and their average, if kept), keeps the better
+      as best/ if it beats the best; True when it is time to stop."""
       params = plain_params(state, config)  # LoRA: merged once per evaluation.
       scores = quality.score(params)
       writer.write('valid_translation', step, **scores)
+      ema = optimizer_lib.ema_params(state.opt_state, state.params)
+      if ema is not None:
+        ema = plain_params(state.replace(params=ema), config)
+        ema_scores = quality.score(ema)
+        writer.write('valid_translation_ema', step, **ema_scores)
+        log.info('step %d: the average scores BLEU %.2f, chrF %.2f', step,
+                 ema_scores['bleu'], ema_scores['chrf'])
+        key = config.select_by
+        if ema_scores[key] > scores[key]:
+          params, scores = ema, {**ema_scores, 'weights': 'ema'}
+        else:
+          scores = {**scores, 'weights': 'params'}
       new = quality.update(step, params, scores)
-      log.info('step %d: BLEU %.2f, chrF %.2f, %d runaways%s', step,
-               scores['bleu'], scores['chrf'], scores['runaway'],
+      log.info('step %d: BLEU %.2f, chrF %.2f, %d runaways, %d copied, %d '
+               'off-target%s', step, scores['bleu'], scores['chrf'],
+               scores['runaway'], scores['copied'], scores['off_target'],
                ' (new best)' if new else '')
       return quality.should_stop()
 

@@ -91,7 +91,8 @@ def num_target_tokens(batch: Batch) -> Array:
 def chunked_cross_entropy(hidden: Array, table: Array, labels: Array,
                           weights: Array, softcap: float | None = None,
                           chunk_size: int = DEFAULT_CHUNK_SIZE,
-                          mesh: jax.sharding.Mesh | None = None) -> Array:
+                          mesh: jax.sharding.Mesh | None = None,
+                          label_smoothing: float = 0.0) -> Array:
   """Sum of weighted CE of `hidden @ table.T` against `labels`.
 
   hidden [B, T, D] (or [T, D]), table [V, D], labels/weights [B, T]. Float32
@@ -106,14 +107,18 @@ def chunked_cross_entropy(hidden: Array, table: Array, labels: Array,
   pass then runs per device on its own rows (`shard_map`) and sums the
   [V, D] table gradient once, after the loop; left to XLA's partitioner,
   that all-reduce lands inside the loop, once per chunk.
+
+  `label_smoothing` α: the target is (1 - α) on the label plus α spread
+  evenly over the vocabulary (Szegedy et al. 2016), so each token's loss is
+  (1 - α) NLL + α times the mean of -log p over the vocabulary.
   """
   if hidden.ndim == 2:
     hidden, labels, weights = hidden[None], labels[None], weights[None]
   n = 1 if mesh is None else sharding.num_batch_shards(mesh)
   if n == 1 or hidden.shape[0] % n:
     mesh = None
-  return _fused_ce(softcap, chunk_size, mesh, hidden, table, labels,
-                   weights.astype(bool))
+  return _fused_ce(softcap, chunk_size, mesh, float(label_smoothing), hidden,
+                   table, labels, weights.astype(bool))
 
 
 def _sorted_chunks(hidden, labels, weights, chunk_size):
@@ -134,13 +139,16 @@ def _sorted_chunks(hidden, labels, weights, chunk_size):
   return hidden, labels, weights, order, c, active
 
 
-def _chunk_nll(logits, y, w):
+def _chunk_nll(logits, y, w, smoothing=0.0):
   lse = jax.nn.logsumexp(logits, axis=-1)
-  label_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(w, lse - label_logit, 0.0)), lse
+  target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+  if smoothing:  # -sum_v q_v log p_v with q = (1 - a) onehot + a / V.
+    target = (1 - smoothing) * target + smoothing * jnp.mean(logits, axis=-1)
+  return jnp.sum(jnp.where(w, lse - target, 0.0)), lse
 
 
-def _ce_loss_only(softcap, chunk_size, hidden, table, labels, weights):
+def _ce_loss_only(softcap, chunk_size, smoothing, hidden, table, labels,
+                  weights):
   hidden, labels, weights, _, c, active = _sorted_chunks(
       hidden, labels, weights, chunk_size)
   table = table.astype(hidden.dtype)
@@ -148,13 +156,13 @@ def _ce_loss_only(softcap, chunk_size, hidden, table, labels, weights):
   def body(i, total):
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
     logits = model_lib.logits_from_hidden(table, sl(hidden), softcap)
-    return total + _chunk_nll(logits, sl(labels), sl(weights))[0]
+    return total + _chunk_nll(logits, sl(labels), sl(weights), smoothing)[0]
 
   return jax.lax.fori_loop(0, active, body, jnp.float32(0))
 
 
-def _ce_loss_and_grads(softcap, chunk_size, hidden, table, labels, weights,
-                       table_grad=True):
+def _ce_loss_and_grads(softcap, chunk_size, smoothing, hidden, table, labels,
+                       weights, table_grad=True):
   """(loss, d loss/d hidden, d loss/d table or None), one pass over chunks."""
   T, dtype = hidden.shape[1], hidden.dtype
   hs, ys, ws, order, c, active = _sorted_chunks(hidden, labels, weights,
@@ -166,11 +174,14 @@ def _ce_loss_and_grads(softcap, chunk_size, hidden, table, labels, weights,
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
     h, y, w = sl(hs), sl(ys), sl(ws)
     logits = model_lib.logits_from_hidden(table_c, h, softcap)  # [B, c, V]
-    nll, lse = _chunk_nll(logits, y, w)
-    # d nll / d logits = softmax - onehot, zero off-target; then through the
-    # soft-cap: d(cap * tanh(z / cap)) / dz = 1 - tanh^2 = 1 - (logits / cap)^2.
+    nll, lse = _chunk_nll(logits, y, w, smoothing)
+    # d nll / d logits = softmax - q (q: the smoothed one-hot), zero
+    # off-target; then through the soft-cap:
+    # d(cap * tanh(z / cap)) / dz = 1 - tanh^2 = 1 - (logits / cap)^2.
     dz = jnp.exp(logits - lse[..., None])
-    dz -= jax.nn.one_hot(y, dz.shape[-1], dtype=dz.dtype)
+    dz -= (1 - smoothing) * jax.nn.one_hot(y, dz.shape[-1], dtype=dz.dtype)
+    if smoothing:
+      dz -= smoothing / dz.shape[-1]
     dz *= w[..., None]
     if softcap is not None:
       dz *= 1 - jnp.square(logits / softcap)
@@ -192,17 +203,20 @@ def _ce_loss_and_grads(softcap, chunk_size, hidden, table, labels, weights,
   return total, dh, dtable
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_ce(softcap, chunk_size, mesh, hidden, table, labels, weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused_ce(softcap, chunk_size, mesh, smoothing, hidden, table, labels,
+              weights):
   del mesh  # The loss alone needs only a scalar sum per chunk.
-  return _ce_loss_only(softcap, chunk_size, hidden, table, labels, weights)
+  return _ce_loss_only(softcap, chunk_size, smoothing, hidden, table, labels,
+                       weights)
 
 
-def _fused_ce_fwd(softcap, chunk_size, mesh, hidden, table, labels, weights):
+def _fused_ce_fwd(softcap, chunk_size, mesh, smoothing, hidden, table, labels,
+                  weights):
   # symbolic_zeros: `perturbed` is False for a frozen table (LoRA), whose
   # gradient is then not computed at all (a third of the LM-head FLOPs).
   grads = functools.partial(_ce_loss_and_grads, softcap, chunk_size,
-                            table_grad=table.perturbed)
+                            smoothing, table_grad=table.perturbed)
   if mesh is not None:
     grads = _per_device(grads, mesh, table.perturbed)
   total, dh, dtable = grads(hidden.value, table.value, labels.value,
@@ -233,8 +247,8 @@ def _per_device(grads, mesh, table_grad):
   return run
 
 
-def _fused_ce_bwd(softcap, chunk_size, mesh, res, g):
-  del softcap, chunk_size, mesh
+def _fused_ce_bwd(softcap, chunk_size, mesh, smoothing, res, g):
+  del softcap, chunk_size, mesh, smoothing
   dh, dtable, labels, weights = res
   g = jnp.asarray(g, jnp.float32)
   dh = (dh * g).astype(dh.dtype)
@@ -252,7 +266,8 @@ _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
 
 def loss_sum_fn(params, model, batch: Batch, *, pad_id: int = 0,
                 chunk_size: int = DEFAULT_CHUNK_SIZE,
-                mesh: jax.sharding.Mesh | None = None):
+                mesh: jax.sharding.Mesh | None = None,
+                label_smoothing: float = 0.0):
   """(sum of target-token NLL, aux) of one batch; aux has token counts.
 
   `mesh`: the mesh the batch is sharded over (see `chunked_cross_entropy`).
@@ -264,7 +279,8 @@ def loss_sum_fn(params, model, batch: Batch, *, pad_id: int = 0,
   weights = target_weights(batch)
   loss_sum = chunked_cross_entropy(
       hidden[:, :-1], params['embedder']['input_embedding'], tokens[:, 1:],
-      weights, model.config.final_logit_softcap, chunk_size, mesh)
+      weights, model.config.final_logit_softcap, chunk_size, mesh,
+      label_smoothing)
   aux = {'num_target_tokens': jnp.sum(weights, dtype=jnp.int32),
          'num_tokens': jnp.sum(input_mask, dtype=jnp.int32),
          'loss_sum': loss_sum}

@@ -69,7 +69,8 @@ class QualityTracker:
     """Scores of `params` (plain, merged weights) on the subset."""
     self.translator.set_params(params)
     _, summary = evaluate(self.translator, self.pairs, self.options)
-    keys = ('bleu', 'bleu_intl', 'chrf', 'runaway', 'seconds')
+    keys = ('bleu', 'bleu_intl', 'chrf', 'runaway', 'copied', 'off_target',
+            'seconds')
     return {k: summary[k] for k in keys}
 
   def update(self, step: int, params, scores: dict) -> bool:

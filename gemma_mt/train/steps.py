@@ -57,13 +57,16 @@ def full_params(params, frozen=None):
 
 
 def make_grad_fn(model, *, grad_accum_steps: int = 1, pad_id: int = 0,
-                 chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE, mesh=None):
+                 chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE, mesh=None,
+                 label_smoothing: float = 0.0):
   """`grad_fn(params, batch, frozen=None) -> (loss, aux, grads)`.
 
   The loss of the whole batch and its gradient w.r.t. `params`. `frozen`
   (LoRA: the base weights, possibly quantized) joins `params` in the forward
   pass but gets no gradient. `mesh`: the mesh the batch is sharded over
   (the loss then sums its table gradient once per step, not per chunk).
+  `label_smoothing`: see `loss.chunked_cross_entropy` (training only: the
+  validation loss stays the plain NLL, comparable across recipes).
   """
 
   def grad_fn(params, batch, frozen=None):
@@ -73,7 +76,8 @@ def make_grad_fn(model, *, grad_accum_steps: int = 1, pad_id: int = 0,
     def micro_loss(p, mb):
       loss_sum, aux = loss_lib.loss_sum_fn(full_params(p, frozen), model, mb,
                                            pad_id=pad_id, chunk_size=chunk_size,
-                                           mesh=mesh)
+                                           mesh=mesh,
+                                           label_smoothing=label_smoothing)
       return loss_sum / denom, aux
 
     vg = jax.value_and_grad(micro_loss, has_aux=True)
@@ -99,7 +103,8 @@ def make_grad_fn(model, *, grad_accum_steps: int = 1, pad_id: int = 0,
 def make_train_step(model, optimizer: optax.GradientTransformation, *,
                     grad_accum_steps: int = 1, pad_id: int = 0,
                     chunk_size: int | None = None, in_shardings=None,
-                    out_shardings=None, donate: bool = True, mesh=None):
+                    out_shardings=None, donate: bool = True, mesh=None,
+                    label_smoothing: float = 0.0):
   """`train_step(state, batch) -> (state, metrics)`.
 
   The jitted core is `train_step.jitted(params, opt_state, batch, frozen)`
@@ -112,7 +117,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
   grad_fn = make_grad_fn(model, grad_accum_steps=grad_accum_steps,
                          pad_id=pad_id,
                          chunk_size=chunk_size or loss_lib.DEFAULT_CHUNK_SIZE,
-                         mesh=mesh)
+                         mesh=mesh, label_smoothing=label_smoothing)
 
   def step(params, opt_state, batch, frozen=None):
     loss, aux, grads = grad_fn(params, batch, frozen)

@@ -81,6 +81,24 @@ def test_other_lang_pair(tokenizer, mtnt_dir):
     MTNTDatasetBuilder(tokenizer, 64, source='tfds', lang_pair='ja-en')
 
 
+def test_both_directions_adds_the_reverse_task(tokenizer, small_dir):
+  """Train holds each pair twice, en->fr then fr->en with its own prompt;
+  validation keeps the one direction."""
+  one = MTNTDatasetBuilder(tokenizer, 64, mtnt_dir=small_dir)
+  both = MTNTDatasetBuilder(tokenizer, 64, mtnt_dir=small_dir,
+                            both_directions=True)
+  pairs = both.load_pairs('train')
+  train = both.encode_split('train')
+  assert len(train.input_tokens) == 2 * len(one.encode_split('train').input_tokens)
+  forward = TrainingInput(train.input_tokens[0::2], train.target_mask[0::2])
+  backward = TrainingInput(train.input_tokens[1::2], train.target_mask[1::2])
+  _check_examples(tokenizer, forward, pairs)
+  _check_examples(tokenizer, backward, [(d, s) for s, d in pairs], 'fr-en')
+  valid = both.encode_split('valid')
+  np.testing.assert_array_equal(valid.input_tokens,
+                                one.encode_split('valid').input_tokens)
+
+
 def test_padding_and_drop_counts(tokenizer, tmp_path):
   pairs = [('Hi.', 'Salut.'), ('Thanks a lot.', 'Merci beaucoup.'), ('Long ' * 40, 'Long ' * 40)]
   _write_tsv(tmp_path, 'train', 'en-fr', _rows(pairs))

@@ -28,3 +28,34 @@ def test_ties_go_to_the_first_and_errors():
     mbr.mbr_select([])
   with pytest.raises(ValueError, match='utility'):
     mbr.mbr_select(['a', 'b'], 'ter')
+
+
+CANDIDATES = ['le chat noir dort', 'le chat noir dort', 'un chien court',
+              'le chat dort ici', 'Le chat noir dort.', 'le chat noir dort']
+
+
+@pytest.mark.parametrize('utility', mbr.UTILITIES)
+def test_expected_utilities_equal_brute_force_with_repeats(utility):
+  """Against sacreBLEU's own sentence scores, pair by pair: the cached
+  n-grams and the counting of repeated samples change nothing."""
+  from sacrebleu.metrics import BLEU, CHRF
+  chrf, bleu = CHRF(), BLEU(effective_order=True)
+  u = {'chrf': lambda h, r: chrf.sentence_score(h, [r]).score,
+       'bleu': lambda h, r: bleu.sentence_score(h, [r]).score}
+  u['chrf+bleu'] = lambda h, r: (u['chrf'](h, r) + u['bleu'](h, r)) / 2
+  n = len(CANDIDATES)
+  want = [sum(u[utility](h, r) for j, r in enumerate(CANDIDATES) if j != i)
+          / (n - 1) for i, h in enumerate(CANDIDATES)]
+  got = mbr.expected_utilities(CANDIDATES, utility)
+  assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_allowed_restricts_the_choice_not_the_references():
+  free = mbr.mbr_select(CANDIDATES)
+  assert CANDIDATES[free] == 'le chat noir dort'
+  allowed = [c != 'le chat noir dort' for c in CANDIDATES]
+  u = mbr.expected_utilities(CANDIDATES)
+  pick = mbr.mbr_select(CANDIDATES, allowed=allowed)
+  assert allowed[pick] and u[pick] == max(x for x, a in zip(u, allowed) if a)
+  # Nothing allowed: the unrestricted choice.
+  assert mbr.mbr_select(CANDIDATES, allowed=[False] * 6) == free

@@ -131,6 +131,32 @@ def test_sample_logits_filters():
   np.testing.assert_allclose(draw(None, None), [0.5, 0.3, 0.15, 0.05], atol=0.04)
 
 
+@pytest.mark.parametrize('top_k', [None, 8])
+def test_epsilon_sampling_never_draws_below_epsilon(top_k):
+  """Over 4,096 draws from logits whose probabilities straddle epsilon: no
+  token below it is ever drawn, every token above it is, the most likely
+  one is kept even when all are below, and one seed gives one answer."""
+  eps = 0.05
+  probs = np.array([0.3, 0.2, 0.12, 0.1, 0.08, 0.06, 0.049, 0.04, 0.03,
+                    0.021], np.float32)
+  logits = jnp.log(jnp.asarray(np.tile(probs, (4096, 1))))
+  mode = sampling.SamplingMode.of(1.0, top_k, None, 10, eps)
+  sp = sampling.SamplingParams.of(1.0, top_k, None, 0, eps)
+  keys = sampling.row_keys(7, jnp.arange(4096), 0)
+  drawn = np.asarray(sampling.sample_logits(logits, keys, sp, mode))
+  assert set(drawn.tolist()) == set(np.flatnonzero(probs >= eps).tolist())
+  again = np.asarray(sampling.sample_logits(logits, keys, sp, mode))
+  np.testing.assert_array_equal(drawn, again)
+  other = sampling.row_keys(8, jnp.arange(4096), 0)
+  assert np.any(np.asarray(sampling.sample_logits(logits, other, sp, mode))
+                != drawn)
+  flat = jnp.zeros((16, 100))  # Every token at 1% < epsilon.
+  out = sampling.sample_logits(flat.at[:, 42].add(1e-3), keys[:16], sp,
+                               sampling.SamplingMode.of(1.0, top_k, None, 100,
+                                                        eps))
+  assert set(np.asarray(out).tolist()) == {42}
+
+
 def test_buckets():
   assert [sampling.next_pow2(n, 16) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
   assert [S.batch_bucket(n, 12) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]

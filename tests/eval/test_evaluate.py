@@ -178,7 +178,7 @@ EVAL_SIGNAL_POINTS = {
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize('point', EVAL_SIGNAL_POINTS)
 def test_a_signal_anywhere_leaves_the_earlier_outputs(
-    point, signum, mtnt_dir, tokenizer, tmp_path, monkeypatch, capsys):
+    point, signum, mtnt_dir, tokenizer, tmp_path, monkeypatch, capsys, default_sigint):
   """Before the outputs are written, a signal is exit 130 in one line and
   every earlier output is byte-for-byte as it was; once they are being
   written, it waits, and all of them are new."""
@@ -222,3 +222,33 @@ def test_a_signal_anywhere_leaves_the_earlier_outputs(
   lines = [l for l in err.splitlines() if l.startswith('interrupted')]
   assert len(lines) == 1, err
   assert not list(tmp_path.glob('.*tmp*'))
+
+
+def test_summary_counts_untranslated_outputs(mtnt_dir, tokenizer, monkeypatch):
+  """`copied` and `off_target` in the summary, recomputed here from the
+  hypotheses; and the report marks those rows."""
+  from gemma_mt import language
+  from gemma_mt.data import mtnt as data
+  from gemma_mt.eval import report
+  tr = make_tiny_translator(tokenizer)
+  pairs = data.load_pairs('valid', mtnt_dir=mtnt_dir)[:6]
+  real = tr.translate_detailed
+
+  def some_untranslated(sources, *a, **kw):  # Copies and English, as a
+    out = real(sources, *a, **kw)             # weak model writes them.
+    for k, t in enumerate(out):
+      if k % 3 == 0:
+        t.text = sources[k]
+      elif k % 3 == 1:
+        t.text = 'This is an English sentence about the thread.'
+    return out
+
+  monkeypatch.setattr(tr, 'translate_detailed', some_untranslated)
+  hyps, summary = metrics.evaluate(tr, pairs)
+  verdicts = [language.judge(h, s) for h, (s, _) in zip(hyps, pairs)]
+  assert summary['copied'] == sum(v.copied for v in verdicts) >= 1
+  assert summary['off_target'] == sum(v.off_target for v in verdicts) >= 1
+  rows = report.rows(pairs, hyps)
+  marked = [r['line'] - 1 for r in rows if r['failure']]
+  assert marked == [i for i, v in enumerate(verdicts) if not v.ok] or any(
+      'runaway' in r['failure'] for r in rows)

@@ -143,6 +143,32 @@ def test_chunked_ce_matches_naive_values_and_grads():
       np.testing.assert_allclose(g[1], ref_g[1], rtol=1e-4, atol=1e-6)
 
 
+def test_label_smoothing_matches_optax_and_zero_is_the_plain_loss():
+  """Against optax's smoothed-label cross-entropy (values and both
+  gradients, with and without the soft-cap); 0 is today's loss exactly."""
+  import optax
+  h, table, labels, w = random_ce_inputs(3, 2, 19, 16, 41, 0.6)
+  plain = lambda h, t: loss_lib.chunked_cross_entropy(h, t, labels, w, None, 8)
+  zero = lambda h, t: loss_lib.chunked_cross_entropy(h, t, labels, w, None, 8,
+                                                     label_smoothing=0.0)
+  assert float(plain(h, table)) == float(zero(h, table))
+  for softcap in (None, 5.0):
+    for a in (0.1, 0.5):
+      def ref_fn(h, t):
+        from gemma_mt.models.layers import logits_from_hidden
+        logits = logits_from_hidden(t, h, softcap)
+        q = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), a)
+        ce = optax.softmax_cross_entropy(logits, q)
+        return jnp.sum(jnp.where(w, ce, 0.0))
+      fn = lambda h, t: loss_lib.chunked_cross_entropy(
+          h, t, labels, w, softcap, 8, label_smoothing=a)
+      ref, ref_g = jax.value_and_grad(ref_fn, (0, 1))(h, table)
+      val, g = jax.jit(jax.value_and_grad(fn, (0, 1)))(h, table)
+      np.testing.assert_allclose(val, ref, rtol=1e-5)
+      for x, y in zip(g, ref_g):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
 def test_fused_ce_frozen_table_empty_batch_and_bf16():
   h, table, labels, w = random_ce_inputs(1, 4, 29, 16, 61, 0.5)
   w = w.at[1].set(False)  # A row without targets.

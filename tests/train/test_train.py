@@ -6,6 +6,7 @@ and in subprocesses, compile the train step only once.
 """
 
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -321,7 +322,7 @@ SIGNAL_POINTS = {
 @pytest.mark.parametrize('point', SIGNAL_POINTS)
 def test_a_signal_anywhere_leaves_a_run_its_command_completes(
     point, signum, uninterrupted, tmp_path, mtnt_dir, monkeypatch, xla_cache,
-    capsys):
+    capsys, default_sigint):
   """Generated over the points of a run: exit 130, one line, no traceback,
   nothing half-written; the command in that line (resume, or start again
   when nothing was saved) ends where an uninterrupted run ends."""
@@ -560,6 +561,27 @@ def test_bleu_evaluation_keeps_the_best_and_resume_keeps_it(
   assert _best(tmp_path / 'b') == _best(tmp_path / 'a')
 
 
+def test_the_average_competes_for_best_with_the_training_levers(
+    tmp_path, mtnt_dir, xla_cache):
+  """ema_decay scores the averaged params at every evaluation beside the
+  params; best/ is the better of the two (by chrF), and says which. Run
+  with label smoothing and both directions on, which must just train."""
+  loop.train_loop(tiny_config(tmp_path, mtnt_dir, ema_decay=0.5,
+                              label_smoothing=0.1, both_directions=True,
+                              **BLEU_KW))
+  raw = _records(tmp_path, 'valid_translation')
+  ema = _records(tmp_path, 'valid_translation_ema')
+  assert [r['step'] for r in raw] == [r['step'] for r in ema] == [0, 2, 4]
+  assert all({'copied', 'off_target'} <= set(r) for r in raw + ema)
+  assert raw[0]['chrf'] == ema[0]['chrf']  # The average starts at the init.
+  best = json.loads((tmp_path / 'best.json').read_text())
+  pool = [(r['chrf'], 'params', r['step']) for r in raw]
+  pool += [(r['chrf'], 'ema', r['step']) for r in ema]
+  assert best['chrf'] == max(c for c, _, _ in pool)
+  assert (best['chrf'], best['weights'], best['step']) in pool
+  assert weights.load_dir(tmp_path / 'best').arch == 'tiny'
+
+
 @pytest.mark.parametrize('damage', ['deleted', 'bit-flipped'])
 def test_resume_forgets_a_damaged_best_and_never_names_it(
     damage, tmp_path, mtnt_dir, xla_cache, caplog):
@@ -585,7 +607,8 @@ def test_early_stop_after_patience(tmp_path, mtnt_dir, xla_cache, monkeypatch):
   from gemma_mt.train import quality
   chrfs = iter([30.0, 20.0, 25.0, 40.0])  # Best at step 0, then worse.
   monkeypatch.setattr(quality.QualityTracker, 'score', lambda self, p: dict(
-      bleu=1.0, bleu_intl=1.0, chrf=next(chrfs), runaway=0, seconds=0.0))
+      bleu=1.0, bleu_intl=1.0, chrf=next(chrfs), runaway=0, copied=0,
+      off_target=0, seconds=0.0))
   cfg = tiny_config(tmp_path, mtnt_dir, early_stop_patience=2,
                     eval_bleu_every_n=1, max_steps=4)
   loop.train_loop(cfg)
