@@ -68,7 +68,8 @@ def train_grid(base, grid, root: Path, winner: dict | None,
 
 def decode_table(checkpoints: dict[str, str | None], pairs, lps, mbr: int,
                  batch_size: int, max_new_tokens: int,
-                 sampled: tuple[int, ...] = (16, 32)) -> list[dict]:
+                 sampled: tuple[int, ...] = (16, 32),
+                 pooled: tuple[int, ...] = (16, 32)) -> list[dict]:
   """Every checkpoint x decoding, each with and without the guard.
 
   One decode serves both rows: the guard only re-chooses among candidates
@@ -84,9 +85,10 @@ def decode_table(checkpoints: dict[str, str | None], pairs, lps, mbr: int,
   decodes += [(f'beam4_lp{a}', base.replace(beam_size=4, length_penalty=a))
               for a in lps]
   decodes += [(f'beam_mbr{mbr}', base.replace(mbr=mbr))]
-  for n in sampled:
-    decodes += [(f'sampled_mbr{n}', base.replace(mbr=n, mbr_candidates='sample')),
-                (f'pooled_mbr{n}', base.replace(mbr=n, mbr_candidates='both'))]
+  decodes += [(f'sampled_mbr{n}', base.replace(mbr=n, mbr_candidates='sample'))
+              for n in sampled]
+  decodes += [(f'pooled_mbr{n}', base.replace(mbr=n, mbr_candidates='both'))
+              for n in pooled]
   sources, refs = [s for s, _ in pairs], [r for _, r in pairs]
   rows = []
   for name, ckpt in checkpoints.items():
@@ -116,6 +118,10 @@ def decode_table(checkpoints: dict[str, str | None], pairs, lps, mbr: int,
   return rows
 
 
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in text.split(',') if x)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--config', required=True)
@@ -133,7 +139,9 @@ def main(argv=None) -> int:
   p.add_argument('--length_penalties', default='0.6,1.0')
   p.add_argument('--mbr', type=int, default=8, help='beam MBR candidates')
   p.add_argument('--sampled_mbr', default='16,32',
-                 help='sampled (and pooled) MBR candidate counts')
+                 help='sampled MBR candidate counts')
+  p.add_argument('--pooled_mbr', default='16,32',
+                 help='pooled MBR candidate counts (a beam of N/2 + N/2 samples)')
   p.add_argument('--decode_limit', type=int, default=None,
                  help='decode only the first N valid pairs')
   p.add_argument('--batch_size', type=int, default=64)
@@ -183,8 +191,7 @@ def main(argv=None) -> int:
     lps = [float(x) for x in args.length_penalties.split(',') if x]
     out['decoding'] = decode_table(checkpoints, pairs, lps, args.mbr,
                                    args.batch_size, args.max_new_tokens,
-                                   tuple(int(x) for x in
-                                         args.sampled_mbr.split(',') if x))
+                                   _ints(args.sampled_mbr), _ints(args.pooled_mbr))
   out['seconds'] = round(time.time() - t0, 1)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(out, indent=2) + '\n')

@@ -172,7 +172,7 @@ def test_recipe_search_runs_tiny(tmp_path, mtnt_dir):
              '--mtnt_dir', mtnt_dir, '--grid', grid, '--workdir',
              tmp_path / 'rs', '--overrides', json.dumps(overrides),
              '--decode_winner', '--decode_limit', 2, '--mbr', 2,
-             '--sampled_mbr', 2,
+             '--sampled_mbr', 2, '--pooled_mbr', 4,
              '--length_penalties', 0.5, '--batch_size', 2,
              '--max_new_tokens', 8, '--out', out, timeout=900)
   res = json.loads(out.read_text())
@@ -182,7 +182,7 @@ def test_recipe_search_runs_tiny(tmp_path, mtnt_dir):
   assert (run['best']['step'], run['best']['chrf']) == (best_step, best_chrf)
   assert [(r['decode'], r['guard']) for r in res['decoding']] == [
       (d, g) for d in ('greedy', 'beam4', 'beam4_lp0.5', 'beam_mbr2',
-                       'sampled_mbr2', 'pooled_mbr2') for g in (False, True)]
+                       'sampled_mbr2', 'pooled_mbr4') for g in (False, True)]
   assert all('error' not in r and 'tok:intl' in r['bleu_intl_signature']
              and {'copied', 'off_target', 'runaway'} <= set(r)
              for r in res['decoding'])
