@@ -28,8 +28,8 @@ from gemma_mt.decoding.options import DEFAULT_MAX_INPUT_TOKENS, SamplingOptions
 from gemma_mt.decoding.sampler import Hypothesis, Sampler
 
 
-# Beam width of the guard's second decode of an untranslated output.
-GUARD_BEAM = 4
+# Samples the guard draws for a source whose candidates are all untranslated.
+GUARD_SAMPLES = 16
 
 
 class InputTooLongError(ValueError):
@@ -310,13 +310,9 @@ class Translator:
       nbest = [list(b) for b in beams]
     elif not opts.mbr_samples:
       outs = self._sample(prompts, limits, opts, batch_size)
-    if opts.mbr_samples:  # N rows per source, one key per row.
-      n = opts.mbr_samples
-      drawn = self._sample([p for p in prompts for _ in range(n)],
-                           [l for l in limits for _ in range(n)],
-                           opts.candidate_sampling(), batch_size)
-      samples = [[Hypothesis(x, float('nan'), float('nan'))
-                  for x in drawn[k * n:(k + 1) * n]] for k in range(len(prompts))]
+    if opts.mbr_samples:
+      samples = self.sample_candidates(prompts, limits, opts, opts.mbr_samples,
+                                       batch_size=batch_size)
       nbest = samples if nbest is None else [
           b + s for b, s in zip(nbest, samples)]
       if opts.search_width == 1:
@@ -329,6 +325,18 @@ class Translator:
     return self.guard(prep, self.generation(prep, dict(zip(prep.todo, outs)),
                                             nbest), batch_size=batch_size)
 
+  def sample_candidates(self, prompts, limits, opts: SamplingOptions, n: int,
+                        *, batch_size: int | None = None
+                        ) -> list[list[Hypothesis]]:
+    """`n` samples per prompt, drawn with `opts.candidate_sampling()`
+    (epsilon sampling) as rows of their own: one key per row, so one seed
+    gives one answer."""
+    drawn = self._sample([p for p in prompts for _ in range(n)],
+                         [l for l in limits for _ in range(n)],
+                         opts.candidate_sampling(), batch_size)
+    return [[Hypothesis(x, float('nan'), float('nan'))
+             for x in drawn[k * n:(k + 1) * n]] for k in range(len(prompts))]
+
   def _sample(self, prompts, limits, opts: SamplingOptions, batch_size):
     """Greedy or sampled ids of each prompt (no search)."""
     kw = dict(max_new_tokens=limits, temperature=float(opts.temperature),
@@ -340,30 +348,33 @@ class Translator:
 
   def guard(self, prep: Prepared, gen: Generation, *,
             batch_size: int | None = None) -> Generation:
-    """Alternatives for the inputs whose only output is untranslated.
+    """Alternatives for the inputs whose candidates are all untranslated.
 
-    An input with candidates already (beam, MBR) is left to `finish`, which
-    picks among those in the target language. One whose single output is a
-    copy of the source or another language (`language.judge`) gets the
-    n-best of a beam of GUARD_BEAM as further candidates: a few rows of a
-    corpus, so the guard costs little. Off with `options.guard=False`.
+    An input whose output, or every candidate of whose n-best or MBR pool,
+    is a copy of the source or in another language (`language.judge`) gets
+    GUARD_SAMPLES epsilon samples as further candidates; `finish` then
+    answers the consensus of those in the target language. Beam candidates
+    of such a source are mostly copies again (measured: a beam of 4 fixed 4
+    of 18 greedy failures), samples are diverse. A few rows of a corpus, so
+    the guard costs little. Off with `options.guard=False`.
     """
     if not prep.options.guard:
       return gen
-    redo = [i for i in prep.todo if not (gen.nbest and gen.nbest[i])
-            and not self._judge(gen.token_ids[i], prep, i).ok]
+    pools = [(gen.nbest[i] if gen.nbest and gen.nbest[i] else
+              [Hypothesis(gen.token_ids[i], float('nan'), float('nan'))])
+             for i in range(len(prep.sources))]
+    redo = [i for i in prep.todo
+            if not any(self._judge(h.ids, prep, i).ok for h in pools[i])]
     if not redo:
       return gen
     opts = prep.options
-    beams = self.sampler.beam_search(
-        [prep.fitted[i][0] for i in redo],
-        max_new_tokens=[opts.limit(len(prep.fitted[i][0])) for i in redo],
-        beam_size=GUARD_BEAM, length_penalty=opts.length_penalty,
+    prompts = [prep.fitted[i][0] for i in redo]
+    samples = self.sample_candidates(
+        prompts, [opts.limit(len(p)) for p in prompts], opts, GUARD_SAMPLES,
         batch_size=batch_size)
     nbest = list(gen.nbest) if gen.nbest else [[] for _ in prep.sources]
-    for i, b in zip(redo, beams):
-      first = Hypothesis(gen.token_ids[i], float('nan'), float('nan'))
-      nbest[i] = [first, *b]  # The output itself stays first.
+    for i, drawn in zip(redo, samples):
+      nbest[i] = pools[i] + drawn  # The decoder's own candidates stay first.
     return dataclasses.replace(gen, nbest=nbest)
 
   def _clean(self, ids, source: str, opts: SamplingOptions):
@@ -423,8 +434,10 @@ class Translator:
               if opts.guard else None)
         if opts.mbr > 1:
           pick = mbr_lib.mbr_select(candidates, opts.mbr_utility, ok)
-        else:
-          pick = next((k for k, good in enumerate(ok) if good), 0) if ok else 0
+        elif ok and not ok[0] and any(ok):  # The best is untranslated: the
+          pick = mbr_lib.mbr_select(candidates, 'chrf', ok)  # consensus of
+        else:                                                # the others.
+          pick = 0
         ids = gen.nbest[i][pick].ids
         text, cut = cleaned[pick]
         reason = self._stop_reason(ids, False)

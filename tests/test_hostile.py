@@ -191,7 +191,7 @@ BAD_NUMBERS = {'negative': '-3', 'zero': '0', 'huge': '1e30', 'nan': 'nan',
 NUMERIC_FLAGS = {  # cli → flags that take numbers (no default of 0 allowed)
     'translate': ['--batch_size', '--max_new_tokens', '--temperature',
                   '--top_k', '--top_p', '--beam_size', '--max_length_ratio',
-                  '--max_input_tokens'],
+                  '--max_input_tokens', '--epsilon', '--mbr'],
     'evaluate': ['--batch_size', '--limit', '--max_new_tokens', '--top_p',
                  '--beam_size'],
     'train': ['--batch_size', '--learning_rate', '--max_seq_len',
@@ -202,13 +202,13 @@ NUMERIC_FLAGS = {  # cli → flags that take numbers (no default of 0 allowed)
               '--max_new_tokens', '--temperature'],
 }
 # Values that a flag may legitimately take.
-ALLOWED = {('--temperature', 'zero'), ('--warmup_steps', 'zero'),
+ALLOWED = {('--temperature', 'zero'), ('--mbr', 'zero'), ('--warmup_steps', 'zero'),
            ('--weight_decay', 'zero'), ('--label_smoothing', 'zero'), ('--max_length_ratio', 'zero'),
            ('--max_length_ratio', 'huge'), ('--max_input_tokens', 'huge')}
 
 
 # '' means "none" for these (the field's default), as 'none' does.
-OPTIONAL = {'--temperature', '--top_k', '--top_p', '--max_length_ratio',
+OPTIONAL = {'--temperature', '--top_k', '--top_p', '--max_length_ratio', '--epsilon',
             '--max_steps', '--limit'}
 
 

@@ -178,12 +178,30 @@ def test_sources_must_be_a_list(tr):
     ('{"input_text": "Hi", "stop_sequences": "END"}', 'stop_sequences'),
     ('{"input_text": "Hi", "stop_sequences": [""]}', 'stop_sequences[0]'),
     ('{"input_text": "Hi", "seed": 1, "seed": 2}', "duplicate field 'seed'"),
+    ('{"input_text": "Hi", "mbr_candidates": 5}', 'mbr_candidates'),
+    ('{"input_text": "Hi", "mbr_candidates": "all"}', 'mbr_candidates'),
+    ('{"input_text": "Hi", "mbr": 2, "mbr_candidates": "both"}', 'mbr'),
+    ('{"input_text": "Hi", "mbr_utility": "ter"}', 'mbr_utility'),
+    ('{"input_text": "Hi", "epsilon": 1.5}', 'epsilon'),
+    ('{"input_text": "Hi", "guard": "no"}', 'guard'),
 ])
 def test_json_request_errors(request_text, field):
   # Rejected before the model is touched: no translator needed.
   response = json_api.handle_request(None, request_text)
   assert response['status'] == 'FAIL' and field in response['error'], response
   assert set(response) == {'status', 'error'}
+
+
+def test_json_mbr_and_guard_fields():
+  _, opts = json_api.parse_request({
+      'input_text': 'Hi', 'mbr': 16, 'mbr_candidates': 'sample',
+      'mbr_utility': 'chrf+bleu', 'epsilon': 0.05, 'guard': False})
+  assert (opts.mbr_samples, opts.search_width, opts.epsilon, opts.guard) == (
+      16, 1, 0.05, False)
+  assert opts.candidate_sampling().temperature == 1.0
+  _, opts = json_api.parse_request({'input_text': 'Hi', 'mbr': 8,
+                                    'mbr_candidates': 'both'})
+  assert (opts.mbr_samples, opts.search_width) == (4, 4)
 
 
 def test_json_defaults_and_sampling_implied():
@@ -506,30 +524,39 @@ def test_guard_picks_the_candidate_in_the_target_language(tr, tokenizer, mbr):
     assert out.text == want and len(out.candidates) == 4
 
 
-def test_guard_decodes_an_untranslated_output_again(tr, tokenizer,
-                                                    monkeypatch):
-  """A greedy copy gets a beam's n-best as alternatives (the copy stays
-  first); a names-only source's copy is left alone, with no second decode."""
+def test_guard_samples_for_sources_with_only_untranslated_candidates(
+    tr, tokenizer, monkeypatch):
+  """A greedy copy, or a beam pool of copies and English, gets the guard's
+  samples as further candidates (the decoder's own stay first) and the
+  answer is the French one; a names-only source's copy and a French output
+  are left alone, with no sampling."""
   from gemma_mt import translator as translator_lib
   calls = []
 
-  def beam_search(prompts, *, max_new_tokens, beam_size, **kw):
-    calls.append((len(prompts), beam_size))
+  def sample_candidates(prompts, limits, opts, n, *, batch_size=None):
+    calls.append((len(prompts), n))
     return [[hyp(tokenizer, 'Where is it?'), hyp(tokenizer, FRENCH)]
             for _ in prompts]
 
-  monkeypatch.setattr(tr.sampler, 'beam_search', beam_search)
+  monkeypatch.setattr(tr, 'sample_candidates', sample_candidates)
   sources = [COPY_SOURCE, 'Donald Trump', 'Bonjour']
   prep = tr.prepare(sources, SamplingOptions())
   outs = {0: hyp(tokenizer, COPY_SOURCE).ids, 1: hyp(tokenizer, sources[1]).ids,
           2: hyp(tokenizer, 'Salut à tous').ids}
   gen = tr.guard(prep, tr.generation(prep, outs))
-  assert calls == [(1, translator_lib.GUARD_BEAM)]
+  assert calls == [(1, translator_lib.GUARD_SAMPLES)]
   texts = [t.text for t in tr.finish(prep, gen)]
   assert texts == [FRENCH, 'Donald Trump', 'Salut à tous']
   assert tokenizer.decode(gen.nbest[0][0].ids).startswith(COPY_SOURCE)
   off = tr.prepare(sources, SamplingOptions(guard=False))
   assert tr.guard(off, tr.generation(off, outs)).nbest is None
+  # A beam pool with no French in it.
+  calls.clear()
+  beam = tr.prepare([COPY_SOURCE], SamplingOptions(beam_size=2))
+  pool = [hyp(tokenizer, COPY_SOURCE), hyp(tokenizer, 'Where is the station?')]
+  gen = tr.guard(beam, tr.generation(beam, {0: pool[0].ids}, [pool]))
+  assert calls == [(1, translator_lib.GUARD_SAMPLES)] and len(gen.nbest[0]) == 4
+  assert tr.finish(beam, gen)[0].text == FRENCH
 
 
 def test_guard_on_the_real_decode_path(tr):
@@ -545,7 +572,22 @@ def test_guard_on_the_real_decode_path(tr):
       continue
     assert g.candidates[0] == p.text and not language.judge(p.text, src).ok
     ok = [c for c in g.candidates if language.judge(c, src).ok]
-    assert g.text == (ok[0] if ok else p.text)
+    assert g.text in ok if ok else g.text == p.text
+
+
+def test_guard_samples_on_the_real_decode_path(tr, forced, tokenizer):
+  """A model forced to answer English ("the the ...", off-target): the
+  guard draws its samples through the real sampler; when none of them is
+  French either, the answer stays the model's own output."""
+  from gemma_mt import language, translator as translator_lib
+  forced(word_id(tokenizer, 'the'))
+  (t,) = tr.translate_detailed([COPY_SOURCE], max_new_tokens=6)
+  assert language.judge(t.text, COPY_SOURCE).off_target
+  assert len(t.candidates) == 1 + translator_lib.GUARD_SAMPLES
+  assert t.candidates[0] == t.text
+  (plain,) = tr.translate_detailed([COPY_SOURCE], max_new_tokens=6,
+                                   guard=False)
+  assert plain.text == t.text and plain.candidates is None
 
 
 def test_sampled_mbr_is_one_answer_per_seed(tr):
