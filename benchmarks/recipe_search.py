@@ -73,7 +73,7 @@ def decode_table(checkpoints: dict[str, str | None], pairs, lps, mbr: int,
   """Every checkpoint x decoding, each with and without the guard.
 
   One decode serves both rows: the guard only re-chooses among candidates
-  (and, for a single output, adds a beam's n-best to the rows it rejects),
+  (and adds epsilon samples to the rows whose candidates it all rejects),
   so `Translator.guard` + `finish` run on the unguarded generation.
   """
   from gemma_mt.decoding.options import DEFAULT_MAX_LENGTH_RATIO, SamplingOptions

@@ -14,7 +14,7 @@ Request (only `input_text` is required; unknown fields are rejected):
    "mbr": 0..32,              MBR over N candidates (0/1: off)
    "mbr_candidates": "beam" | "sample" | "both",   default "beam"
    "mbr_utility": "chrf" | "bleu" | "chrf+bleu",   default "chrf"
-   "epsilon": 0..1,           epsilon sampling cut (sampled MBR: 0.02)
+   "epsilon": 0 <= e < 1,     epsilon sampling cut; 0 = off (sampled MBR: 0.02)
    "guard": true | false}     avoid copies of the source / other languages (default true)
 
 Response: {"status": "SUCCESS", "translations": [str, ...],

@@ -128,10 +128,12 @@ class Batcher:
           continue
         if not streamed:
           # A sample's PRNG stream follows the input's index in its call,
-          # so sampled requests run alone: same seed, same answer, whoever
-          # else is being served. Beam requests with equal options merge.
+          # so sampled requests (and sampled MBR) run alone: same seed, same
+          # answer, whoever else is being served. Beam requests with equal
+          # options merge.
           opts = item[1]
-          key = opts if opts.temperature == 0 else (opts, id(item))
+          alone = opts.temperature != 0 or opts.mbr_samples
+          key = (opts, id(item)) if alone else opts
           groups[key].append(item)
       for group in groups.values():
         if self._draining:
@@ -170,7 +172,13 @@ class Batcher:
     outs: dict = {}
 
     def finish():
-      fut.set_result(tr.finish(prep, tr.guard(prep, tr.generation(prep, outs))))
+      # Inside the decoder's step: a failure here is this request's alone.
+      try:
+        fut.set_result(tr.finish(prep, tr.guard(prep, tr.generation(prep,
+                                                                    outs))))
+      except Exception as e:  # noqa: BLE001
+        log.exception('request failed')
+        fut.set_exception(e)
       self._streaming.discard(fut)
       with self._cv:
         self.queued -= len(sources)

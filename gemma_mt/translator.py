@@ -12,6 +12,7 @@ after generation; it never stops the device loop early).
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import Any
 
@@ -82,7 +83,7 @@ class Generation:
   output_tokens: list[int]     # == len(token_ids[i])
   stop_reasons: list[str]      # 'eos' | 'newline' | 'max_tokens' | 'blank'
   truncated: list[bool]        # source was cut to fit max_input_tokens
-  # Candidates per input, best first: beam search's K best, MBR's samples,
+  # Candidates per input: beam search's K best (best first), MBR's samples,
   # or the guard's alternatives to an untranslated output ([]: none).
   nbest: list[list[Hypothesis]] | None = None
 
@@ -93,7 +94,7 @@ class Translation:
   input_tokens: int
   output_tokens: int
   stop_reason: str  # as in Generation, or 'stop_sequence'
-  candidates: list[str] | None = None  # beam/MBR/guard: the candidate texts, best first
+  candidates: list[str] | None = None  # beam/MBR/guard: the candidate texts (beams best first, then samples)
 
 
 def check_sources(sources) -> list[str]:
@@ -275,7 +276,7 @@ class Translator:
                batch_size: int | None = None, **kw) -> Generation:
     """Token ids and usage counts (`options`, or its fields as keywords).
 
-    Greedy ignores top_k/top_p; `beam_size` (or `mbr`) > 1 runs beam search
+    Greedy ignores top_k/top_p; `beam_size` (or beam `mbr`) > 1 runs beam search
     and fills `nbest`. Blank sources are not sent to the model.
     All inputs are checked before any is decoded.
     """
@@ -368,12 +369,16 @@ class Translator:
     if not redo:
       return gen
     opts = prep.options
-    prompts = [prep.fitted[i][0] for i in redo]
-    samples = self.sample_candidates(
-        prompts, [opts.limit(len(p)) for p in prompts], opts, GUARD_SAMPLES,
-        batch_size=batch_size)
     nbest = list(gen.nbest) if gen.nbest else [[] for _ in prep.sources]
-    for i, drawn in zip(redo, samples):
+    for i in redo:
+      # One call per source, seeded by the seed and the source's text: its
+      # draws do not depend on what else is in the call (a service merges
+      # requests), and differ from the samples already rejected.
+      prompt = prep.fitted[i][0]
+      salt = zlib.crc32(prep.sources[i].encode('utf-8'), opts.seed + 1)
+      (drawn,) = self.sample_candidates(
+          [prompt], [opts.limit(len(prompt))], opts.replace(seed=salt % 2**31),
+          GUARD_SAMPLES, batch_size=batch_size)
       nbest[i] = pools[i] + drawn  # The decoder's own candidates stay first.
     return dataclasses.replace(gen, nbest=nbest)
 
@@ -432,12 +437,17 @@ class Translator:
         candidates = [text for text, _ in cleaned]
         ok = ([language.judge(c, src, self.lang_pair).ok for c in candidates]
               if opts.guard else None)
+        pool = gen.nbest[i]
+        beams = [k for k, h in enumerate(pool) if not np.isnan(h.score)
+                 and (ok is None or ok[k])]
         if opts.mbr > 1:
           pick = mbr_lib.mbr_select(candidates, opts.mbr_utility, ok)
-        elif ok and not ok[0] and any(ok):  # The best is untranslated: the
-          pick = mbr_lib.mbr_select(candidates, 'chrf', ok)  # consensus of
-        else:                                                # the others.
+        elif not ok or ok[0] or not any(ok):
           pick = 0
+        elif beams:  # The best acceptable hypothesis of the beam.
+          pick = beams[0]
+        else:  # The guard's samples: the consensus of the acceptable ones.
+          pick = mbr_lib.mbr_select(candidates, 'chrf', ok)
         ids = gen.nbest[i][pick].ids
         text, cut = cleaned[pick]
         reason = self._stop_reason(ids, False)

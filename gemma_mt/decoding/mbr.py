@@ -87,11 +87,13 @@ def mbr_select(candidates: Sequence[str], utility: str = 'chrf',
                allowed: Sequence[bool] | None = None) -> int:
   """Index of the MBR choice (the first one on ties: the best-scored).
 
-  `allowed`: only these may be chosen (the guard's verdicts); all of the
-  candidates still serve as pseudo-references. None, or none allowed: any.
+  `allowed`: only these are chosen from and serve as pseudo-references
+  (the guard's verdicts: copies of the source would pull the choice towards
+  the source). None, or none allowed: all of them.
   """
   if not candidates:
     raise ValueError('mbr_select needs at least one candidate')
-  u = expected_utilities(candidates, utility)
-  pool = [i for i in range(len(u)) if allowed is None or allowed[i]]
-  return max(pool or range(len(u)), key=lambda i: (u[i], -i))
+  pool = [i for i in range(len(candidates)) if allowed is None or allowed[i]]
+  pool = pool or list(range(len(candidates)))
+  u = expected_utilities([candidates[i] for i in pool], utility)
+  return pool[max(range(len(pool)), key=lambda k: (u[k], -k))]

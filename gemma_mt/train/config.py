@@ -67,6 +67,7 @@ class TrainingConfig:
   weight_decay: float = 0.0         # decoupled weight decay
   grad_clip: float | None = None    # global-norm clipping
   grad_accum_steps: int = 1         # micro-batches per update (same math)
+  average_last_k: int = 0           # also score the mean of the params of the last K evaluations (0/1: off); may become best/
   ema_decay: float = 0.0            # also keep an EMA of the params (e.g. 0.99; 0: off); scored like the params, may become best/
   label_smoothing: float = 0.0      # training target: 1 - a on the label, a spread over the vocabulary
   loss_chunk_size: int | None = None  # rows of [rows, vocab] logits at a time; None: the loss's default
@@ -109,7 +110,7 @@ class TrainingConfig:
       v = getattr(self, name)
       if v is not None and v < 1:
         raise ValueError(f'--{name} must be >= 1 (or none), got {v}')
-    for name in ('eval_every_n', 'warmup_steps', 'lora_rank',
+    for name in ('eval_every_n', 'warmup_steps', 'lora_rank', 'average_last_k',
                  'eval_bleu_every_n', 'early_stop_patience'):
       if getattr(self, name) < 0:
         raise ValueError(f'--{name} must be >= 0, got {getattr(self, name)}')
@@ -123,9 +124,10 @@ class TrainingConfig:
                        f'{self.weight_decay}')
     if not 0 <= self.ema_decay < 1:
       raise ValueError(f'--ema_decay must be in [0, 1), got {self.ema_decay}')
-    if self.ema_decay and not self.eval_bleu_every_n:
-      raise ValueError('--ema_decay needs --eval_bleu_every_n > 0 (the '
-                       'average is kept only if it scores better)')
+    for name in ('ema_decay', 'average_last_k'):
+      if getattr(self, name) and not self.eval_bleu_every_n:
+        raise ValueError(f'--{name} needs --eval_bleu_every_n > 0 (an '
+                         'average is kept only if it scores better)')
     if not 0 <= self.label_smoothing < 1:
       raise ValueError(f'--label_smoothing must be in [0, 1), got '
                        f'{self.label_smoothing}')

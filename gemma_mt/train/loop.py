@@ -11,6 +11,7 @@ final params in `workdir/final` in the format the translation tools load.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -29,7 +30,7 @@ from gemma_mt.data import packing
 from gemma_mt.data.mtnt import (MTNTDatasetBuilder, place_mtnt_archive,
                                 prefetch_to_device)
 from gemma_mt.train import checkpoints, metrics, steps
-from gemma_mt.train import optimizer as optimizer_lib
+from gemma_mt.train import averaging
 from gemma_mt.train.config import TrainingConfig
 from gemma_mt.train.quality import BEST_DIR, QualityTracker
 from gemma_mt.train.state import TrainState, init_model, init_train, lora_base_dir
@@ -144,7 +145,7 @@ class _Window:
 
 # What a checkpoint's tree depends on, and what the data order depends on.
 _STATE_FIELDS = ('model', 'optimizer', 'lora_rank', 'lora_targets', 'lora_quant',
-                 'param_dtype', 'ema_decay')
+                 'param_dtype', 'ema_decay')  # (average_last_k is not saved)
 _DATA_FIELDS = ('batch_size', 'grad_accum_steps', 'max_seq_len', 'packing',
                 'both_directions',
                 'truncate', 'seed', 'lang_pair', 'source', 'mtnt_dir',
@@ -309,28 +310,41 @@ def _train_locked(config: TrainingConfig, workdir: Path) -> Any:
                                builder.load_pairs('valid'), arch,
                                plain_params(state, config))
 
+    # The params of the last K evaluations, for their mean (on the host; not
+    # checkpointed: after a resume the mean starts again).
+    recent = (collections.deque(maxlen=config.average_last_k)
+              if config.average_last_k > 1 else None)
+
     def run_quality(step) -> bool:
-      """Scores the weights (and their average, if kept), keeps the better
-      as best/ if it beats the best; True when it is time to stop."""
+      """Scores the weights (and their averages, if kept), keeps the best of
+      them as best/ if it beats the best; True when it is time to stop."""
       params = plain_params(state, config)  # LoRA: merged once per evaluation.
       scores = quality.score(params)
       writer.write('valid_translation', step, **scores)
-      ema = optimizer_lib.ema_params(state.opt_state, state.params)
+      candidates = [('params', params, scores)]
+      ema = averaging.ema_params(state.opt_state, state.params)
       if ema is not None:
         ema = plain_params(state.replace(params=ema), config)
-        ema_scores = quality.score(ema)
-        writer.write('valid_translation_ema', step, **ema_scores)
-        log.info('step %d: the average scores BLEU %.2f, chrF %.2f', step,
-                 ema_scores['bleu'], ema_scores['chrf'])
-        key = config.select_by
-        if ema_scores[key] > scores[key]:
-          params, scores = ema, {**ema_scores, 'weights': 'ema'}
-        else:
-          scores = {**scores, 'weights': 'params'}
+        candidates.append(('ema', ema, quality.score(ema)))
+      if recent is not None:
+        recent.append(jax.device_get(params))
+        if len(recent) > 1:
+          mean = averaging.mean_params(list(recent))
+          candidates.append((f'last_{len(recent)}', mean, quality.score(mean)))
+      for name, _, s in candidates[1:]:
+        split = 'valid_translation_' + ('ema' if name == 'ema' else 'last_k')
+        writer.write(split, step, **s)
+        log.info('step %d: %s scores BLEU %.2f, chrF %.2f', step, name,
+                 s['bleu'], s['chrf'])
+      if ema is not None or recent is not None:  # The first best wins ties.
+        name, params, scores = max(candidates,
+                                   key=lambda c: c[2][config.select_by])
+        scores = {**scores, 'weights': name}
       new = quality.update(step, params, scores)
       log.info('step %d: BLEU %.2f, chrF %.2f, %d runaways, %d copied, %d '
-               'off-target%s', step, scores['bleu'], scores['chrf'],
+               'off-target%s%s', step, scores['bleu'], scores['chrf'],
                scores['runaway'], scores['copied'], scores['off_target'],
+               f' ({scores["weights"]})' if 'weights' in scores else '',
                ' (new best)' if new else '')
       return quality.should_stop()
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-import jax
-import jax.numpy as jnp
 import optax
 
+from gemma_mt.train.averaging import with_param_ema
 from gemma_mt.train.config import OPTIMIZERS, TrainingConfig
 
 
@@ -50,41 +47,3 @@ def make_optimizer(config: TrainingConfig,
   if config.ema_decay:
     opt = with_param_ema(opt, config.ema_decay)
   return opt
-
-
-class ParamEMAState(NamedTuple):
-  inner: Any
-  ema: Any  # float32, shaped like the params
-
-
-def with_param_ema(inner: optax.GradientTransformation,
-                   decay: float) -> optax.GradientTransformation:
-  """`inner`, also keeping an exponential moving average of the params it
-  produces: ema <- decay * ema + (1 - decay) * params after each update.
-
-  Kept in the optimizer state, it is checkpointed, sharded (like the
-  params) and restored with it, with no change to the train state. Float32
-  whatever the params' dtype: a bf16 average would lose updates smaller
-  than its rounding, which at decay 0.99 are most of them. It starts at
-  the initial (pretrained) params.
-  """
-  def init(params):
-    return ParamEMAState(inner.init(params),
-                         jax.tree.map(lambda p: p.astype(jnp.float32), params))
-
-  def update(updates, state, params=None):
-    updates, inner_state = inner.update(updates, state.inner, params)
-    new = optax.apply_updates(params, updates)
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p.astype(e.dtype),
-                       state.ema, new)
-    return updates, ParamEMAState(inner_state, ema)
-
-  return optax.GradientTransformation(init, update)
-
-
-def ema_params(opt_state, like) -> Any | None:
-  """The averaged params of a `with_param_ema` state, in `like`'s dtypes;
-  None if the optimizer keeps no average."""
-  if not isinstance(opt_state, ParamEMAState):
-    return None
-  return jax.tree.map(lambda e, p: e.astype(p.dtype), opt_state.ema, like)

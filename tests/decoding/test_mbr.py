@@ -50,12 +50,21 @@ def test_expected_utilities_equal_brute_force_with_repeats(utility):
   assert got == pytest.approx(want, abs=1e-9)
 
 
-def test_allowed_restricts_the_choice_not_the_references():
+def test_allowed_restricts_the_choice_and_the_references():
+  """The rejected candidates neither win nor vote: the choice is the MBR
+  choice of the allowed ones alone."""
   free = mbr.mbr_select(CANDIDATES)
   assert CANDIDATES[free] == 'le chat noir dort'
   allowed = [c != 'le chat noir dort' for c in CANDIDATES]
-  u = mbr.expected_utilities(CANDIDATES)
+  kept = [c for c, a in zip(CANDIDATES, allowed) if a]
   pick = mbr.mbr_select(CANDIDATES, allowed=allowed)
-  assert allowed[pick] and u[pick] == max(x for x, a in zip(u, allowed) if a)
+  assert allowed[pick] and CANDIDATES[pick] == kept[mbr.mbr_select(kept)]
+  # The reviewer's case: copies of the source pull an unrestricted vote
+  # towards English-looking French.
+  cands = ['Where is the train station?'] * 4 + [
+      'Où est la gare ?', 'Où est la gare ?', 'Où se trouve la gare ?',
+      'Where est la train station ?']
+  ok = [False] * 4 + [True] * 4
+  assert cands[mbr.mbr_select(cands, allowed=ok)] == 'Où est la gare ?'
   # Nothing allowed: the unrestricted choice.
   assert mbr.mbr_select(CANDIDATES, allowed=[False] * 6) == free

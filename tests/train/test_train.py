@@ -561,22 +561,25 @@ def test_bleu_evaluation_keeps_the_best_and_resume_keeps_it(
   assert _best(tmp_path / 'b') == _best(tmp_path / 'a')
 
 
-def test_the_average_competes_for_best_with_the_training_levers(
+def test_averages_compete_for_best_with_the_training_levers(
     tmp_path, mtnt_dir, xla_cache):
-  """ema_decay scores the averaged params at every evaluation beside the
-  params; best/ is the better of the two (by chrF), and says which. Run
-  with label smoothing and both directions on, which must just train."""
+  """ema_decay and average_last_k score their averages at every evaluation
+  beside the params; best/ is the best of them (by chrF) and says which.
+  Run with label smoothing and both directions on, which must just train."""
   loop.train_loop(tiny_config(tmp_path, mtnt_dir, ema_decay=0.5,
-                              label_smoothing=0.1, both_directions=True,
-                              **BLEU_KW))
+                              average_last_k=2, label_smoothing=0.1,
+                              both_directions=True, **BLEU_KW))
   raw = _records(tmp_path, 'valid_translation')
   ema = _records(tmp_path, 'valid_translation_ema')
+  last = _records(tmp_path, 'valid_translation_last_k')
   assert [r['step'] for r in raw] == [r['step'] for r in ema] == [0, 2, 4]
-  assert all({'copied', 'off_target'} <= set(r) for r in raw + ema)
+  assert [r['step'] for r in last] == [2, 4]  # A mean needs two evaluations.
+  assert all({'copied', 'off_target'} <= set(r) for r in raw + ema + last)
   assert raw[0]['chrf'] == ema[0]['chrf']  # The average starts at the init.
   best = json.loads((tmp_path / 'best.json').read_text())
   pool = [(r['chrf'], 'params', r['step']) for r in raw]
   pool += [(r['chrf'], 'ema', r['step']) for r in ema]
+  pool += [(r['chrf'], 'last_2', r['step']) for r in last]
   assert best['chrf'] == max(c for c, _, _ in pool)
   assert (best['chrf'], best['weights'], best['step']) in pool
   assert weights.load_dir(tmp_path / 'best').arch == 'tiny'

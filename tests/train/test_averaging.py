@@ -1,11 +1,11 @@
-"""The parameter average kept in the optimizer state (`with_param_ema`)."""
+"""Averaged weights: the EMA kept in the optimizer state, the mean of K."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemma_mt.train import optimizer as opt_lib
+from gemma_mt.train import averaging as opt_lib
 
 
 def _params():
@@ -50,3 +50,18 @@ def test_the_average_of_unchanged_params_is_the_params():
       np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6),
       opt_lib.ema_params(state, params), params)
   assert opt_lib.ema_params(optax.sgd(0.1).init(params), params) is None
+
+
+def test_the_mean_of_identical_params_is_the_params_and_is_a_mean():
+  params = _params()
+  for k in (1, 3):  # Up to float32 rounding of (k * x) / k.
+    jax.tree.map(lambda m, p: np.testing.assert_allclose(
+        np.asarray(m, np.float32), np.asarray(p, np.float32), rtol=1e-6),
+        opt_lib.mean_params([params] * k), params)
+  other = jax.tree.map(lambda x: x + 2, params)
+  mean = opt_lib.mean_params([params, other])
+  jax.tree.map(lambda m, p: np.testing.assert_allclose(
+      np.asarray(m, np.float32), np.asarray(p, np.float32) + 1, rtol=1e-2),
+      mean, params)
+  assert jax.tree.map(lambda x: x.dtype, mean) == jax.tree.map(
+      lambda x: x.dtype, params)
