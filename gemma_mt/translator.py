@@ -30,7 +30,7 @@ from gemma_mt.decoding.sampler import Hypothesis, Sampler
 
 
 # Samples the guard draws for a source whose candidates are all untranslated.
-GUARD_SAMPLES = 16
+GUARD_SAMPLES = 8
 
 
 class InputTooLongError(ValueError):
@@ -324,7 +324,7 @@ class Translator:
         by_index[i] = b
       nbest = by_index
     return self.guard(prep, self.generation(prep, dict(zip(prep.todo, outs)),
-                                            nbest), batch_size=batch_size)
+                                            nbest))
 
   def sample_candidates(self, prompts, limits, opts: SamplingOptions, n: int,
                         *, batch_size: int | None = None
@@ -347,8 +347,7 @@ class Translator:
       return continuous.generate(self.sampler, prompts, slots=batch_size, **kw)
     return self.sampler.generate(prompts, batch_size=batch_size, **kw)
 
-  def guard(self, prep: Prepared, gen: Generation, *,
-            batch_size: int | None = None) -> Generation:
+  def guard(self, prep: Prepared, gen: Generation) -> Generation:
     """Alternatives for the inputs whose candidates are all untranslated.
 
     An input whose output, or every candidate of whose n-best or MBR pool,
@@ -368,18 +367,23 @@ class Translator:
             if not any(self._judge(h.ids, prep, i).ok for h in pools[i])]
     if not redo:
       return gen
-    opts = prep.options
+    opts, n = prep.options, GUARD_SAMPLES
+    # One static call for all of them. Each row's key comes from the
+    # source's text, not its place in the call, so its draws do not depend
+    # on what else is being translated (a service merges requests); the
+    # seed is shifted so they are not the sampled-MBR draws just rejected.
+    prompts = [prep.fitted[i][0] for i in redo for _ in range(n)]
+    ids = [zlib.crc32(prep.sources[i].encode('utf-8')) % 2**20 * n + j
+           for i in redo for j in range(n)]
+    c = opts.candidate_sampling()
+    drawn = self.sampler.generate(
+        prompts, max_new_tokens=[opts.limit(len(p)) for p in prompts],
+        temperature=float(c.temperature), top_k=c.top_k, top_p=c.top_p,
+        seed=(opts.seed + 1) % 2**31, epsilon=c.epsilon, row_ids=ids)
     nbest = list(gen.nbest) if gen.nbest else [[] for _ in prep.sources]
-    for i in redo:
-      # One call per source, seeded by the seed and the source's text: its
-      # draws do not depend on what else is in the call (a service merges
-      # requests), and differ from the samples already rejected.
-      prompt = prep.fitted[i][0]
-      salt = zlib.crc32(prep.sources[i].encode('utf-8'), opts.seed + 1)
-      (drawn,) = self.sample_candidates(
-          [prompt], [opts.limit(len(prompt))], opts.replace(seed=salt % 2**31),
-          GUARD_SAMPLES, batch_size=batch_size)
-      nbest[i] = pools[i] + drawn  # The decoder's own candidates stay first.
+    for k, i in enumerate(redo):  # The decoder's own candidates stay first.
+      nbest[i] = pools[i] + [Hypothesis(x, float('nan'), float('nan'))
+                             for x in drawn[k * n:(k + 1) * n]]
     return dataclasses.replace(gen, nbest=nbest)
 
   def _clean(self, ids, source: str, opts: SamplingOptions):

@@ -532,19 +532,20 @@ def test_guard_samples_for_sources_with_only_untranslated_candidates(
   are left alone, with no sampling."""
   from gemma_mt import translator as translator_lib
   calls = []
+  n = translator_lib.GUARD_SAMPLES
 
-  def sample_candidates(prompts, limits, opts, n, *, batch_size=None):
-    calls.append((len(prompts), n))
-    return [[hyp(tokenizer, 'Where is it?'), hyp(tokenizer, FRENCH)]
-            for _ in prompts]
+  def generate(prompts, *, row_ids, **kw):  # The guard's one sampling call.
+    calls.append((len(prompts), len(set(row_ids))))
+    return [hyp(tokenizer, 'Where is it?' if j % 2 else FRENCH).ids
+            for j in range(len(prompts))]
 
-  monkeypatch.setattr(tr, 'sample_candidates', sample_candidates)
+  monkeypatch.setattr(tr.sampler, 'generate', generate)
   sources = [COPY_SOURCE, 'Donald Trump', 'Bonjour']
   prep = tr.prepare(sources, SamplingOptions())
   outs = {0: hyp(tokenizer, COPY_SOURCE).ids, 1: hyp(tokenizer, sources[1]).ids,
           2: hyp(tokenizer, 'Salut à tous').ids}
   gen = tr.guard(prep, tr.generation(prep, outs))
-  assert calls == [(1, translator_lib.GUARD_SAMPLES)]
+  assert calls == [(n, n)]
   texts = [t.text for t in tr.finish(prep, gen)]
   assert texts == [FRENCH, 'Donald Trump', 'Salut à tous']
   assert tokenizer.decode(gen.nbest[0][0].ids).startswith(COPY_SOURCE)
@@ -555,7 +556,7 @@ def test_guard_samples_for_sources_with_only_untranslated_candidates(
   beam = tr.prepare([COPY_SOURCE], SamplingOptions(beam_size=2))
   pool = [hyp(tokenizer, COPY_SOURCE), hyp(tokenizer, 'Where is the station?')]
   gen = tr.guard(beam, tr.generation(beam, {0: pool[0].ids}, [pool]))
-  assert calls == [(1, translator_lib.GUARD_SAMPLES)] and len(gen.nbest[0]) == 4
+  assert calls == [(n, n)] and len(gen.nbest[0]) == 2 + n
   assert tr.finish(beam, gen)[0].text == FRENCH
 
 

@@ -342,12 +342,15 @@ class Sampler:
                temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0,
                epsilon: float | None = None,
-               batch_size: int | None = None) -> list[np.ndarray]:
+               batch_size: int | None = None,
+               row_ids: Sequence[int] | None = None) -> list[np.ndarray]:
     """Generated ids of each prompt (ending with its stop token, if any).
 
     `max_new_tokens` is one limit for all or one per prompt. Prompts are
     sorted by length and cut into batches (`split_batches`), so similar
     lengths share a prompt bucket; results come back in input order.
+    A row's sampling key follows its input index, or `row_ids[i]` if given
+    (ids that do not depend on what else is in the call).
     """
     mode, sampling = self.sampling_args(temperature, top_k, top_p, seed,
                                         epsilon)
@@ -359,7 +362,7 @@ class Sampler:
       self.loop_steps += int(count.max())
       return [out[r, :count[r]] for r in range(B)]
 
-    return self._batched(prompts, max_new_tokens, batch_size, run)
+    return self._batched(prompts, max_new_tokens, batch_size, run, row_ids)
 
   def sampling_args(self, temperature=0.0, top_k=None, top_p=None, seed=0,
                     epsilon=None) -> tuple[SamplingMode, SamplingParams]:
@@ -390,7 +393,7 @@ class Sampler:
 
     return self._batched(prompts, max_new_tokens, batch_size, run)
 
-  def _batched(self, prompts, max_new_tokens, batch_size, run):
+  def _batched(self, prompts, max_new_tokens, batch_size, run, row_ids=None):
     """Checks, sorts into buckets, runs each batch, restores input order."""
     batch_size = batch_size or self.batch_size
     limits = self.limits(prompts, max_new_tokens)
@@ -407,7 +410,8 @@ class Sampler:
       ids = np.zeros(B, np.int32)
       for r, i in enumerate(idx):
         tokens[r, :len(prompts[i])] = prompts[i]
-        lens[r], lim[r], ids[r] = len(prompts[i]), limits[i], i
+        lens[r], lim[r] = len(prompts[i]), limits[i]
+        ids[r] = i if row_ids is None else row_ids[i]
       outs = run((tokens, lens, np.arange(B) < n, ids, lim), B, P, budget)
       self.batches_run += 1
       for i, o in zip(idx, outs):

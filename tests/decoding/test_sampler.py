@@ -157,6 +157,19 @@ def test_epsilon_sampling_never_draws_below_epsilon(top_k):
   assert set(np.asarray(out).tolist()) == {42}
 
 
+def test_row_ids_make_a_sample_independent_of_its_call(sampler):
+  """A row's draw follows its row id: the same prompt and id give the same
+  tokens alone and among other rows, wherever it sits."""
+  p = np.array([2, 100, 200, 300], np.int32)
+  q = np.array([2, 7, 8], np.int32)
+  kw = dict(max_new_tokens=6, temperature=1.0, seed=5)
+  alone = sampler.generate([p], row_ids=[41], **kw)[0]
+  mixed = sampler.generate([q, p, q], row_ids=[3, 41, 9], **kw)[1]
+  np.testing.assert_array_equal(alone, mixed)
+  other = sampler.generate([p] * 8, row_ids=list(range(8)), **kw)
+  assert len({tuple(o.tolist()) for o in other}) > 1
+
+
 def test_buckets():
   assert [sampling.next_pow2(n, 16) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
   assert [S.batch_bucket(n, 12) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
