@@ -6,8 +6,9 @@ argparse flags, one per field, typed from the annotation, with the field's
 trailing comment as its help: a field is declared once and every CLI gets it
 the same way. `main_guard` turns an expected error into one `error: ...`
 line and exit status 2 (`--debug` or GEMMA_MT_DEBUG=1 shows the traceback)
-and turns on JAX's persistent compilation cache, so the second run of a
-command compiles nothing (`--compile_cache_dir`, `--no_compile_cache`).
+and turns on JAX's persistent compilation cache and the store of compiled
+decoders (`decoding.executables`), so the second run of a command neither
+compiles nor traces them (`--compile_cache_dir`, `--no_compile_cache`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,18 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def default_compile_cache_dir() -> Path:
   return cache_home() / 'xla'
+
+
+@contextlib.contextmanager
+def using_store(directory: Path | None):
+  """`executables.using(directory)`, importing jax only when there is one
+  (`--help` and flag errors stay fast)."""
+  if directory is None:
+    yield None
+    return
+  from gemma_mt.decoding import executables
+  with executables.using(directory) as store:
+    yield store
 
 
 class CompileCacheStats:
@@ -284,18 +297,20 @@ def main_guard(fn: Callable[[list[str] | None], int],
                       format='%(asctime)s %(name)s: %(message)s')
   for chatty in ('absl', 'jax'):  # orbax; jax's backend probing.
     logging.getLogger(chatty).setLevel(logging.WARNING)
-  stats = None
+  stats = store_dir = store = None
   if not (known.no_compile_cache or {'-h', '--help'} & set(argv)):
     cache = known.compile_cache_dir or default_compile_cache_dir()
     try:
       stats = enable_compile_cache(cache)
+      store_dir = Path(cache).expanduser() / 'executables'
     except OSError as e:
       log.warning('no compile cache at %s: %s', cache, e)
   # SIGTERM as SIGINT, so that both end a run the same way (`signals`).
   with contextlib.suppress(ValueError):  # Not in the main thread.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
   try:
-    return fn(argv)
+    with using_store(store_dir) as store:
+      return fn(argv)
   except SystemExit as e:  # argparse: --help (0) or a bad flag (2).
     return e.code if isinstance(e.code, int) else 2
   except (signals.Interrupted, KeyboardInterrupt) as e:
@@ -312,6 +327,7 @@ def main_guard(fn: Callable[[list[str] | None], int],
     print(f'error: {msg}', file=sys.stderr)
     return 2
   finally:
-    if stats is not None and (stats.hits or stats.misses):
-      log.info('compile cache: %d hits, %d compiled', stats.hits,
-               stats.misses)
+    loaded = store.loaded if store is not None else 0
+    if stats is not None and (loaded or stats.hits or stats.misses):
+      log.info('compile cache: %d loaded, %d hits, %d compiled', loaded,
+               stats.hits, stats.misses)

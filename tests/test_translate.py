@@ -344,8 +344,12 @@ def test_beam_options_in_json_and_cli(tr, cli, capfd):
   assert capfd.readouterr().out.splitlines() == ok['translations']
 
 
-def test_second_process_compiles_nothing(tmp_path, tokenizer):
-  """The persistent compilation cache (on by default in every CLI)."""
+def test_second_process_traces_and_compiles_nothing(tmp_path, tokenizer):
+  """Every CLI keeps its compiled decoders (`decoding.executables`): a
+  second process loads them all (no XLA cache hit for them, which would
+  mean tracing and lowering again), compiles nothing, and prints the same.
+  A damaged file is removed and compiled again (from XLA's cache, whose
+  executables are not kept, until that cache no longer has it)."""
   import re
   import subprocess
 
@@ -356,16 +360,31 @@ def test_second_process_compiles_nothing(tmp_path, tokenizer):
   cmd = [sys.executable, '-m', 'gemma_mt.translate', '--checkpoint',
          str(tmp_path / 'model'), '--compile_cache_dir', str(tmp_path / 'xla'),
          '--max_new_tokens', '3', 'Hello', 'Cats are nice']
-  runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env=dict(__import__('os').environ, JAX_PLATFORMS='cpu'))
-          for _ in range(2)]
-  counts = []
-  for r in runs:
+
+  def run():
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(__import__('os').environ, JAX_PLATFORMS='cpu'))
     assert r.returncode == 0, r.stderr[-2000:]
-    m = re.search(r'compile cache: (\d+) hits, (\d+) compiled', r.stderr)
-    counts.append((int(m[1]), int(m[2])))
-  assert counts[0][1] > 0 and counts[1] == (counts[0][0] + counts[0][1], 0)
-  assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.splitlines()) == 2
+    m = re.search(r'compile cache: (\d+) loaded, (\d+) hits, (\d+) compiled',
+                  r.stderr)
+    return r.stdout, tuple(map(int, m.groups()))
+
+  first, (loaded, hits, compiled) = run()
+  assert loaded == 0 and compiled > 0 and len(first.splitlines()) == 2
+  store = sorted((tmp_path / 'xla' / 'executables').glob('*.exe'))
+  n = len(store)  # The decoders; the other jits are small array ops.
+  assert n >= 1
+  warm = (first, (n, hits + compiled - n, 0))
+  assert run() == warm
+  data = bytearray(store[0].read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  store[0].write_bytes(bytes(data))
+  assert run() == (first, (n - 1, hits + compiled - n + 1, 0))
+  assert not store[0].exists()  # Removed: it is never read again.
+  for f in (tmp_path / 'xla').glob('*-cache'):  # XLA's own entries.
+    f.unlink()
+  assert run() == (first, (n - 1, 0, hits + compiled - n + 1))
+  assert store[0].exists() and run() == warm
 
 
 def test_jsonl_fuzz_one_response_each_and_never_internal(tr):

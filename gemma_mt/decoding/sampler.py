@@ -8,7 +8,9 @@ whole batch costs one dispatch and one transfer back.
 Shapes are bucketed so that compiled executables are reused: prompt width and
 the generation budget round up to powers of two, the batch to a power of two
 (at most `batch_size`). Executables live in a small LRU keyed by
-(batch, prompt width, budget, sampling mode); `num_compiles` counts misses.
+(batch, prompt width, budget, sampling mode); a miss reads the executable
+store (`executables`: what an earlier process compiled) before compiling;
+`num_compiles` and `num_loaded` count the two.
 
 Cache layout (`ModelConfig.init_cache`): right-padded prompts fill slots
 [0, P); generated token j is written at slot P + j with position
@@ -34,12 +36,14 @@ import numpy as np
 import tqdm
 
 from gemma_mt import sharding as SH
+from gemma_mt.decoding import executables
 from gemma_mt.decoding.sampling import (SamplingMode, SamplingParams,
                                         next_pow2, row_keys, sample_logits)
 from gemma_mt.models.layers import causal_mask, positions_from_mask
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
+_DEFAULT = object()  # `Sampler(store=...)` not given
 
 
 def batch_bucket(n: int, batch_size: int) -> int:
@@ -303,9 +307,12 @@ class Sampler:
   def __init__(self, model, params: Any, *, pad_id: int,
                stop_ids: Sequence[int], batch_size: int = 32,
                cache_size: int = 16, max_pad_ratio: float | None = None,
-               mesh: jax.sharding.Mesh | None = None, progress: bool = False):
+               mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+               store: executables.ExecutableStore | None | object = _DEFAULT):
     """`progress`: a tqdm bar over sentences. `mesh`: decode data-parallel
-    over its devices (module docstring);
+    over its devices (module docstring); `store`: where compiled
+    executables are kept across processes (default
+    `executables.default()`, which the CLIs set; None: nowhere);
     `params` may then be anywhere (host, one device): they are placed with
     `sharding.sampling_params`. None: the default device, as given."""
     if batch_size < 1:
@@ -330,6 +337,8 @@ class Sampler:
     self.stop_table = (jnp.asarray(table) if mesh is None else
                         jax.device_put(table, SH.replicated(mesh)))
     self._cache_size = cache_size
+    self.store = executables.default() if store is _DEFAULT else store
+    self.num_loaded = 0  # executables read from the store
     self._executables: collections.OrderedDict = collections.OrderedDict()
     self.num_compiles = 0
     self.compiled_shapes: list[tuple] = []  # (B, P, budget, mode) per compile
@@ -459,17 +468,31 @@ class Sampler:
     return dict(self._executables)
 
   def compiled(self, key, make, args, donate=()):
-    """The executable of `key` from the LRU, else jit(make()) compiled for
-    `args` (`donate`: argument numbers whose buffers it may reuse)."""
+    """The executable of `key` from the LRU, else from the executable store
+    (`executables`), else jit(make()) compiled for `args` (`donate`:
+    argument numbers whose buffers it may reuse) and kept in both."""
     exe = self._executables.get(key)
     if exe is not None:
       self._executables.move_to_end(key)
       return exe
     if jax.default_backend() == 'cpu':
       donate = ()  # CPU buffers cannot be donated (and it warns).
-    exe = jax.jit(make(), donate_argnums=donate).lower(*args).compile()
-    self.num_compiles += 1
-    self.compiled_shapes.append(key)
+    path = None
+    if self.store is not None:  # What `make` closes over, then the args.
+      static = f'{key!r}|{self.model!r}|{self.pad_id}|{self.mesh!r}'
+      path = self.store.path(static, args, donate)
+      exe = self.store.load(path)
+    if exe is None:
+      if path is None:
+        exe = jax.jit(make(), donate_argnums=donate).lower(*args).compile()
+      else:
+        exe, fresh = self.store.compile(make(), args, donate)
+        if fresh:
+          self.store.save(path, exe)
+      self.num_compiles += 1
+      self.compiled_shapes.append(key)
+    else:
+      self.num_loaded += 1
     self._executables[key] = exe
     if len(self._executables) > self._cache_size:
       self._executables.popitem(last=False)

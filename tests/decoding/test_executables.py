@@ -1,0 +1,71 @@
+"""The store of compiled decoders: what decides an executable decides its
+file, a new sampler loads instead of compiling, and the outputs agree."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_mt.decoding import continuous, executables
+from gemma_mt.decoding import sampler as S
+from gemma_mt.models import gemma as M
+from gemma_mt.models import layers
+
+V = 512
+MODEL = M.Transformer(M.TransformerConfig.tiny(vocab_size=V))
+PROMPTS = [np.random.default_rng(1).integers(2, V, n).astype(np.int32)
+           for n in (3, 9, 5, 12, 7)]
+
+
+def params():
+  mask = jnp.ones((1, 4), bool)
+  p = MODEL.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
+                 layers.positions_from_mask(mask), layers.causal_mask(mask))
+  return jax.tree.map(lambda x: x * 3 if x.ndim > 1 else x + 0.1, p['params'])
+
+
+def test_signature_tells_apart_what_changes_an_executable():
+  x = np.zeros((2, 3), np.float32)
+  base = executables.signature((x, {'a': 1}))
+  others = [(x.astype(np.float16), {'a': 1}), (np.zeros((3, 2), np.float32), {'a': 1}),
+            (x, {'b': 1}), (x, {'a': 1.0}), (x, [1]), (jnp.asarray(x), {'a': 1}),
+            (x, {'a': np.int32(1)})]
+  sigs = {executables.signature(o) for o in others}
+  assert base not in sigs and len(sigs) == len(others)
+  assert executables.signature((x.copy() + 1, {'a': 7})) == base  # Values do not.
+
+
+def test_a_new_sampler_loads_what_an_earlier_one_compiled(tmp_path):
+  """Static, sampled and continuous decoding: the second sampler compiles
+  nothing and returns the same ids; other params dtypes or another model
+  compile afresh; without a store nothing is written."""
+  p = params()
+  store = executables.ExecutableStore(tmp_path)
+
+  def run(sampler, full=True):
+    out = [x.tolist() for x in sampler.generate(PROMPTS, max_new_tokens=6)]
+    return out + ([x.tolist() for x in sampler.generate(
+        PROMPTS, max_new_tokens=6, temperature=1.0, top_k=5, seed=3)] +
+                  [x.tolist() for x in continuous.generate(
+                      sampler, PROMPTS, max_new_tokens=6, slots=2)] if full else [])
+
+  def sampler(params, model=MODEL, **kw):
+    return S.Sampler(model, params, pad_id=0, stop_ids=[1], batch_size=4, **kw)
+
+  first = sampler(p, store=store)
+  want = run(first)
+  n = first.num_compiles
+  assert n >= 4 and first.num_loaded == 0 and len(list(tmp_path.glob('*.exe'))) == n
+  again = sampler(p, store=store)
+  assert run(again) == want and (again.num_compiles, again.num_loaded) == (0, n)
+  assert run(sampler(p, store=None)) == want  # Same ids as compiled afresh.
+
+  bf16 = sampler(jax.tree.map(lambda x: x.astype(jnp.bfloat16), p), store=store)
+  run(bf16, full=False)
+  other = sampler(p, store=store, model=M.Transformer(MODEL.config, remat=True))
+  run(other, full=False)
+  assert bf16.num_loaded == other.num_loaded == 0
+  assert len(list(tmp_path.glob('*.exe'))) == n + bf16.num_compiles + other.num_compiles
+
+  with executables.using(tmp_path / 'default') as default:
+    assert sampler(p).store is default and executables.default() is default
+  assert executables.default() is None and sampler(p).store is None
