@@ -42,20 +42,6 @@ def default_output_dir() -> Path:
   return Path('workdir') / 'eval' / f'{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
 
 
-def check_writable(flag: str, path: str | os.PathLike | None) -> None:
-  """ValueError naming `flag` if `path` cannot be written (nothing written)."""
-  if path is None:
-    return
-  path = Path(path)
-  if path.is_dir():
-    raise ValueError(f'{flag} {path}: is a directory')
-  parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
-  if not parent.is_dir() or not os.access(parent, os.W_OK):
-    raise ValueError(f'{flag} {path}: cannot write under {parent}')
-  if path.exists() and not os.access(path, os.W_OK):
-    raise ValueError(f'{flag} {path}: not writable')
-
-
 def parse_args(argv=None):
   p = cli.ArgumentParser(prog='python -m gemma_mt.evaluate',
                          description=__doc__.split('\n')[0])
@@ -135,9 +121,8 @@ def run(argv=None) -> int:
       '--compare_checkpoint': args.compare_checkpoint,
       '--tfds_data_dir': args.tfds_data_dir, '--mtnt_archive': args.mtnt_archive})
   for flag, path in outputs.items():  # Before hours of translating, not after.
-    check_writable(flag, path)
     if path is not None:
-      fs.check_replaceable(path, True, flag, directory=False)
+      fs.check_file_output(path, flag)
   with fs.RunLock(output, for_output=True):
     return _evaluate(args, pairs, where, output, summary_path)
 

@@ -210,6 +210,22 @@ def check_replaceable(path: PathLike, overwrite: bool, flag: str = 'output',
                             'replaced')
 
 
+def check_file_output(path: PathLike, flag: str = 'output',
+                      overwrite: bool = True) -> None:
+  """Before the work that ends in writing the file `path`: refuses one that
+  could not be written (a dir, an unwritable parent or file) or replaced
+  (`check_replaceable`); nothing is written."""
+  path = _abs(path)
+  if path.is_dir():
+    raise UnsafeOutputError(f'{flag} {path}: is a directory')
+  parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+  if not parent.is_dir() or not os.access(parent, os.W_OK):
+    raise ValueError(f'{flag} {path}: cannot write under {parent}')
+  if path.exists() and not os.access(path, os.W_OK):
+    raise ValueError(f'{flag} {path}: not writable')
+  check_replaceable(path, overwrite, flag, directory=False)
+
+
 # ------------------------------------------------------------------- temps
 
 def _host() -> str:

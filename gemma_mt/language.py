@@ -99,9 +99,11 @@ class Verdict:
     return not (self.copied or self.off_target)
 
 
+@functools.lru_cache(maxsize=2**16)
 def judge(output: str, source: str, lang_pair: str = 'en-fr') -> Verdict:
   """Copied / off-target, for a source that needs translation; a source that
-  needs none passes whatever the output (its copy is correct)."""
+  needs none passes whatever the output (its copy is correct). Cached: the
+  guard and the choice among candidates ask about the same texts."""
   src, dst = lang_pair.split('-')
   if not needs_translation(source, src):
     return Verdict(False, False)

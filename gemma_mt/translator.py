@@ -327,22 +327,31 @@ class Translator:
                                             nbest))
 
   def sample_candidates(self, prompts, limits, opts: SamplingOptions, n: int,
-                        *, batch_size: int | None = None
-                        ) -> list[list[Hypothesis]]:
+                        *, batch_size: int | None = None,
+                        keys: Sequence[int] | None = None,
+                        seed_shift: int = 0) -> list[list[Hypothesis]]:
     """`n` samples per prompt, drawn with `opts.candidate_sampling()`
-    (epsilon sampling) as rows of their own: one key per row, so one seed
-    gives one answer."""
+    (epsilon sampling; its seed plus `seed_shift`) as rows of their own.
+    Sample j of prompt k has its own key: from (k, j), or with `keys` from
+    (keys[k], j), so that its draws do not depend on what else is in the
+    call. One seed gives one answer."""
+    c = opts.candidate_sampling()
+    c = dataclasses.replace(c, seed=(c.seed + seed_shift) % 2**31)
+    row_ids = None if keys is None else [
+        k % 2**20 * n + j for k in keys for j in range(n)]
     drawn = self._sample([p for p in prompts for _ in range(n)],
-                         [l for l in limits for _ in range(n)],
-                         opts.candidate_sampling(), batch_size)
+                         [l for l in limits for _ in range(n)], c, batch_size,
+                         row_ids)
     return [[Hypothesis(x, float('nan'), float('nan'))
              for x in drawn[k * n:(k + 1) * n]] for k in range(len(prompts))]
 
-  def _sample(self, prompts, limits, opts: SamplingOptions, batch_size):
-    """Greedy or sampled ids of each prompt (no search)."""
+  def _sample(self, prompts, limits, opts: SamplingOptions, batch_size,
+              row_ids=None):
+    """Greedy or sampled ids of each prompt (no search); `row_ids` key the
+    rows' draws (default: their index)."""
     kw = dict(max_new_tokens=limits, temperature=float(opts.temperature),
               top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed,
-              epsilon=opts.epsilon)
+              epsilon=opts.epsilon, row_ids=row_ids)
     if self.continuous and len(prompts) > (batch_size or self.sampler.batch_size):
       return continuous.generate(self.sampler, prompts, slots=batch_size, **kw)
     return self.sampler.generate(prompts, batch_size=batch_size, **kw)
@@ -367,23 +376,17 @@ class Translator:
             if not any(self._judge(h.ids, prep, i).ok for h in pools[i])]
     if not redo:
       return gen
-    opts, n = prep.options, GUARD_SAMPLES
-    # One static call for all of them. Each row's key comes from the
-    # source's text, not its place in the call, so its draws do not depend
-    # on what else is being translated (a service merges requests); the
-    # seed is shifted so they are not the sampled-MBR draws just rejected.
-    prompts = [prep.fitted[i][0] for i in redo for _ in range(n)]
-    ids = [zlib.crc32(prep.sources[i].encode('utf-8')) % 2**20 * n + j
-           for i in redo for j in range(n)]
-    c = opts.candidate_sampling()
-    drawn = self.sampler.generate(
-        prompts, max_new_tokens=[opts.limit(len(p)) for p in prompts],
-        temperature=float(c.temperature), top_k=c.top_k, top_p=c.top_p,
-        seed=(opts.seed + 1) % 2**31, epsilon=c.epsilon, row_ids=ids)
+    # Keyed by the source's text, not its place in the call (a service
+    # merges requests); the seed shifted, so they are not the sampled-MBR
+    # draws just rejected.
+    drawn = self.sample_candidates(
+        [prep.fitted[i][0] for i in redo],
+        [prep.options.limit(len(prep.fitted[i][0])) for i in redo], prep.options, GUARD_SAMPLES,
+        keys=[zlib.crc32(prep.sources[i].encode('utf-8')) for i in redo],
+        seed_shift=1)
     nbest = list(gen.nbest) if gen.nbest else [[] for _ in prep.sources]
-    for k, i in enumerate(redo):  # The decoder's own candidates stay first.
-      nbest[i] = pools[i] + [Hypothesis(x, float('nan'), float('nan'))
-                             for x in drawn[k * n:(k + 1) * n]]
+    for i, samples in zip(redo, drawn):  # The decoder's own candidates first.
+      nbest[i] = pools[i] + samples
     return dataclasses.replace(gen, nbest=nbest)
 
   def _clean(self, ids, source: str, opts: SamplingOptions):

@@ -559,6 +559,7 @@ def test_guard_samples_for_sources_with_only_untranslated_candidates(
             for j in range(len(prompts))]
 
   monkeypatch.setattr(tr.sampler, 'generate', generate)
+  monkeypatch.setattr(tr, 'continuous', False)  # Static: one call to count.
   sources = [COPY_SOURCE, 'Donald Trump', 'Bonjour']
   prep = tr.prepare(sources, SamplingOptions())
   outs = {0: hyp(tokenizer, COPY_SOURCE).ids, 1: hyp(tokenizer, sources[1]).ids,

@@ -150,8 +150,12 @@ class ContinuousDecoder:
     self.budget = next_pow2(budget, 16)
     self.ring = ring or MIN_RING
     self._kw = dict(model=sampler.model, mode=mode, pad_id=sampler.pad_id)
-    self._state = empty(sampler.model, slots, self.ring, self.budget,
-                        sampler.pad_id)
+    # One executable (kept in the store) rather than a dozen small array
+    # ops, each of which a new process would fetch from XLA's cache.
+    self._state = sampler.compiled(
+        ('empty', slots, self.ring, self.budget),
+        lambda: functools.partial(empty, sampler.model, slots, self.ring,
+                                  self.budget, sampler.pad_id), ())()
     self._owner: list = [None] * slots  # (row id, callback) per slot.
     self._queue: list = []
 
@@ -211,8 +215,9 @@ class ContinuousDecoder:
         on_done(out[r, :count[r]].copy())
 
   def generate(self, prompts: Sequence[np.ndarray], limits: np.ndarray,
-               progress=None) -> list:
-    """Generated ids of every prompt, in input order."""
+               progress=None, row_ids: Sequence[int] | None = None) -> list:
+    """Generated ids of every prompt, in input order (sampling keys from
+    `row_ids`, default the input index)."""
     results: list = [None] * len(prompts)
 
     def setter(i):
@@ -223,7 +228,7 @@ class ContinuousDecoder:
       return on_done
 
     for i, (p, limit) in enumerate(zip(prompts, limits)):
-      self.add(p, limit, i, setter(i))
+      self.add(p, limit, i if row_ids is None else row_ids[i], setter(i))
     while self.busy:
       self.step()
     self.sampler.batches_run += 1
@@ -234,9 +239,10 @@ def generate(sampler, prompts: Sequence[np.ndarray], *,
              max_new_tokens: int | Sequence[int], temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, epsilon: float | None = None,
-             slots: int | None = None) -> list[np.ndarray]:
-  """`sampler.generate`'s result, decoded through `slots` (default the
-  sampler's batch size) refilled rows."""
+             slots: int | None = None,
+             row_ids: Sequence[int] | None = None) -> list[np.ndarray]:
+  """`sampler.generate`'s result (`row_ids` as there), decoded through
+  `slots` (default the sampler's batch size) refilled rows."""
   if sampler.mesh is not None and sampler.mesh.size > 1:
     raise ValueError('continuous batching runs on one device; drop the mesh')
   limits = sampler.limits(prompts, max_new_tokens)
@@ -247,4 +253,4 @@ def generate(sampler, prompts: Sequence[np.ndarray], *,
   decoder = ContinuousDecoder.for_prompts(
       sampler, slots or sampler.batch_size, mode, sampling, prompts, limits)
   with progress_bar(len(prompts), sampler.progress) as bar:
-    return decoder.generate(prompts, limits, bar)
+    return decoder.generate(prompts, limits, bar, row_ids)

@@ -358,7 +358,7 @@ def write_gguf(
     raise GGUFError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
   check_llama_cpp_config(config)
   path = Path(path).expanduser().absolute()
-  fs.check_replaceable(path, overwrite, directory=False)  # Before the work.
+  fs.check_file_output(path, overwrite=overwrite)  # Before the work.
   qt, ft = gguf.GGMLQuantizationType, gguf.LlamaFileType
   qtype = {"f32": qt.F32, "f16": qt.F16, "bf16": qt.BF16, "q8_0": qt.Q8_0}[outtype]
   w = gguf.GGUFWriter(None, "gemma3")
