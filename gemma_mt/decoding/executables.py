@@ -11,7 +11,8 @@ that decides what it computes:
 * what the caller closes over (its key, the model's repr: config, dtypes,
   kernels; pad id, mesh), passed in as `static`;
 * the arguments' tree, shapes, dtypes and shardings;
-* the gemma_mt sources, jax/jaxlib versions and the devices.
+* the gemma_mt sources, jax/jaxlib versions, the devices, XLA_FLAGS and
+  the jax settings that change a trace (x64, matmul precision, PRNG).
 
 So any change to the code, the model or the inputs' layout misses and
 compiles afresh; nothing stale can be loaded. A file is written atomically
@@ -29,6 +30,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -55,14 +57,19 @@ def source_digest() -> str:
 
 
 def environment() -> str:
-  """The jax/jaxlib versions and the devices executables are built for."""
+  """The jax/jaxlib versions, the devices executables are built for, and
+  the settings that change what a trace or a compile produces."""
   import jaxlib
   devices = jax.devices()
   client = devices[0].client
+  settings = [os.environ.get(k, '') for k in ('XLA_FLAGS', 'LIBTPU_INIT_ARGS')]
+  settings += [str(getattr(jax.config, k, None)) for k in (
+      'jax_enable_x64', 'jax_default_matmul_precision', 'jax_default_prng_impl',
+      'jax_threefry_partitionable')]
   return '|'.join([jax.__version__, jaxlib.__version__, client.platform,
                    client.platform_version,
                    ','.join(sorted({d.device_kind for d in devices})),
-                   str(len(devices)), str(jax.process_count())])
+                   str(len(devices)), str(jax.process_count()), *settings])
 
 
 def signature(args) -> str:

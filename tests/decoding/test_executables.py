@@ -69,3 +69,21 @@ def test_a_new_sampler_loads_what_an_earlier_one_compiled(tmp_path):
   with executables.using(tmp_path / 'default') as default:
     assert sampler(p).store is default and executables.default() is default
   assert executables.default() is None and sampler(p).store is None
+
+
+def test_settings_that_change_a_compile_change_the_file(tmp_path, monkeypatch):
+  """XLA_FLAGS, jax's matmul precision, the static part and donation each
+  lead to another file; the same inputs to the same one."""
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  store = executables.ExecutableStore(tmp_path)
+  args = (np.zeros(3, np.float32),)
+  base = store.path('key', args)
+  with jax.default_matmul_precision('highest'):
+    precision = store.path('key', args)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=true')
+  flags = store.path('key', args)
+  monkeypatch.delenv('XLA_FLAGS')
+  others = {precision, flags, store.path('other', args),
+            store.path('key', args, donate=(0,))}
+  assert len(others) == 4 and base not in others
+  assert store.path('key', (np.ones(3, np.float32),)) == base
