@@ -34,7 +34,8 @@ from pathlib import Path
 
 from benchmarks import common
 
-LOG = re.compile(r'compile cache: (\d+) loaded, (\d+) hits, (\d+) compiled')
+LOG = re.compile(r'compile cache: decoders (\d+) loaded, (\d+) compiled; '
+                 r'XLA (\d+) hits, (\d+) compiled')
 
 
 def cli_run(name, cmd, cache, out_dir, env):
@@ -49,9 +50,9 @@ def cli_run(name, cmd, cache, out_dir, env):
     raise SystemExit(f'{name}: evaluate failed:\n{run.stderr[-3000:]}')
   summary = json.loads((out / 'summary.json').read_text())
   m = LOG.search(run.stderr)
-  loaded, hits, compiled = map(int, m.groups()) if m else (0, 0, 0)
-  return row(name, wall, summary, loaded=loaded, xla_hits=hits,
-             xla_compiled=compiled)
+  loaded, built, hits, compiled = map(int, m.groups()) if m else (0,) * 4
+  return row(name, wall, summary, loaded=loaded, decoders_compiled=built,
+             xla_hits=hits, xla_compiled=compiled)
 
 
 def row(name, wall, summary, **extra):
@@ -134,7 +135,7 @@ def main():
     print(f'{r["run"]:<14}{r["wall_s"]:>8.2f}{r["translating_s"]:>10.2f}'
           f'{r["sentences_per_s"]:>9.1f}{r["generated_tokens_per_s"]:>11}'
           f'{r.get("loaded", "-"):>8}{r.get("xla_hits", "-"):>8}'
-          f'{r.get("xla_compiled", r.get("compiled", "-")):>9}{ratio:>11}')
+          f'{r.get("decoders_compiled", 0) + r.get("xla_compiled", 0) if "xla_compiled" in r else r["compiled"]:>9}{ratio:>11}')
   common.write_json(args.out, {'rows': rows, 'args': vars(args)})
 
 

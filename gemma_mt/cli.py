@@ -327,7 +327,7 @@ def main_guard(fn: Callable[[list[str] | None], int],
     print(f'error: {msg}', file=sys.stderr)
     return 2
   finally:
-    loaded = store.loaded if store is not None else 0
-    if stats is not None and (loaded or stats.hits or stats.misses):
-      log.info('compile cache: %d loaded, %d hits, %d compiled', loaded,
-               stats.hits, stats.misses)
+    if stats is not None and store is not None:
+      log.info('compile cache: decoders %d loaded, %d compiled; XLA %d hits, '
+               '%d compiled', store.loaded, store.compiled, stats.hits,
+               stats.misses)

@@ -11,17 +11,20 @@ that decides what it computes:
 * what the caller closes over (its key, the model's repr: config, dtypes,
   kernels; pad id, mesh), passed in as `static`;
 * the arguments' tree, shapes, dtypes and shardings;
-* the gemma_mt sources, jax/jaxlib versions, the devices, XLA_FLAGS and
-  the jax settings that change a trace (x64, matmul precision, PRNG).
+* the gemma_mt sources, jax/jaxlib/flax/qwix versions, the devices (ids
+  included), XLA_FLAGS and the jax settings that change a trace (x64,
+  matmul precision, PRNG, debug checks, default device).
 
-So any change to the code, the model or the inputs' layout misses and
-compiles afresh; nothing stale can be loaded. A file is written atomically
-and carries the SHA-256 of its body; one that does not verify or load
-(damaged, truncated, foreign) is compiled again and replaced. The store is
-an optimisation: a full disk or a read-only cache only costs the compile.
+So a change to the code, the model, the inputs' layout or those settings
+misses and compiles afresh. A file is written atomically and carries the
+SHA-256 of its body; one that does not verify (damaged, truncated) is
+removed, and one that does not load is compiled again and replaced. The
+store is an optimisation: a full disk or a read-only cache only costs the
+compile. It is never pruned: delete the directory to reclaim its space.
 
-Loading unpickles, so only files in the user's own cache directory, written
-by this package, are read (the trust JAX gives its cache directory).
+Loading unpickles, which can run code: only files the current user owns
+are read, in the user's own cache directory (the trust JAX gives its
+cache directory).
 """
 
 from __future__ import annotations
@@ -65,11 +68,21 @@ def environment() -> str:
   settings = [os.environ.get(k, '') for k in ('XLA_FLAGS', 'LIBTPU_INIT_ARGS')]
   settings += [str(getattr(jax.config, k, None)) for k in (
       'jax_enable_x64', 'jax_default_matmul_precision', 'jax_default_prng_impl',
-      'jax_threefry_partitionable')]
+      'jax_threefry_partitionable', 'jax_random_seed_offset',
+      'jax_debug_nans', 'jax_debug_infs', 'jax_default_device')]
+  settings += [f'{m}={_version(m)}' for m in ('flax', 'qwix')]  # They trace.
   return '|'.join([jax.__version__, jaxlib.__version__, client.platform,
                    client.platform_version,
                    ','.join(sorted({d.device_kind for d in devices})),
                    str(len(devices)), str(jax.process_count()), *settings])
+
+
+def _version(dist: str) -> str:
+  from importlib import metadata
+  try:
+    return metadata.version(dist)
+  except metadata.PackageNotFoundError:
+    return ''
 
 
 def signature(args) -> str:
@@ -80,7 +93,9 @@ def signature(args) -> str:
     weak = (isinstance(x, (bool, int, float, complex)) or
             bool(getattr(x, 'weak_type', False)))
     dtype = getattr(x, 'dtype', None) or np.asarray(x).dtype
-    return f'{dtype}{np.shape(x)}:{weak}:{getattr(x, "sharding", None)!r}'
+    sharding = getattr(x, 'sharding', None)  # Its repr omits the devices.
+    devices = sorted(d.id for d in getattr(sharding, 'device_set', ()))
+    return f'{dtype}{np.shape(x)}:{weak}:{sharding!r}:{devices}'
 
   return f'{tree}|' + ';'.join(map(leaf, leaves))
 
@@ -90,7 +105,8 @@ class ExecutableStore:
 
   def __init__(self, directory: str | Path):
     self.directory = Path(directory).expanduser()
-    self.loaded = 0   # executables read back, neither traced nor compiled
+    self.loaded = 0    # executables read back, neither traced nor compiled
+    self.compiled = 0  # compiled here (then written, where they can be)
     self.written = 0
     self._warned = False
 
@@ -104,6 +120,8 @@ class ExecutableStore:
     """The executable at `path`, or None if it is absent or does not
     verify or load (the caller then compiles)."""
     try:
+      if path.stat().st_uid != os.getuid():
+        return None  # Unpickling runs code: only files this user wrote.
       data = path.read_bytes()
     except OSError:
       return None
@@ -113,7 +131,8 @@ class ExecutableStore:
         data[len(MAGIC):head].decode('ascii', 'replace') !=
         hashlib.sha256(body).hexdigest()):
       log.info('executable %s does not verify: compiling it again', path.name)
-      path.unlink(missing_ok=True)  # Never read again, even if not replaced.
+      with contextlib.suppress(OSError):  # Never read again (if we may).
+        path.unlink()
       return None
     from jax.experimental import serialize_executable
     try:
@@ -128,26 +147,33 @@ class ExecutableStore:
 
   def compile(self, fn, args, donate: tuple[int, ...] = ()
               ) -> tuple[jax.stages.Compiled, bool]:
-    """(jit(fn) compiled for `args`, whether the store may keep it). Not
-    when XLA's persistent cache answered: on the CPU such an executable
-    serialises without its code (the next process fails with 'Function
-    ... not found'), so the store keeps only fresh compiles."""
+    """(jit(fn) compiled for `args`, whether the store may keep it).
+
+    Compiled past XLA's persistent cache: an executable that cache returns
+    serialises without its code on the CPU (the next process fails with
+    'Function ... not found'), and after an upgrade the cache would answer
+    for every decoder, so the store would never fill again. JAX has no
+    public switch for one compile; where its private one is gone, the
+    store keeps only compiles the cache did not answer."""
     hits = _xla_cache_hits[0]
-    exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    with _past_xla_cache():
+      exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    self.compiled += 1
     return exe, _xla_cache_hits[0] == hits
 
   def save(self, path: Path, exe: jax.stages.Compiled) -> bool:
     """Writes `exe` to `path`; False (and one warning) if it cannot be."""
     from jax.experimental import serialize_executable
+    with contextlib.suppress(OSError):
+      if path.stat().st_uid != os.getuid():
+        return False  # Another user's file: not ours to replace.
     try:
       body = pickle.dumps(serialize_executable.serialize(exe))
-    except (ValueError, NotImplementedError, TypeError, pickle.PicklingError):
-      return False  # Not serialisable on this backend: compiled each time.
-    data = MAGIC + hashlib.sha256(body).hexdigest().encode() + body
-    try:
+      data = MAGIC + hashlib.sha256(body).hexdigest().encode() + body
       self.directory.mkdir(parents=True, exist_ok=True)
       fs.atomic_write(path, data, flag='executable store')
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - the store is an optimisation:
+      # not serialisable here, disk full, a read-only or odd cache dir.
       if not self._warned:
         log.warning('compiled executables not kept in %s: %s',
                     self.directory, e)
@@ -155,6 +181,25 @@ class ExecutableStore:
       return False
     self.written += 1
     return True
+
+
+@contextlib.contextmanager
+def _past_xla_cache():
+  """Within the block, compiles neither read nor write XLA's persistent
+  cache (private jax state, saved and restored; absent: no effect)."""
+  try:
+    from jax._src import compilation_cache as cc
+    lock, before = cc._cache_initialized_mutex, (cc._cache_checked, cc._cache_used)
+  except (ImportError, AttributeError):
+    yield
+    return
+  with lock:
+    cc._cache_checked, cc._cache_used = True, False
+  try:
+    yield
+  finally:
+    with lock:
+      cc._cache_checked, cc._cache_used = before
 
 
 _default: ExecutableStore | None = None

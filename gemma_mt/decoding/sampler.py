@@ -479,7 +479,9 @@ class Sampler:
       donate = ()  # CPU buffers cannot be donated (and it warns).
     path = None
     if self.store is not None:  # What `make` closes over, then the args.
-      static = f'{key!r}|{self.model!r}|{self.pad_id}|{self.mesh!r}'
+      mesh = None if self.mesh is None else (
+          self.mesh, [d.id for d in self.mesh.devices.flat])
+      static = f'{key!r}|{self.model!r}|{self.pad_id}|{mesh!r}'
       path = self.store.path(static, args, donate)
       exe = self.store.load(path)
     if exe is None:

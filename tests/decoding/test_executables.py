@@ -87,3 +87,39 @@ def test_settings_that_change_a_compile_change_the_file(tmp_path, monkeypatch):
             store.path('key', args, donate=(0,))}
   assert len(others) == 4 and base not in others
   assert store.path('key', (np.ones(3, np.float32),)) == base
+
+
+def test_the_store_never_stops_a_decode(tmp_path, caplog):
+  """A store that cannot be written (its dir is a file) warns once and
+  decodes; a file another user owns is neither unpickled nor replaced;
+  damaged and truncated files are compiled again. Same ids every time."""
+  import os
+  p = params()
+  blocked = tmp_path / 'file'
+  blocked.write_text('not a dir')
+
+  def run(store):
+    s = S.Sampler(MODEL, p, pad_id=0, stop_ids=[1], batch_size=4, store=store)
+    return [x.tolist() for x in s.generate(PROMPTS[:2], max_new_tokens=3)], s
+
+  with caplog.at_level('WARNING'):
+    want, s = run(executables.ExecutableStore(blocked / 'exe'))
+  assert s.num_compiles == 1 and 'not kept' in caplog.text
+  assert blocked.read_text() == 'not a dir'
+  store = executables.ExecutableStore(tmp_path / 'exe')
+  run(store)
+  f, = (tmp_path / 'exe').glob('*.exe')
+  good = f.read_bytes()
+  other = lambda: os.chown(f, os.getuid() + 1, -1)
+  for damage in (other,
+                 lambda: f.write_bytes(good[:len(good) // 2]),
+                 lambda: f.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))):
+    f.write_bytes(good)
+    os.chown(f, os.getuid(), -1)
+    damage()
+    ids, s = run(store)
+    assert ids == want and (s.num_loaded, s.num_compiles) == (0, 1)
+    if damage is other:
+      assert f.stat().st_uid != os.getuid() and f.read_bytes() == good
+  ids, s = run(store)  # Replaced by the last compile.
+  assert ids == want and (s.num_loaded, s.num_compiles) == (1, 0)
