@@ -190,3 +190,20 @@ def test_recipe_search_runs_tiny(tmp_path, mtnt_dir):
 
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))
+
+
+def test_startup_benchmark_runs_tiny(tmp_path, mtnt_dir):
+  """Cold compiles the decoders, warm loads every one of them and compiles
+  nothing, an emptied store compiles them again; all translate the same."""
+  out = tmp_path / 'startup.json'
+  run_module('benchmark_startup', '--random_init', '--model', 'tiny',
+             '--mtnt_dir', mtnt_dir, '--limit', 12, '--max_new_tokens', 4,
+             '--batch_size', 4, '--no_guard', '--in_process', 2, '--out', out)
+  rows = {r['run']: r for r in json.loads(out.read_text())['rows']}
+  cold, warm, miss = rows['cold'], rows['warm'], rows['store_miss']
+  assert cold['loaded'] == 0 and cold['decoders_compiled'] >= 3  # Continuous.
+  assert warm['loaded'] == cold['decoders_compiled']
+  assert warm['decoders_compiled'] == warm['xla_compiled'] == 0
+  assert miss['loaded'] == 0 and miss['decoders_compiled'] == cold['decoders_compiled']
+  assert rows['in_process_2']['compiled'] == 0
+  assert len({r['bleu'] for r in rows.values()}) == 1
