@@ -77,6 +77,7 @@ def environment() -> str:
                    str(len(devices)), str(jax.process_count()), *settings])
 
 
+@functools.cache  # Reads package metadata from disk; fixed for a process.
 def _version(dist: str) -> str:
   from importlib import metadata
   try:
