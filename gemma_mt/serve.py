@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 
 
 # The running batch of greedy requests: up to 256 new tokens (the default)
-# and prompts up to 512 tokens in a ring of 1024 slots; others take the
+# and prompts up to 512 tokens in 1024 cache slots a row; others take the
 # grouped path. One decode executable and a few inserts for the whole life
 # of the server.
 STREAM_BUDGET = 256
-STREAM_RING = 1024
+STREAM_CACHE_LEN = 1024
 MAX_TIMEOUT_S = 3600.0
 CLIENT_POLL_S = 0.25  # how often a waiting request checks its client
 
@@ -166,7 +166,7 @@ class Batcher:
       from gemma_mt.decoding.continuous import ContinuousDecoder
       mode, sampling = tr.sampler.sampling_args()
       self._decoder = ContinuousDecoder(tr.sampler, tr.sampler.batch_size,
-                                        mode, sampling, STREAM_BUDGET, STREAM_RING)
+                                        mode, sampling, STREAM_BUDGET, STREAM_CACHE_LEN)
     if not all(self._decoder.fits(len(p), l) for p, l in zip(prompts, limits)):
       return False
     outs: dict = {}

@@ -3,23 +3,29 @@ next prompt while the others keep decoding.
 
 A static batch runs until its longest row ends, so one runaway holds every
 finished row of its batch. Here (as in JetStream's insert/generate split)
-the device holds `slots` rows of a ring KV cache of S cache slots:
+the device holds `slots` rows of a KV cache of S cache slots each:
 
-* `insert` prefills up to `INSERT_WIDTH` prompts into a small cache and
-  copies each into a free row, laid out so that its tokens end at the ring's
-  write slot `t`: the row's tokens are ring slots [start, start + length);
-* `chunk` runs up to `CHUNK_STEPS` decode steps for all rows (each writes at
-  `t`, which then moves on, mod S), then returns to the host, which collects
-  finished rows and inserts new prompts into their slots.
+* `insert` prefills up to `width` prompts into a small cache and copies each
+  into a free row: its prompt fills slots [0, prompt length);
+* `chunk` runs up to `CHUNK_STEPS` decode steps for all rows, each writing
+  its fed token at its own next slot (`layers.write_at` with one index per
+  row), then returns to the host, which collects finished rows and inserts
+  new prompts into their slots.
 
-A row attends to its own window only, so what other rows hold, and which
-slot it landed in, never changes its output: greedy output equals static
-batching's, and sampling keys depend on (seed, input index, step) as there.
+A row's tokens are its slots [0, length), and it attends to those only: the
+decode kernel (`fast_decode`) reads no slot past a row's own length, so a
+short row costs a short read however large S is. What other rows hold, and
+which slot a row landed in, never change its output: greedy output equals
+static batching's, and sampling keys depend on (seed, input index, step)
+as there.
 
-Executables for a whole run: one `chunk` (slots, S, sampling mode) and one
-`insert` per prompt-width bucket (16, 32, 64, ...; MTNT needs 3-4). S is
-`MIN_RING` or the next power of two that holds the longest prompt bucket
-plus the largest budget, so calls with similar inputs share executables.
+Executables for a whole call: one `empty`, one `chunk` (slots, S, sampling
+mode) and one `insert` (slots, S, width, prompt width). A decoder made for a
+known set of prompts (`for_prompts`) pads every insert to its widest prompt
+bucket, so it needs one insert; an open-ended one (the service) takes an
+insert per prompt-width bucket (16, 32, 64, ...). S is `MIN_CACHE_LEN` or the
+next power of two that holds the widest prompt bucket plus the largest
+budget, so calls with similar inputs share executables.
 """
 
 from __future__ import annotations
@@ -37,19 +43,17 @@ from gemma_mt.decoding.sampler import (MIN_PROMPT_BUCKET, model_fns, prefill,
 from gemma_mt.decoding.sampling import (SamplingMode, SamplingParams,
                                         next_pow2, row_keys, sample_logits)
 
-INSERT_WIDTH = 8   # prompts prefilled per insert call (one executable per width bucket)
+INSERT_WIDTH = 8   # prompts prefilled per insert call, at least (slots/8 for more slots)
 CHUNK_STEPS = 16   # decode steps between two host checks
-MIN_RING = 512     # cache slots per row, at least
+MIN_CACHE_LEN = 512     # cache slots per row, at least (memory only: rows read their own)
 
 
 class Slots(NamedTuple):
   """Device state between calls; row r is one slot."""
 
-  cache: dict        # ring KV cache [slots, S, ...], end_index = t
-  t: jax.Array       # the ring slot every row writes next
+  cache: dict        # KV cache [slots, S, ...]; a row's tokens are [0, length)
   token: jax.Array   # [N] last sampled token (fed next)
-  start: jax.Array   # [N] ring slot of the row's first prompt token
-  length: jax.Array  # [N] tokens of the row in the cache
+  length: jax.Array  # [N] tokens of the row in the cache (its next write slot)
   prompt_len: jax.Array  # [N]
   count: jax.Array   # [N] generated tokens so far (incl. a stop token)
   limit: jax.Array   # [N] max new tokens of the row
@@ -58,12 +62,11 @@ class Slots(NamedTuple):
   out: jax.Array     # [N, budget] generated tokens
 
 
-def empty(model, slots: int, ring: int, budget: int, pad_id: int) -> Slots:
-  cache = model.config.init_cache(slots, ring, dtype=model.dtype)
-  cache['kv_len'] = jnp.int32(ring)  # Every slot may hold a row's token.
+def empty(model, slots: int, cache_len: int, budget: int, pad_id: int) -> Slots:
+  cache = model.config.init_cache(slots, cache_len, dtype=model.dtype)
+  cache['end_index'] = jnp.zeros(slots, jnp.int32)  # One per row.
   z = lambda: jnp.zeros(slots, jnp.int32)  # Distinct buffers: all donated.
-  return Slots(cache, jnp.int32(0), z(), z(), z(), z(), z(), z() + 1,
-               jnp.ones(slots, bool), z(),
+  return Slots(cache, z(), z(), z(), z(), z() + 1, jnp.ones(slots, bool), z(),
                jnp.full((slots, budget), pad_id, jnp.int32))
 
 
@@ -71,18 +74,16 @@ def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
            sampling: SamplingParams, stop_table, *, model, mode: SamplingMode,
            pad_id: int) -> Slots:
   """Prefills prompt [I, P] (right-padded; slot = N for unused rows) and
-  puts row i into slot[i], its tokens ending at the write slot t."""
-  S = state.cache['positions'].shape[1]
+  puts row i into slot[i], its prompt at slots [0, prompt_len[i])."""
   I, P = prompt.shape
   apply, logits_of = model_fns(model, params)
   last, small = prefill(apply, model, prompt, prompt_len, P, None)
   tok = sample_logits(logits_of(last), row_keys(sampling.seed, row_id, 0),
                       sampling, mode)
-  start = (state.t - prompt_len) % S
-  rows = jnp.broadcast_to(slot[:, None], (I, P))
-  cols = (start[:, None] + jnp.arange(P)[None]) % S
-  put = lambda big, new: big.at[rows, cols].set(new.astype(big.dtype),
-                                                mode='drop')
+  # Slots [prompt_len, P) get padding's keys: unseen, and overwritten by
+  # the row's own tokens before it reaches them.
+  put = lambda big, new: big.at[slot, :P].set(new.astype(big.dtype),
+                                              mode='drop')
   cache = dict(state.cache)
   for name in (k for k in cache if k.startswith('layer_')):  # (Gemma 4's
     layer, new = cache[name], small[name]  # KV-sharing layers own none.)
@@ -94,7 +95,7 @@ def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
   budget = state.out.shape[1]
   first = jnp.full((I, budget), pad_id, jnp.int32).at[:, 0].set(tok)
   return state._replace(
-      cache=cache, token=at(state.token, tok), start=at(state.start, start),
+      cache=cache, token=at(state.token, tok),
       length=at(state.length, prompt_len), prompt_len=at(state.prompt_len, prompt_len),
       count=at(state.count, jnp.ones(I, jnp.int32)), limit=at(state.limit, limit),
       done=at(state.done, done), row_id=at(state.row_id, row_id),
@@ -110,11 +111,10 @@ def chunk(params, state: Slots, sampling: SamplingParams, stop_table, *,
 
   def body(carry):
     n, s = carry
-    live = ~s.done
-    cache = dict(s.cache, end_index=s.t)
+    live = ~s.done  # A finished row writes past its tokens, unseen.
+    cache = dict(s.cache, end_index=s.length)
     length = s.length + live
-    slots = jnp.arange(S)[None]
-    seen = ((slots - s.start[:, None]) % S) < length[:, None]
+    seen = jnp.arange(S)[None] < length[:, None]
     pos = s.prompt_len + s.count - 1  # Position of the token fed.
     hidden, cache = apply(s.token[:, None], pos[:, None], seen[:, None, :], cache)
     new = sample_logits(logits_of(hidden[:, 0]),
@@ -126,8 +126,7 @@ def chunk(params, state: Slots, sampling: SamplingParams, stop_table, *,
         new, mode='drop')
     count = s.count + live
     done = s.done | (live & (stop_table[new] | (count >= s.limit)))
-    return n + 1, s._replace(cache=cache, t=(s.t + 1) % S,
-                             token=jnp.where(live, new, s.token),
+    return n + 1, s._replace(cache=cache, token=jnp.where(live, new, s.token),
                              length=length, count=count, done=done, out=out)
 
   cond = lambda carry: (carry[0] < steps) & ~jnp.all(carry[1].done)
@@ -140,21 +139,26 @@ class ContinuousDecoder:
   `add` queues a prompt with a callback; each `step` fills free slots,
   runs one chunk and calls back the rows that finished. Prompts can be
   added between steps (the HTTP service does), as long as their prompt
-  bucket plus `budget` fits the ring. Uses a `sampler.Sampler`'s params,
+  bucket plus `budget` fits the cache. Uses a `sampler.Sampler`'s params,
   stop table and executable cache; one sampling mode per decoder.
+  `prompt_width`: every insert pads its prompts to this many tokens (one
+  insert executable); None: to its longest prompt's bucket.
   """
 
   def __init__(self, sampler, slots: int, mode: SamplingMode,
-               sampling: SamplingParams, budget: int, ring: int | None = None):
+               sampling: SamplingParams, budget: int, cache_len: int | None = None,
+               prompt_width: int | None = None):
     self.sampler, self.slots, self.mode, self.sampling = sampler, slots, mode, sampling
     self.budget = next_pow2(budget, 16)
-    self.ring = ring or MIN_RING
+    self.cache_len = cache_len or MIN_CACHE_LEN
+    self.prompt_width = prompt_width
+    self.width = min(slots, max(INSERT_WIDTH, slots // 8))
     self._kw = dict(model=sampler.model, mode=mode, pad_id=sampler.pad_id)
     # One executable (kept in the store) rather than a dozen small array
     # ops, each of which a new process would fetch from XLA's cache.
     self._state = sampler.compiled(
-        ('empty', slots, self.ring, self.budget),
-        lambda: functools.partial(empty, sampler.model, slots, self.ring,
+        ('empty', slots, self.cache_len, self.budget),
+        lambda: functools.partial(empty, sampler.model, slots, self.cache_len,
                                   self.budget, sampler.pad_id), ())()
     self._owner: list = [None] * slots  # (row id, callback) per slot.
     self._queue: list = []
@@ -164,11 +168,12 @@ class ContinuousDecoder:
     budget = next_pow2(int(limits.max()), 16)
     P = max(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
     return cls(sampler, slots, mode, sampling, budget,
-               max(MIN_RING, next_pow2(P + budget)))
+               max(MIN_CACHE_LEN, next_pow2(P + budget)), prompt_width=P)
 
   def fits(self, prompt_len: int, limit: int) -> bool:
-    return (limit <= self.budget and
-            next_pow2(prompt_len, MIN_PROMPT_BUCKET) + limit <= self.ring)
+    P = next_pow2(prompt_len, MIN_PROMPT_BUCKET)
+    return (limit <= self.budget and P + limit <= self.cache_len and
+            (self.prompt_width is None or P <= self.prompt_width))
 
   @property
   def busy(self) -> bool:
@@ -179,16 +184,17 @@ class ContinuousDecoder:
     if not self.fits(len(prompt), limit):
       raise ValueError(f'a {len(prompt)}-token prompt with {limit} new tokens '
                        f'does not fit this decoder (budget {self.budget}, '
-                       f'ring {self.ring})')
+                       f'cache {self.cache_len} slots)')
     self._queue.append((prompt, int(limit), int(row_id), on_done))
 
   def step(self) -> None:
     sp, N, pad = self.sampler, self.slots, self.sampler.pad_id
     free = [r for r in range(N) if self._owner[r] is None]
-    W = min(INSERT_WIDTH, N)
+    W = self.width
     while self._queue and free:
       take, self._queue = self._queue[:min(W, len(free))], self._queue[min(W, len(free)):]
-      P = max(next_pow2(len(t[0]), MIN_PROMPT_BUCKET) for t in take)
+      P = self.prompt_width or max(next_pow2(len(t[0]), MIN_PROMPT_BUCKET)
+                                   for t in take)
       tokens = np.full((W, P), pad, np.int32)
       lens, lim = np.ones(W, np.int32), np.ones(W, np.int32)
       slot, ids = np.full(W, N, np.int32), np.zeros(W, np.int32)
@@ -199,11 +205,11 @@ class ContinuousDecoder:
         lens[j], lim[j], slot[j], ids[j] = len(prompt), limit, r, row_id
       args = (sp.params, self._state, tokens, lens, slot, ids, lim,
               self.sampling, sp.stop_table)
-      exe = sp.compiled(('insert', N, self.ring, self.budget, W, P, self.mode),
+      exe = sp.compiled(('insert', N, self.cache_len, self.budget, W, P, self.mode),
                         lambda: functools.partial(insert, **self._kw), args, (1,))
       self._state = exe(*args)
     args = (sp.params, self._state, self.sampling, sp.stop_table)
-    exe = sp.compiled(('chunk', N, self.ring, self.budget, self.mode),
+    exe = sp.compiled(('chunk', N, self.cache_len, self.budget, self.mode),
                       lambda: functools.partial(chunk, **self._kw), args, (1,))
     self._state = exe(*args)
     done, count, out = jax.device_get(

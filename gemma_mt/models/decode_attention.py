@@ -35,7 +35,7 @@ _EXACT = jax.lax.Precision.HIGHEST
 
 def _kernel(q_ref, k_ref, v_ref, mask_ref, kv_len_ref, o_ref, *, block,
             soft_cap):
-  """q [B, K, Gp, H], k/v [B, S, K, H], mask [B, S] int32, kv_len [1]."""
+  """q [B, K, Gp, H], k/v [B, S, K, H], mask [B, S] int32, kv_len [B]."""
   from jax.experimental import pallas as pl
 
   b, h = pl.program_id(0), pl.program_id(1)
@@ -61,7 +61,7 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, kv_len_ref, o_ref, *, block,
                              preferred_element_type=jnp.float32)
     return corr[:, None] * o + pv, m_new, l
 
-  n_blocks = (kv_len_ref[0] + block - 1) // block
+  n_blocks = (kv_len_ref[b] + block - 1) // block
   init = (jnp.zeros(q.shape, jnp.float32),
           jnp.full((g,), -jnp.inf, jnp.float32), jnp.zeros((g,), jnp.float32))
   o, _, l = jax.lax.fori_loop(0, n_blocks, body, init)
@@ -75,8 +75,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """Attention of one query position over a KV cache.
 
   q [B, 1, N, H] (already scaled), k/v [B, S, K, H] (the cache, new token
-  written), mask [B, 1, S] bool, kv_len: slots [kv_len, S) are skipped (no
-  row may see them). Returns [B, 1, N, H] in q's dtype. `interpret` (default:
+  written), mask [B, 1, S] bool, kv_len (a scalar, or one per row [B]):
+  slots [kv_len, S) of a row are never read (it may not see them), so a
+  row of a continuous batch reads only its own tokens. Returns [B, 1, N, H] in q's dtype. `interpret` (default:
   on CPU) runs the kernel in the Pallas interpreter, for tests.
   """
   from jax.experimental import pallas as pl
@@ -104,5 +105,5 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       out_shape=jax.ShapeDtypeStruct((B, K, Gp, H), q.dtype),
       grid=(B, K), interpret=interpret,
   )(q, k, v, mask[:, 0].astype(jnp.int32),
-    jnp.reshape(kv_len, (1,)).astype(jnp.int32))
+    jnp.broadcast_to(kv_len, (B,)).astype(jnp.int32))
   return out[:, :, :G].reshape(B, 1, N, H)

@@ -6,7 +6,8 @@ ways. Two call paths share one module:
 
 * training: `tokens, positions, attention_mask [B, L, L]`, no cache;
 * decoding: the same plus a KV `cache`, `attention_mask [B, T, S]` over the
-  cache slots; the new keys/values are written at `cache['end_index']`.
+  cache slots; the new keys/values are written at `cache['end_index']` (one
+  slot for all rows, or one per row: continuous batching).
   `fast_decode` (for sampling; not under LoRA): one-token steps attend with
   a Pallas kernel (`decode_attention`) instead of the XLA einsums, and an
   untransposed gating weight is read as stored (see `FeedForward`).
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from gemma_mt.models.config import FamilyConfig
 from gemma_mt.models.layers import (GLOBAL, LOCAL, Array, Einsum, TiedHead,
                                     apply_rope, attention, empty_cache,
-                                    sliding_mask, write_cache)
+                                    sliding_mask, write_at, write_cache)
 
 Cache = dict[str, Any]
 
@@ -236,7 +237,7 @@ class Attention(nn.Module):
     if cache is not None:
       k, v, new_cache = write_cache(cache, k, v, end_index, self.dtype)
       k_pos = cache['positions']
-      kv_len = cache.get('kv_len', end_index + x.shape[1])
+      kv_len = end_index + x.shape[1]  # Per row, if end_index is.
     if local:
       mask = mask & sliding_mask(positions, k_pos, cfg.sliding_window_size)
     encoded = attention(q, k, v, mask, scale=cfg.query_pre_attn_scalar,
@@ -346,16 +347,11 @@ class Transformer(nn.Module, TiedHead):
     end_index = None if cache is None else cache['end_index']
     if cache is not None:
       cache = dict(cache)
-      cache['positions'] = jax.lax.dynamic_update_slice(
-          cache['positions'], positions.astype(jnp.int32), (0, end_index))
+      cache['positions'] = write_at(cache['positions'], positions, end_index)
     new_cache = None if cache is None else {
         'end_index': end_index + tokens.shape[1],
         'positions': cache['positions']}
-    # A ring cache (continuous batching) holds valid slots past end_index.
-    shared = {} if cache is None else {
-        k: cache[k] for k in ('positions', 'kv_len') if k in cache}
-    if 'kv_len' in shared:
-      new_cache['kv_len'] = shared['kv_len']
+    shared = {} if cache is None else {'positions': cache['positions']}
     for i, attn_type in enumerate(cfg.attention_types):
       layer_cache = None
       if cache is not None:

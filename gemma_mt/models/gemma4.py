@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from gemma_mt.models.config import FamilyConfig
 from gemma_mt.models.layers import (GLOBAL, LOCAL, Array, Einsum, TiedHead,
                                     apply_rope, attention, empty_cache,
-                                    param_shapes, sliding_mask, write_cache)
+                                    param_shapes, sliding_mask, write_at,
+                                    write_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,12 +379,9 @@ class Gemma4(nn.Module, TiedHead):
     end_index, k_pos, new_cache, kv_len = None, positions, None, None
     if cache is not None:
       end_index = cache['end_index']
-      kv_len = cache.get('kv_len', end_index + tokens.shape[1])
-      k_pos = jax.lax.dynamic_update_slice(
-          cache['positions'], positions.astype(jnp.int32), (0, end_index))
+      kv_len = end_index + tokens.shape[1]  # Per row, if end_index is.
+      k_pos = write_at(cache['positions'], positions, end_index)
       new_cache = {'end_index': end_index + tokens.shape[1], 'positions': k_pos}
-      if 'kv_len' in cache:
-        new_cache['kv_len'] = cache['kv_len']
     D, L, P = cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim
     emb = _Embedder(cfg, pd, dt, name='embedder')
     table = emb.table()

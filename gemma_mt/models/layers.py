@@ -90,13 +90,26 @@ class Einsum(nn.Module):
     return jnp.einsum(eqn, x, w)
 
 
+def write_at(buf: Array, new: Array, end_index: Array) -> Array:
+  """new [B, T, ...] written into buf [B, S, ...] from slot `end_index`:
+  one slot for every row (a scalar), or each row's own (`end_index` [B],
+  T == 1), so that rows of a continuous batch keep their tokens from slot 0
+  and attend to those only."""
+  new = new.astype(buf.dtype)
+  if jnp.ndim(end_index) == 0:
+    start = (0, end_index) + (0,) * (buf.ndim - 2)
+    return jax.lax.dynamic_update_slice(buf, new, start)
+  if new.shape[1] != 1:
+    raise ValueError(f'per-row cache writes take one token, got {new.shape[1]}')
+  return buf.at[jnp.arange(buf.shape[0]), end_index].set(new[:, 0])
+
+
 def write_cache(cache: dict, k: Array, v: Array, end_index: Array,
                 dtype: Any) -> tuple[Array, Array, dict]:
-  """New keys/values written into a layer's cache at `end_index`: (all keys,
-  all values, in `dtype`; the layer's new cache)."""
-  start = (0, end_index, 0, 0)
-  k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)
-  v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
+  """New keys/values written into a layer's cache at `end_index` (as
+  `write_at`): (all keys, all values, in `dtype`; the layer's new cache)."""
+  k = write_at(cache['k'], k, end_index)
+  v = write_at(cache['v'], v, end_index)
   return k.astype(dtype), v.astype(dtype), {'k': k, 'v': v}
 
 
@@ -148,7 +161,7 @@ def empty_cache(layer_shapes: dict[int, tuple[int, int]], batch_size: int,
                 cache_len: int, dtype: Any) -> dict:
   """An empty KV cache: `layer_<i>` {'k', 'v'} [B, S, kv heads, key size]
   for each layer i that owns keys/values, `end_index` (the next slot to
-  write) and `positions` [B, S]."""
+  write: a scalar, or one per row [B]) and `positions` [B, S]."""
   cache: dict = {}
   for i, (K, H) in layer_shapes.items():
     shape = (batch_size, cache_len, K, H)

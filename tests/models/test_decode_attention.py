@@ -55,6 +55,25 @@ def test_bf16_and_slots_past_kv_len_skipped():
   np.testing.assert_allclose(np.float32(got), np.float32(want), atol=0.03)
 
 
+def test_per_row_kv_len_reads_only_each_rows_slots():
+  """kv_len [B]: row b reads slots [0, kv_len[b]) and never the rest (NaN
+  past a row's last block would poison its sums); = einsum per row."""
+  B, S_ = 4, 192
+  q, k, v, rng = inputs(B, 4, 1, 32, S_, jnp.float32, seed=3)
+  kv_len = np.array([1, 50, 64, 150], np.int32)
+  mask = jnp.asarray((rng.random((B, 1, S_)) < 0.7)
+                     & (np.arange(S_) < kv_len[:, None, None])
+                     ).at[np.arange(B), 0, kv_len - 1].set(True)
+  with jax.default_matmul_precision('highest'):
+    want = layers.attention_einsum(q, k, v, mask, None)
+  block_end = -(-kv_len // 64) * 64  # Blocks of 64 slots.
+  past = np.arange(S_)[None, :, None, None] >= block_end[:, None, None, None]
+  k, v = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.nan, v)
+  got = DA.decode_attention(q, k, v, mask, jnp.asarray(kv_len))
+  assert np.isfinite(np.asarray(got)).all()
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_row_that_sees_nothing_gets_the_uniform_average():
   q, k, v, _ = inputs(1, 4, 1, 16, 32, jnp.float32)
   mask = jnp.zeros((1, 1, 32), bool)

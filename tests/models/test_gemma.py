@@ -201,6 +201,50 @@ def test_kv_cache_decoding_equals_full_forward(name):
                                  np.asarray(full[0, n - 1 + t]), atol=3e-5)
 
 
+@pytest.mark.parametrize('fast_decode', [False, True])
+def test_per_row_cache_writes_equal_full_forward(fast_decode):
+  """end_index [B] (continuous batching): each row writes its next token
+  right after its own tokens, and sees only those; the Pallas kernel then
+  reads no slot past a row's length. Logits = a full forward per row."""
+  cfg = CONFIGS['gemma3']
+  params = params_with_nonzero_norms(cfg)
+  model = M.Transformer(cfg, fast_decode=fast_decode)
+  apply = jax.jit(model.apply)
+  lengths, P, steps, S = np.array([6, 3]), 6, 5, 16
+  prompt, pmask = batch(list(lengths), P, seed=7)
+  gen = np.random.default_rng(8).integers(1, V, (2, steps))
+  cache = cfg.init_cache(2, S, dtype=jnp.float32)
+  attn = jnp.zeros((2, P, S), bool).at[:, :, :P].set(layers.causal_mask(pmask))
+  logits, cache = apply({'params': params}, prompt,
+                        layers.positions_from_mask(pmask), attn, cache)
+  step_logits = [logits[np.arange(2), lengths - 1]]
+  for t in range(steps):
+    cache = dict(cache, end_index=jnp.asarray(lengths + t))
+    seen = np.arange(S)[None] < (lengths + t + 1)[:, None]
+    logits, cache = apply({'params': params}, jnp.asarray(gen[:, t:t + 1]),
+                          jnp.asarray(lengths + t)[:, None],
+                          jnp.asarray(seen)[:, None, :], cache)
+    step_logits.append(logits[:, 0])
+    jax.block_until_ready(cache)
+  np.testing.assert_array_equal(cache['end_index'], lengths + steps)
+  for r, n in enumerate(lengths):
+    np.testing.assert_array_equal(  # Positions written at each row's slots.
+        cache['positions'][r, :n + steps], np.arange(n + steps))
+    seq = np.concatenate([np.asarray(prompt[r, :n]), gen[r]])[None]
+    full, _ = apply({'params': params}, jnp.asarray(seq),
+                    jnp.arange(seq.shape[1])[None],
+                    layers.causal_mask(jnp.ones(seq.shape, bool)))
+    for t in range(steps + 1):
+      np.testing.assert_allclose(np.asarray(step_logits[t][r]),
+                                 np.asarray(full[0, n - 1 + t]), atol=3e-5)
+
+
+def test_per_row_writes_take_one_token():
+  buf = jnp.zeros((2, 8, 3))
+  with pytest.raises(ValueError, match='one token'):
+    layers.write_at(buf, jnp.ones((2, 2, 3)), jnp.array([0, 1]))
+
+
 def test_bf16_compute_close_to_float32():
   cfg = CONFIGS['gemma3']
   params = params_with_nonzero_norms(cfg)
