@@ -119,7 +119,7 @@ def test_concurrent_mixed_load_every_request_answered_once(server, tr):
   while server.batcher.queued and time.time() < deadline:
     time.sleep(0.05)
   # Greedy requests ran in the service's running continuous batch.
-  assert any(k[0] == 'chunk' and k[2] == serve.STREAM_RING
+  assert any(k[0] == 'chunk' and k[2] == serve.STREAM_CACHE_LEN
              for k in tr.compiled_shapes)
   # The 48 good ones, each translated once, and the one whose client left:
   # dropped if it had not started yet.
