@@ -212,7 +212,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument('--prompt_format', default=None, choices=FORMATS,
                  help='prompt template (default: the one the checkpoint was '
                       'trained with, else plain)')
-  p.add_argument('--batch_size', type=int, default=32)
+  p.add_argument('--batch_size', type=int, default=None,
+                 help='decode rows (default: sized by the device memory, at '
+                      'most 256 a device; 32 on a CPU)')
   p.add_argument('--max_input_tokens', type=int,
                  default=DEFAULT_MAX_INPUT_TOKENS)
   p.add_argument('--truncate', action='store_true',
@@ -245,7 +247,7 @@ def sampling_options(args: argparse.Namespace):
 def check_model_args(args) -> None:
   """One-line errors for model flags, before anything loads."""
   for name in ('batch_size', 'max_input_tokens'):
-    if getattr(args, name) < 1:
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       raise ValueError(f'--{name} must be >= 1, got {getattr(args, name)}')
   if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
     raise ValueError(f'--checkpoint {args.checkpoint}: no such directory')
@@ -268,7 +270,7 @@ def build_translator(args):
                               devices=jax.local_devices())
     n = mesh.devices.size
     log.info('data parallel over %d devices', n)
-    if args.batch_size % n:
+    if args.batch_size and args.batch_size % n:
       log.warning('--batch_size %d is not a multiple of %d devices: batches '
                   'that do not split run replicated', args.batch_size, n)
   translator = Translator.from_pretrained(

@@ -129,7 +129,9 @@ def run(argv=None) -> int:
 
 def _evaluate(args, pairs, where, output: Path, summary_path: Path) -> int:
   translator = cli.build_translator(args)
-  log.info('translating %d pairs from %s', len(pairs), where)
+  translator_rows = translator.sampler.batch_size
+  log.info('translating %d pairs from %s, %d rows at a time', len(pairs),
+           where, translator_rows)
   partial = fs.partial_path(output)
   hyps_b = None
   try:
@@ -147,7 +149,7 @@ def _evaluate(args, pairs, where, output: Path, summary_path: Path) -> int:
         'outputs are unchanged') from None
   summary = {'data': where, 'lang_pair': args.lang_pair,
              'model': args.model, 'checkpoint': args.checkpoint,
-             'batch_size': args.batch_size,
+             'batch_size': translator_rows,
              'data_parallel': args.data_parallel, **summary,
              'hypotheses': str(output)}
   if hyps_b is not None:

@@ -12,6 +12,7 @@ after generation; it never stops the device loop early).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import Any
@@ -25,8 +26,10 @@ from gemma_mt import language, sharding, weights
 from gemma_mt.data import prompts
 from gemma_mt.decoding import continuous, postprocess
 from gemma_mt.decoding import mbr as mbr_lib
-from gemma_mt.decoding.options import DEFAULT_MAX_INPUT_TOKENS, SamplingOptions
-from gemma_mt.decoding.sampler import Hypothesis, Sampler
+from gemma_mt.decoding.options import (DEFAULT_MAX_INPUT_TOKENS,
+                                      DEFAULT_MAX_NEW_TOKENS, SamplingOptions)
+from gemma_mt.decoding.sampler import (Hypothesis, Sampler, free_device_bytes,
+                                       rows_for_memory)
 
 
 # Samples the guard draws for a source whose candidates are all untranslated.
@@ -118,6 +121,7 @@ def check_sources(sources) -> list[str]:
 
 
 def check_batch_size(batch_size) -> None:
+  """A positive int (None, where a default stands, is not checked here)."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
       or batch_size < 1:
     raise ValueError(f'batch_size must be an integer >= 1, got {batch_size!r}')
@@ -145,6 +149,11 @@ class Translator:
   `fast_decode` (any family): decode steps attend with one Pallas
   kernel; None: on for a bf16 model on one GPU.
 
+  `batch_size`: decode rows (continuous slots, or a static batch's rows);
+  None: as many as half the device memory left after the weights holds
+  (`rows_for_memory`, at most 256 a device; 32 on a CPU), beam search
+  then taking that many rows (batch_size / beam prompts).
+
   `mesh` (a `sharding.make_mesh` mesh): decode data-parallel over its
   devices, params replicated (FSDP-sharded if the mesh has fsdp > 1) and
   each batch split by rows; a `batch_size` divisible by the device count
@@ -157,7 +166,7 @@ class Translator:
 
   def __init__(self, model_or_config, params: Any, tokenizer,
                lang_pair: str = 'en-fr', dtype: Any = None, *,
-               batch_size: int = 32,
+               batch_size: int | None = None,
                max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
                truncate: bool = False, cache_size: int = 16,
                max_pad_ratio: float | None = None,
@@ -168,7 +177,8 @@ class Translator:
     if params is None:
       raise TypeError('params is None: pass the model\'s weights '
                       '(Translator.from_pretrained loads them)')
-    check_batch_size(batch_size)
+    if batch_size is not None:
+      check_batch_size(batch_size)
     if isinstance(model_or_config, nn.Module):
       model = model_or_config
       if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
@@ -192,6 +202,11 @@ class Translator:
     self.truncate = truncate
     self._mesh = mesh
     params = self._placed(params)
+    self.rows_by_memory = batch_size is None
+    if batch_size is None:  # What the device has left after the weights.
+      devices = 1 if mesh is None else mesh.size
+      batch_size = devices * rows_for_memory(
+          model, max_input_tokens + DEFAULT_MAX_NEW_TOKENS, free_device_bytes())
     self._stop_ids = postprocess.stop_token_ids(tokenizer)
     self._newline_ids = postprocess.newline_ids(tokenizer, self._stop_ids)
     self.sampler = Sampler(model, params, pad_id=tokenizer.pad_id,
@@ -204,10 +219,14 @@ class Translator:
     """Floating params cast to the compute dtype, on the device (else the
     sampler places them on its mesh)."""
     dt = self.model.dtype
-    params = jax.tree.map(
-        lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating)
-        else p, params)
-    return params if self._mesh is not None else jax.device_put(params)
+    cast = lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p
+    if self._mesh is not None:  # Placed (and sharded) by the sampler.
+      return jax.tree.map(cast, params)
+    if any(cast(p).dtype != p.dtype for p in jax.tree.leaves(params)):
+      # One executable for the tree, not one array op per leaf shape (each
+      # of which a new process traces and fetches from XLA's cache).
+      return jax.jit(functools.partial(jax.tree.map, cast))(params)
+    return jax.device_put(params)
 
   def set_params(self, params) -> None:
     """New weights of the same shapes (e.g. during training): the compiled
@@ -304,6 +323,8 @@ class Translator:
     opts, prompts, limits = prep.options, prep.prompts, prep.limits
     nbest = None
     if opts.search_width > 1:
+      if batch_size is None and self.rows_by_memory:  # K rows a prompt.
+        batch_size = max(1, self.sampler.batch_size // opts.search_width)
       beams = self.sampler.beam_search(
           prompts, max_new_tokens=limits, beam_size=opts.search_width,
           length_penalty=opts.length_penalty, batch_size=batch_size)

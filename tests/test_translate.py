@@ -624,3 +624,14 @@ def test_sampled_mbr_is_one_answer_per_seed(tr):
                                                 'mbr': 2})
   for x, y, z in zip(both, beam, a):
     assert x.candidates == y.candidates + z.candidates
+
+
+def test_rows_by_memory_default(tokenizer):
+  """No batch_size: the rows follow the device (32 on this CPU), and a beam
+  of K takes that many rows, batch_size / K prompts."""
+  from support.tiny import CFG, tiny_params
+  tr = Translator(CFG, tiny_params(), tokenizer)
+  assert tr.rows_by_memory and tr.sampler.batch_size == 32
+  tr.translate(['a b c'] * 9, beam_size=4, max_new_tokens=2, guard=False)
+  assert max(k[0] for k in tr.compiled_shapes) == 8
+  assert not Translator(CFG, tiny_params(), tokenizer, batch_size=5).rows_by_memory

@@ -46,6 +46,41 @@ MIN_NEW_TOKENS_BUCKET = 16
 _DEFAULT = object()  # `Sampler(store=...)` not given
 
 
+CPU_ROWS = 32      # decode rows on a CPU, where each row costs its own time
+MAX_ROWS = 256     # decode rows at most on an accelerator
+MEMORY_SHARE = 0.5  # of the device memory left after the weights
+
+
+def rows_for_memory(model, cache_len: int, free_bytes: int | None,
+                    cap: int = MAX_ROWS) -> int:
+  """Decode rows that fit `MEMORY_SHARE` of `free_bytes`: a power of two,
+  1 to `cap`. A row holds its KV cache (`cache_len` slots) and its float32
+  logits with their sampling temporaries. On an accelerator a decode step
+  at these sizes costs about the same for 32 rows as for 256 (it reads the
+  weights once, and is bound by kernel count), so rows are nearly free
+  throughput; `free_bytes` None (a CPU) gives `CPU_ROWS`."""
+  if free_bytes is None:
+    return min(CPU_ROWS, cap)
+  cache = jax.eval_shape(lambda: model.config.init_cache(1, cache_len,
+                                                         dtype=model.dtype))
+  per_row = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+  per_row += 4 * 4 * model.config.vocab_size
+  fit = int(MEMORY_SHARE * free_bytes // per_row)
+  return max(1, min(cap, 1 << max(fit, 1).bit_length() - 1))
+
+
+def free_device_bytes(device=None) -> int | None:
+  """Bytes the device can still allocate; None where it does not say (a
+  CPU)."""
+  device = device or jax.local_devices()[0]
+  if device.platform == 'cpu':
+    return None
+  stats = device.memory_stats() or {}
+  if 'bytes_limit' not in stats:
+    return None
+  return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
+
+
 def batch_bucket(n: int, batch_size: int) -> int:
   """Rows a batch of n is padded to: a power of two, capped at batch_size."""
   return min(next_pow2(n), batch_size)

@@ -193,3 +193,21 @@ def test_bad_inputs(params):
   s = S.Sampler(MODEL, params, pad_id=0, stop_ids=[])
   with pytest.raises(ValueError, match='empty prompt'):
     s.generate([np.zeros(0, np.int32)], max_new_tokens=2)
+
+
+def test_rows_for_memory():
+  """The largest power of two whose KV caches and logits fit half the free
+  memory, counted by hand for the 270M; 32 on a CPU, 256 at most."""
+  cfg = M.TransformerConfig.gemma3_270m()
+  model = M.Transformer(cfg, dtype=jnp.bfloat16)
+  S_ = 1280
+  per_row = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * S_ * 2
+             + S_ * 4 + 4 + 16 * cfg.vocab_size)  # k, v; positions; end.
+  assert S.rows_for_memory(model, S_, None) == S.CPU_ROWS == 32
+  assert S.rows_for_memory(model, S_, 10**12) == S.MAX_ROWS == 256
+  for fit, rows in ((37, 32), (64, 64), (63, 32), (1, 1), (0, 1)):
+    free = int(fit * per_row / S.MEMORY_SHARE)
+    assert S.rows_for_memory(model, S_, free) == rows, fit
+  f32 = M.Transformer(cfg, dtype=jnp.float32)  # Wider cache: fewer rows.
+  assert S.rows_for_memory(f32, S_, int(64 * per_row / S.MEMORY_SHARE)) == 32
+  assert S.free_device_bytes(jax.devices('cpu')[0]) is None
