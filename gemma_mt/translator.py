@@ -132,6 +132,16 @@ def default_dtype():
   return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
 
 
+def acceptable(text: str, source: str, lang_pair: str = 'en-fr') -> bool:
+  """A candidate the guard may answer: a translation (neither a copy of the
+  source nor in another language: `language.judge`) that did not run away
+  (no phrase looping, not `RUNAWAY_LENGTH_RATIO` times the source's
+  length: the evaluation's detectors, with the source standing in for the
+  reference)."""
+  return (language.judge(text, source, lang_pair).ok
+          and not postprocess.is_runaway(text, source))
+
+
 def _options(options: SamplingOptions | None, kw: dict) -> SamplingOptions:
   if options is not None and kw:
     raise TypeError(f'give options= or keyword options, not both: {sorted(kw)}')
@@ -378,10 +388,10 @@ class Translator:
     return self.sampler.generate(prompts, batch_size=batch_size, **kw)
 
   def guard(self, prep: Prepared, gen: Generation) -> Generation:
-    """Alternatives for the inputs whose candidates are all untranslated.
+    """Alternatives for the inputs whose candidates all fail (`acceptable`).
 
     An input whose output, or every candidate of whose n-best or MBR pool,
-    is a copy of the source or in another language (`language.judge`) gets
+    is a copy of the source, in another language, or a runaway gets
     GUARD_SAMPLES epsilon samples as further candidates; `finish` then
     answers the consensus of those in the target language. Beam candidates
     of such a source are mostly copies again (measured: a beam of 4 fixed 4
@@ -394,7 +404,7 @@ class Translator:
               [Hypothesis(gen.token_ids[i], float('nan'), float('nan'))])
              for i in range(len(prep.sources))]
     redo = [i for i in prep.todo
-            if not any(self._judge(h.ids, prep, i).ok for h in pools[i])]
+            if not any(self._acceptable(h.ids, prep, i) for h in pools[i])]
     if not redo:
       return gen
     # Keyed by the source's text, not its place in the call (a service
@@ -414,9 +424,9 @@ class Translator:
     return postprocess.clean_translation(self.tokenizer.decode(ids), source,
                                          opts.stop_sequences)
 
-  def _judge(self, ids, prep: Prepared, i: int) -> language.Verdict:
+  def _acceptable(self, ids, prep: Prepared, i: int) -> bool:
     text, _ = self._clean(ids, prep.sources[i], prep.options)
-    return language.judge(text, prep.sources[i], self.lang_pair)
+    return acceptable(text, prep.sources[i], self.lang_pair)
 
   def generation(self, prep: Prepared, outs: dict, nbest=None) -> Generation:
     """A `Generation` from {index: generated ids} of `prep`'s sources."""
@@ -463,7 +473,7 @@ class Translator:
       if gen.nbest is not None and gen.nbest[i]:  # Best first.
         cleaned = [clean(h.ids, src) for h in gen.nbest[i]]
         candidates = [text for text, _ in cleaned]
-        ok = ([language.judge(c, src, self.lang_pair).ok for c in candidates]
+        ok = ([acceptable(c, src, self.lang_pair) for c in candidates]
               if opts.guard else None)
         pool = gen.nbest[i]
         beams = [k for k, h in enumerate(pool) if not np.isnan(h.score)

@@ -522,6 +522,17 @@ def hyp(tokenizer, text):
   return Hypothesis(np.asarray(ids + [tokenizer.eos_id], np.int32), 0.0, 0.0)
 
 
+def test_acceptable_rejects_copies_other_languages_and_runaways():
+  from gemma_mt.translator import acceptable
+  assert acceptable(FRENCH, COPY_SOURCE)
+  assert not acceptable(COPY_SOURCE, COPY_SOURCE)  # copied
+  assert not acceptable('Where is the station near here?', COPY_SOURCE)
+  assert not acceptable(FRENCH + ' ' + FRENCH.lower() * 3, COPY_SOURCE)  # long
+  loop = 'la gare est là puis la gare est là et la gare est là'
+  assert not acceptable(loop, 'The station is there, then there again')
+  assert acceptable('Donald Trump', 'Donald Trump')  # Nothing to translate.
+
+
 @pytest.mark.parametrize('mbr', [0, 3])
 def test_guard_picks_the_candidate_in_the_target_language(tr, tokenizer, mbr):
   """The n-best (or MBR pool) holds a copy of the source, English that is
@@ -554,14 +565,17 @@ def test_guard_samples_for_sources_with_only_untranslated_candidates(
 
   monkeypatch.setattr(tr.sampler, 'generate', generate)
   monkeypatch.setattr(tr, 'continuous', False)  # Static: one call to count.
-  sources = [COPY_SOURCE, 'Donald Trump', 'Bonjour']
+  thanks = 'Thank you all for the answers!'
+  sources = [COPY_SOURCE, 'Donald Trump', 'Bonjour', thanks]
   prep = tr.prepare(sources, SamplingOptions())
+  runaway = ('Merci à tous pour les réponses, vraiment, à tous et à toutes, '
+             'du fond du cœur, merci encore pour tout ce que vous faites ici')
   outs = {0: hyp(tokenizer, COPY_SOURCE).ids, 1: hyp(tokenizer, sources[1]).ids,
-          2: hyp(tokenizer, 'Salut à tous').ids}
+          2: hyp(tokenizer, 'Salut à tous').ids, 3: hyp(tokenizer, runaway).ids}
   gen = tr.guard(prep, tr.generation(prep, outs))
-  assert calls == [(n, n)]
+  assert calls == [(2 * n, 2 * n)]  # The copy and the runaway.
   texts = [t.text for t in tr.finish(prep, gen)]
-  assert texts == [FRENCH, 'Donald Trump', 'Salut à tous']
+  assert texts == [FRENCH, 'Donald Trump', 'Salut à tous', FRENCH]
   assert tokenizer.decode(gen.nbest[0][0].ids).startswith(COPY_SOURCE)
   off = tr.prepare(sources, SamplingOptions(guard=False))
   assert tr.guard(off, tr.generation(off, outs)).nbest is None
@@ -577,16 +591,16 @@ def test_guard_samples_for_sources_with_only_untranslated_candidates(
 def test_guard_on_the_real_decode_path(tr):
   """Unpatched: an output the guard reconsiders keeps its greedy text as
   the first candidate, and the answer is the first acceptable one."""
-  from gemma_mt import language
+  from gemma_mt.translator import acceptable
   sources = [COPY_SOURCE, 'Thanks, it worked!', 'lol', 'r/france']
   plain = tr.translate_detailed(sources, guard=False, max_new_tokens=8)
   guarded = tr.translate_detailed(sources, max_new_tokens=8)
   for src, p, g in zip(sources, plain, guarded):
     if g.candidates is None:
-      assert g.text == p.text and language.judge(p.text, src).ok
+      assert g.text == p.text and acceptable(p.text, src)
       continue
-    assert g.candidates[0] == p.text and not language.judge(p.text, src).ok
-    ok = [c for c in g.candidates if language.judge(c, src).ok]
+    assert g.candidates[0] == p.text and not acceptable(p.text, src)
+    ok = [c for c in g.candidates if acceptable(c, src)]
     assert g.text in ok if ok else g.text == p.text
 
 

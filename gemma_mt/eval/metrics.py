@@ -32,7 +32,9 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   return out
 
 
-CHUNK = 512  # Sentences translated between two writes of the hypotheses.
+CHUNK = 512  # Sentences translated between two writes of the hypotheses, at least,
+BATCHES_PER_CHUNK = 8  # and this many decoder rows' worth: a wide decoder
+                       # restarted every CHUNK would idle at each chunk's tail.
 
 
 def failures(pairs: Sequence[tuple[str, str]], hyps: Sequence[str],
@@ -68,8 +70,9 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
   results = []
   if partial is not None:
     fs.atomic_write(partial, '')
-  for start in range(0, len(sources), CHUNK):
-    chunk = translator.translate_detailed(sources[start:start + CHUNK], options,
+  size = max(CHUNK, BATCHES_PER_CHUNK * translator.sampler.batch_size)
+  for start in range(0, len(sources), size):
+    chunk = translator.translate_detailed(sources[start:start + size], options,
                                           batch_size=batch_size)
     results += chunk
     if partial is not None:
