@@ -144,7 +144,8 @@ def main(argv=None) -> int:
                  help='pooled MBR candidate counts (a beam of N/2 + N/2 samples)')
   p.add_argument('--decode_limit', type=int, default=None,
                  help='decode only the first N valid pairs')
-  p.add_argument('--batch_size', type=int, default=64)
+  p.add_argument('--batch_size', type=int, default=None,
+                 help='decode rows (default: sized by the device memory)')
   p.add_argument('--max_new_tokens', type=int, default=DEFAULT_MAX_NEW_TOKENS,
                  help='decoding budget per sentence (also capped at 3x the '
                       'prompt tokens)')

@@ -20,10 +20,10 @@ static batching's, and sampling keys depend on (seed, input index, step)
 as there.
 
 Executables for a whole call: one `empty`, one `chunk` (slots, S, sampling
-mode) and one `insert` (slots, S, width, prompt width). A decoder made for a
-known set of prompts (`for_prompts`) pads every insert to its widest prompt
-bucket, so it needs one insert; an open-ended one (the service) takes an
-insert per prompt-width bucket (16, 32, 64, ...). S is `MIN_CACHE_LEN` or the
+mode) and an `insert` per prompt width. A decoder made for a known set of
+prompts (`for_prompts`) has two widths (see there), so it needs two inserts;
+an open-ended one (the service) takes an insert per prompt-width bucket
+(16, 32, 64, ...). S is `MIN_CACHE_LEN` or the
 next power of two that holds the widest prompt bucket plus the largest
 budget, so calls with similar inputs share executables.
 """
@@ -141,17 +141,18 @@ class ContinuousDecoder:
   added between steps (the HTTP service does), as long as their prompt
   bucket plus `budget` fits the cache. Uses a `sampler.Sampler`'s params,
   stop table and executable cache; one sampling mode per decoder.
-  `prompt_width`: every insert pads its prompts to this many tokens (one
-  insert executable); None: to its longest prompt's bucket.
+  `prompt_widths`: an insert pads its prompts to the narrowest of these
+  that holds its longest (a few insert executables for a whole call);
+  None: to its longest prompt's bucket (any width).
   """
 
   def __init__(self, sampler, slots: int, mode: SamplingMode,
                sampling: SamplingParams, budget: int, cache_len: int | None = None,
-               prompt_width: int | None = None):
+               prompt_widths: Sequence[int] | None = None):
     self.sampler, self.slots, self.mode, self.sampling = sampler, slots, mode, sampling
     self.budget = next_pow2(budget, 16)
     self.cache_len = cache_len or MIN_CACHE_LEN
-    self.prompt_width = prompt_width
+    self.prompt_widths = None if prompt_widths is None else sorted(prompt_widths)
     self.width = min(slots, max(INSERT_WIDTH, slots // 8))
     self._kw = dict(model=sampler.model, mode=mode, pad_id=sampler.pad_id)
     # One executable (kept in the store) rather than a dozen small array
@@ -165,15 +166,20 @@ class ContinuousDecoder:
 
   @classmethod
   def for_prompts(cls, sampler, slots, mode, sampling, prompts, limits):
+    """A decoder for these prompts: two insert widths, the bucket of the
+    90th-percentile prompt and the widest one's (MTNT: 64 and 512), so a
+    few long prompts neither add executables nor pad every insert."""
     budget = next_pow2(int(limits.max()), 16)
-    P = max(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
+    buckets = sorted(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
+    P = buckets[-1]
     return cls(sampler, slots, mode, sampling, budget,
-               max(MIN_CACHE_LEN, next_pow2(P + budget)), prompt_width=P)
+               max(MIN_CACHE_LEN, next_pow2(P + budget)),
+               prompt_widths={buckets[int(0.9 * (len(buckets) - 1))], P})
 
   def fits(self, prompt_len: int, limit: int) -> bool:
     P = next_pow2(prompt_len, MIN_PROMPT_BUCKET)
     return (limit <= self.budget and P + limit <= self.cache_len and
-            (self.prompt_width is None or P <= self.prompt_width))
+            (self.prompt_widths is None or P <= self.prompt_widths[-1]))
 
   @property
   def busy(self) -> bool:
@@ -193,8 +199,9 @@ class ContinuousDecoder:
     W = self.width
     while self._queue and free:
       take, self._queue = self._queue[:min(W, len(free))], self._queue[min(W, len(free)):]
-      P = self.prompt_width or max(next_pow2(len(t[0]), MIN_PROMPT_BUCKET)
-                                   for t in take)
+      P = max(next_pow2(len(t[0]), MIN_PROMPT_BUCKET) for t in take)
+      if self.prompt_widths is not None:
+        P = next(w for w in self.prompt_widths if w >= P)
       tokens = np.full((W, P), pad, np.int32)
       lens, lim = np.ones(W, np.int32), np.ones(W, np.int32)
       slot, ids = np.full(W, N, np.int32), np.zeros(W, np.int32)
@@ -223,7 +230,9 @@ class ContinuousDecoder:
   def generate(self, prompts: Sequence[np.ndarray], limits: np.ndarray,
                progress=None, row_ids: Sequence[int] | None = None) -> list:
     """Generated ids of every prompt, in input order (sampling keys from
-    `row_ids`, default the input index)."""
+    `row_ids`, default the input index). Prompts go in longest first: long
+    prompts tend to have long outputs, which then do not make the tail,
+    and inserts of similar widths come together."""
     results: list = [None] * len(prompts)
 
     def setter(i):
@@ -233,8 +242,9 @@ class ContinuousDecoder:
           progress.update(1)
       return on_done
 
-    for i, (p, limit) in enumerate(zip(prompts, limits)):
-      self.add(p, limit, i if row_ids is None else row_ids[i], setter(i))
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+      self.add(prompts[i], limits[i], i if row_ids is None else row_ids[i],
+               setter(i))
     while self.busy:
       self.step()
     self.sampler.batches_run += 1
