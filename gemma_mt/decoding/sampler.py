@@ -369,7 +369,7 @@ class Sampler:
     table = np.zeros(V, bool)
     table[list(stop_ids)] = True
     self.stop_ids = frozenset(int(i) for i in stop_ids)
-    self.stop_table = (jnp.asarray(table) if mesh is None else
+    self.stop_table = (jax.device_put(table) if mesh is None else
                         jax.device_put(table, SH.replicated(mesh)))
     self._cache_size = cache_size
     self.store = executables.default() if store is _DEFAULT else store

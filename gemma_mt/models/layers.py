@@ -189,6 +189,7 @@ class TiedHead:
 def param_shapes(module: nn.Module) -> Any:
   """The params tree of a decoder module as ShapeDtypeStructs (traced, not
   compiled)."""
-  x = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(module.init, jax.random.key(0), x, x,
-                        jnp.ones((1, 1, 1), bool))['params']
+  def init():  # Inputs made inside: nothing concrete, so nothing compiled.
+    x = jnp.zeros((1, 1), jnp.int32)
+    return module.init(jax.random.key(0), x, x, jnp.ones((1, 1, 1), bool))
+  return jax.eval_shape(init)['params']
