@@ -34,6 +34,9 @@ from gemma_mt.decoding.sampler import (Hypothesis, Sampler, free_device_bytes,
 
 # Samples the guard draws for a source whose candidates are all untranslated.
 GUARD_SAMPLES = 8
+# Outputs up to this long are never runaways by length ("Thanks!" ->
+# "Merci beaucoup à tous !" is 3.3x its source).
+RUNAWAY_MIN_CHARS = 48
 
 
 class InputTooLongError(ValueError):
@@ -137,9 +140,12 @@ def acceptable(text: str, source: str, lang_pair: str = 'en-fr') -> bool:
   source nor in another language: `language.judge`) that did not run away
   (no phrase looping, not `RUNAWAY_LENGTH_RATIO` times the source's
   length: the evaluation's detectors, with the source standing in for the
-  reference)."""
-  return (language.judge(text, source, lang_pair).ok
-          and not postprocess.is_runaway(text, source))
+  reference; a short source's translation may well be 3x its length,
+  hence `RUNAWAY_MIN_CHARS`)."""
+  too_long = (postprocess.too_long(text, source)
+              and len(text) > RUNAWAY_MIN_CHARS)
+  return (language.judge(text, source, lang_pair).ok and not too_long
+          and not postprocess.repeats_itself(text))
 
 
 def _options(options: SamplingOptions | None, kw: dict) -> SamplingOptions:

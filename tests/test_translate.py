@@ -534,6 +534,7 @@ def test_acceptable_rejects_copies_other_languages_and_runaways():
   loop = 'la gare est là puis la gare est là et la gare est là'
   assert not acceptable(loop, 'The station is there, then there again')
   assert acceptable('Donald Trump', 'Donald Trump')  # Nothing to translate.
+  assert acceptable('Merci beaucoup à tous !', 'Thanks!')  # Short: 3.3x.
 
 
 @pytest.mark.parametrize('mbr', [0, 3])
