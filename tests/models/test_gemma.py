@@ -191,12 +191,20 @@ def test_kv_cache_decoding_equals_full_forward(name):
     # The sampler decodes inside one jit (a while_loop), so it is unaffected.
     jax.block_until_ready(cache)
   assert int(cache['end_index']) == P + steps
+  assert_steps_equal_full_forward(apply, params, prompt, lengths, gen,
+                                  step_logits)
+
+
+def assert_steps_equal_full_forward(apply, params, prompt, lengths, gen,
+                                    step_logits):
+  """Row r's logits after its prompt and each fed token of gen[r] equal a
+  full forward over the prompt and gen[r]."""
   for r, n in enumerate(lengths):
     seq = np.concatenate([np.asarray(prompt[r, :n]), gen[r]])[None]
     full, _ = apply({'params': params}, jnp.asarray(seq),
-                      jnp.arange(seq.shape[1])[None],
-                      layers.causal_mask(jnp.ones(seq.shape, bool)))
-    for t in range(steps + 1):
+                    jnp.arange(seq.shape[1])[None],
+                    layers.causal_mask(jnp.ones(seq.shape, bool)))
+    for t in range(len(gen[r]) + 1):
       np.testing.assert_allclose(np.asarray(step_logits[t][r]),
                                  np.asarray(full[0, n - 1 + t]), atol=3e-5)
 
@@ -227,16 +235,11 @@ def test_per_row_cache_writes_equal_full_forward(fast_decode):
     step_logits.append(logits[:, 0])
     jax.block_until_ready(cache)
   np.testing.assert_array_equal(cache['end_index'], lengths + steps)
-  for r, n in enumerate(lengths):
-    np.testing.assert_array_equal(  # Positions written at each row's slots.
-        cache['positions'][r, :n + steps], np.arange(n + steps))
-    seq = np.concatenate([np.asarray(prompt[r, :n]), gen[r]])[None]
-    full, _ = apply({'params': params}, jnp.asarray(seq),
-                    jnp.arange(seq.shape[1])[None],
-                    layers.causal_mask(jnp.ones(seq.shape, bool)))
-    for t in range(steps + 1):
-      np.testing.assert_allclose(np.asarray(step_logits[t][r]),
-                                 np.asarray(full[0, n - 1 + t]), atol=3e-5)
+  for r, n in enumerate(lengths):  # Positions written at each row's slots.
+    np.testing.assert_array_equal(cache['positions'][r, :n + steps],
+                                  np.arange(n + steps))
+  assert_steps_equal_full_forward(apply, params, prompt, lengths, gen,
+                                  step_logits)
 
 
 def test_per_row_writes_take_one_token():
