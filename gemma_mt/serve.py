@@ -157,9 +157,10 @@ class Batcher:
     """Greedy requests join the running continuous batch; False: not one."""
     sources, options, fut = item
     opts = options.replace(max_length_ratio=self.max_length_ratio)
-    if opts.temperature != 0 or opts.search_width > 1 or opts.mbr_samples:
-      return False
     tr = self.translator
+    if (opts.temperature != 0 or opts.search_width > 1 or opts.mbr_samples
+        or not tr.continuous):  # (Not under a mesh of several devices.)
+      return False
     prep = tr.prepare(sources, opts)
     prompts, limits, todo = prep.prompts, prep.limits, prep.todo
     if self._decoder is None:

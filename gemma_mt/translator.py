@@ -30,6 +30,7 @@ from gemma_mt.decoding.options import (DEFAULT_MAX_INPUT_TOKENS,
                                       DEFAULT_MAX_NEW_TOKENS, SamplingOptions)
 from gemma_mt.decoding.sampler import (Hypothesis, Sampler, free_device_bytes,
                                        rows_for_memory)
+from gemma_mt.decoding.sampling import next_pow2
 
 
 # Samples the guard draws for a source whose candidates are all untranslated.
@@ -141,11 +142,12 @@ def acceptable(text: str, source: str, lang_pair: str = 'en-fr') -> bool:
   (no phrase looping, not `RUNAWAY_LENGTH_RATIO` times the source's
   length: the evaluation's detectors, with the source standing in for the
   reference; a short source's translation may well be 3x its length,
-  hence `RUNAWAY_MIN_CHARS`)."""
+  hence `RUNAWAY_MIN_CHARS`, and a source that repeats itself may be
+  translated so)."""
   too_long = (postprocess.too_long(text, source)
               and len(text) > RUNAWAY_MIN_CHARS)
-  return (language.judge(text, source, lang_pair).ok and not too_long
-          and not postprocess.repeats_itself(text))
+  loops = postprocess.repeats_itself(text) and not postprocess.repeats_itself(source)
+  return language.judge(text, source, lang_pair).ok and not too_long and not loops
 
 
 def _options(options: SamplingOptions | None, kw: dict) -> SamplingOptions:
@@ -221,8 +223,9 @@ class Translator:
     self.rows_by_memory = batch_size is None
     if batch_size is None:  # What the device has left after the weights.
       devices = 1 if mesh is None else mesh.size
-      batch_size = devices * rows_for_memory(
-          model, max_input_tokens + DEFAULT_MAX_NEW_TOKENS, free_device_bytes())
+      batch_size = devices * rows_for_memory(  # The largest cache a call
+          model, next_pow2(max_input_tokens + DEFAULT_MAX_NEW_TOKENS),  # makes.
+          free_device_bytes())
     self._stop_ids = postprocess.stop_token_ids(tokenizer)
     self._newline_ids = postprocess.newline_ids(tokenizer, self._stop_ids)
     self.sampler = Sampler(model, params, pad_id=tokenizer.pad_id,
@@ -235,10 +238,11 @@ class Translator:
     """Floating params cast to the compute dtype, on the device (else the
     sampler places them on its mesh)."""
     dt = self.model.dtype
-    cast = lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p
+    floating = lambda p: jnp.issubdtype(p.dtype, jnp.floating)
+    cast = lambda p: p.astype(dt) if floating(p) else p
     if self._mesh is not None:  # Placed (and sharded) by the sampler.
       return jax.tree.map(cast, params)
-    if any(cast(p).dtype != p.dtype for p in jax.tree.leaves(params)):
+    if any(floating(p) and p.dtype != dt for p in jax.tree.leaves(params)):
       # One executable for the tree, not one array op per leaf shape (each
       # of which a new process traces and fetches from XLA's cache).
       return jax.jit(functools.partial(jax.tree.map, cast))(params)
@@ -339,8 +343,9 @@ class Translator:
     opts, prompts, limits = prep.options, prep.prompts, prep.limits
     nbest = None
     if opts.search_width > 1:
-      if batch_size is None and self.rows_by_memory:  # K rows a prompt.
-        batch_size = max(1, self.sampler.batch_size // opts.search_width)
+      if batch_size is None and self.rows_by_memory:  # K rows a prompt,
+        n = 1 if self._mesh is None else self._mesh.size  # split evenly.
+        batch_size = self.sampler.batch_size // opts.search_width // n * n or n
       beams = self.sampler.beam_search(
           prompts, max_new_tokens=limits, beam_size=opts.search_width,
           length_penalty=opts.length_penalty, batch_size=batch_size)

@@ -535,6 +535,8 @@ def test_acceptable_rejects_copies_other_languages_and_runaways():
   assert not acceptable(loop, 'The station is there, then there again')
   assert acceptable('Donald Trump', 'Donald Trump')  # Nothing to translate.
   assert acceptable('Merci beaucoup à tous !', 'Thanks!')  # Short: 3.3x.
+  assert acceptable("C'est ce que c'est. " * 3,  # As the source does.
+                    'It is what it is. ' * 3)
 
 
 @pytest.mark.parametrize('mbr', [0, 3])

@@ -195,8 +195,9 @@ def test_translator_decodes_gemma4_as_full_forwards(tokenizer, tiny):
   beam search runs on it too."""
   from gemma_mt.decoding.options import SamplingOptions
   from gemma_mt.translator import Translator
-  sources = ['Hello there', 'A longer sentence to translate, with commas.']
-  opts = SamplingOptions(max_new_tokens=6)
+  sources = ['Hello there', 'A longer sentence to translate, with commas.',
+             'Three']  # More than the 2 rows: continuous refills a row.
+  opts = SamplingOptions(max_new_tokens=6, guard=False)
   apply = jax.jit(G.Gemma4(TINY).apply)
   for continuous in (True, False):
     tr = Translator(TINY, tiny, tokenizer, batch_size=2, continuous=continuous)
@@ -209,6 +210,8 @@ def test_translator_decodes_gemma4_as_full_forwards(tokenizer, tiny):
                           layers.causal_mask(jnp.ones((1, len(seq)), bool)))
         assert int(np.argmax(logits[0, -1])) == t
         seq.append(t)
+    kinds = {k[0] for k in tr.compiled_shapes}
+    assert ('chunk' in kinds) == continuous
   beams = Translator(TINY, tiny, tokenizer, batch_size=2).translate_detailed(
       sources, SamplingOptions(max_new_tokens=6, beam_size=2))
   assert all(len(b.candidates) == 2 for b in beams)
