@@ -19,7 +19,7 @@ from gemma_mt import cli, signals
 
 log = logging.getLogger(__name__)
 
-CHUNK = 512  # Sentences translated between two writes to stdout.
+CHUNK = 512  # Sentences translated between two writes to stdout, at least.
 
 
 def parse_args(argv=None):
@@ -95,7 +95,7 @@ def run(argv=None) -> int:
   t0, written = time.time(), 0
   try:
     # Written as they are done, so an interrupted run keeps what it has.
-    for part in prep.chunks(CHUNK):
+    for part in prep.chunks(translator.chunk_size(CHUNK)):
       out = translator.finish(part, translator.decode(part))
       try:
         sys.stdout.write(''.join(t.text + '\n' for t in out))

@@ -35,6 +35,10 @@ from gemma_mt.decoding.sampling import next_pow2
 
 # Samples the guard draws for a source whose candidates are all untranslated.
 GUARD_SAMPLES = 8
+# A call written out in pieces (evaluate, translate) takes at least this many
+# decoder rows' worth a piece: a wide decoder restarted every few hundred
+# sentences would idle at each piece's tail.
+BATCHES_PER_CHUNK = 8
 # Outputs up to this long are never runaways by length ("Thanks!" ->
 # "Merci beaucoup à tous !" is 3.3x its source).
 RUNAWAY_MIN_CHARS = 48
@@ -270,6 +274,10 @@ class Translator:
     if kw.get('prompt_format') is None:  # The format the model was tuned with.
       kw['prompt_format'] = p.prompt_format
     return cls(p.config, p.params, p.tokenizer, mesh=mesh, **kw)
+
+  def chunk_size(self, at_least: int) -> int:
+    """Sources per piece of a call decoded and written piece by piece."""
+    return max(at_least, BATCHES_PER_CHUNK * self.sampler.batch_size)
 
   @property
   def num_compiles(self) -> int:

@@ -42,6 +42,7 @@ from gemma_mt import evaluate as E
 from gemma_mt import export as X
 from gemma_mt import fs
 from gemma_mt import translate as T
+from gemma_mt import translator as translator_lib
 from gemma_mt import weights
 from gemma_mt.decoding.options import SamplingOptions
 from gemma_mt.train import main as train_main
@@ -610,6 +611,7 @@ def test_interrupted_translate_keeps_what_it_wrote(tr, monkeypatch, capsys):
   monkeypatch.setattr(tr, 'decode', dies_on_second_chunk)
   monkeypatch.setattr(cli_lib, 'build_translator', lambda a: tr)
   monkeypatch.setattr(T, 'CHUNK', 1)
+  monkeypatch.setattr(translator_lib, 'BATCHES_PER_CHUNK', 0)
   assert T.main(['Hello', 'World', 'Again', '--max_new_tokens', '2']) == 130
   out, err = capsys.readouterr()
   assert len(out.splitlines()) == 1

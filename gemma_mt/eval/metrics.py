@@ -32,9 +32,7 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   return out
 
 
-CHUNK = 512  # Sentences translated between two writes of the hypotheses, at least,
-BATCHES_PER_CHUNK = 8  # and this many decoder rows' worth: a wide decoder
-                       # restarted every CHUNK would idle at each chunk's tail.
+CHUNK = 512  # Sentences translated between two writes of the hypotheses, at least.
 
 
 def failures(pairs: Sequence[tuple[str, str]], hyps: Sequence[str],
@@ -70,7 +68,7 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
   results = []
   if partial is not None:
     fs.atomic_write(partial, '')
-  size = max(CHUNK, BATCHES_PER_CHUNK * translator.sampler.batch_size)
+  size = translator.chunk_size(CHUNK)
   for start in range(0, len(sources), size):
     chunk = translator.translate_detailed(sources[start:start + size], options,
                                           batch_size=batch_size)

@@ -153,9 +153,10 @@ def test_killed_evaluation_keeps_the_chunks_it_translated(mtnt_dir, tokenizer,
 
   monkeypatch.setattr(tr, 'translate_detailed', dies_on_third_chunk)
   monkeypatch.setattr(cli, 'build_translator', lambda args: tr)
+  from gemma_mt import translator as translator_lib
   from gemma_mt.eval import metrics
   monkeypatch.setattr(metrics, 'CHUNK', 2)
-  monkeypatch.setattr(metrics, 'BATCHES_PER_CHUNK', 0)
+  monkeypatch.setattr(translator_lib, 'BATCHES_PER_CHUNK', 0)
   out = tmp_path / 'hyp.txt'
   assert E.main(['--mtnt_dir', str(mtnt_dir), '--limit', '5', '--output',
                  str(out), '--max_new_tokens', '4']) == 130
@@ -203,9 +204,10 @@ def test_a_signal_anywhere_leaves_the_earlier_outputs(
   monkeypatch.setattr(tr, 'translate_detailed',
                       hook('translate_detailed', tr.translate_detailed))
   monkeypatch.setattr(report, 'write', hook('report', report.write))
+  from gemma_mt import translator as translator_lib
   from gemma_mt.eval import metrics
   monkeypatch.setattr(metrics, 'CHUNK', 2)
-  monkeypatch.setattr(metrics, 'BATCHES_PER_CHUNK', 0)
+  monkeypatch.setattr(translator_lib, 'BATCHES_PER_CHUNK', 0)
   (tmp_path / 'other').mkdir()
   outs = {'--output': tmp_path / 'hyp.txt', '--summary': tmp_path / 's.json',
           '--report': tmp_path / 'r.tsv'}
