@@ -182,8 +182,8 @@ class Translator:
   keeps full batches split. None: one device. `progress`: a tqdm bar over
   the sentences of each call. `continuous`: more sentences than
   `batch_size` run through `batch_size` refilled slots (`continuous`; same
-  greedy output; one device: off under a mesh of several); beam search
-  stays static.
+  output; one device: off under a mesh of several); beam search then
+  refills groups of `beam` rows.
   """
 
   def __init__(self, model_or_config, params: Any, tokenizer,
@@ -354,9 +354,12 @@ class Translator:
       if batch_size is None and self.rows_by_memory:  # K rows a prompt,
         n = 1 if self._mesh is None else self._mesh.size  # split evenly.
         batch_size = self.sampler.batch_size // opts.search_width // n * n or n
-      beams = self.sampler.beam_search(
-          prompts, max_new_tokens=limits, beam_size=opts.search_width,
-          length_penalty=opts.length_penalty, batch_size=batch_size)
+      kw = dict(max_new_tokens=limits, beam_size=opts.search_width,
+                length_penalty=opts.length_penalty)
+      groups = batch_size or self.sampler.batch_size  # Prompts, as static.
+      beams = (continuous.beam_search(self.sampler, prompts, groups=groups, **kw)
+               if self.continuous and len(prompts) > groups else
+               self.sampler.beam_search(prompts, batch_size=batch_size, **kw))
       outs = [b[0].ids for b in beams]
       nbest = [list(b) for b in beams]
     elif not opts.mbr_samples:

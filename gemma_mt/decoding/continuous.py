@@ -19,6 +19,12 @@ which slot a row landed in, never change its output: greedy output equals
 static batching's, and sampling keys depend on (seed, input index, step)
 as there.
 
+Beam search runs the same way (`BeamDecoder`): a prompt's K beams are a
+group of K rows, reordered within the group after each step; a group
+whose K best are final (`sampler.beam_final`) takes the next prompt, so a
+long beam no longer holds a whole static batch. Its hypotheses equal
+static `beam_decode`'s (one `sampler.beam_step` serves both).
+
 Executables for a whole call: one `empty`, one `chunk` (slots, S, sampling
 mode) and an `insert` per prompt width. A decoder made for a known set of
 prompts (`for_prompts`) has two widths (see there), so it needs two inserts;
@@ -38,8 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mt.decoding.sampler import (MIN_PROMPT_BUCKET, model_fns, prefill,
-                                       progress_bar)
+from gemma_mt.decoding.sampler import (MIN_PROMPT_BUCKET, BeamState,
+                                       Hypothesis, beam_final, beam_start,
+                                       beam_step, log_probs, model_fns,
+                                       prefill, progress_bar, reorder_rows)
 from gemma_mt.decoding.sampling import (SamplingMode, SamplingParams,
                                         next_pow2, row_keys, sample_logits)
 
@@ -133,6 +141,103 @@ def chunk(params, state: Slots, sampling: SamplingParams, stop_table, *,
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
+class BeamSlots(NamedTuple):
+  """Device state of beam search over refilled groups: group g is one
+  prompt, its K beams rows g*K .. g*K+K-1 of the cache."""
+
+  beam: BeamState        # step [G]; cache [G*K, S, ...], a row's tokens [0, length)
+  prompt_len: jax.Array  # [G]
+  limit: jax.Array       # [G, 1] max new tokens of the group
+  done: jax.Array        # [G] final (`beam_final`), or empty
+
+
+def beam_empty(model, groups: int, K: int, cache_len: int, budget: int,
+               pad_id: int) -> BeamSlots:
+  cache = model.config.init_cache(groups * K, cache_len, dtype=model.dtype)
+  cache['end_index'] = jnp.zeros(groups * K, jnp.int32)
+  z = jnp.zeros(groups, jnp.int32)
+  return BeamSlots(beam_start(groups, K, budget, pad_id, cache, z), z + 1,
+                   jnp.ones((groups, 1), jnp.int32), jnp.ones(groups, bool))
+
+
+def beam_insert(params, state: BeamSlots, prompt, prompt_len, slot, limit,
+                length_penalty, stop_table, *, model, pad_id: int) -> BeamSlots:
+  """Prefills prompt [I, P] (slot = G for unused rows) into the K rows of
+  group slot[i], and takes each group's first step."""
+  I, P = prompt.shape
+  b = state.beam
+  G, K, budget = b.alive_seq.shape
+  apply, logits_of = model_fns(model, params)
+  last, small = prefill(apply, model, prompt, prompt_len, P, None)
+  alpha = jnp.asarray(length_penalty, jnp.float32)
+  first, _ = beam_step(beam_start(I, K, budget, pad_id),
+                       jnp.repeat(log_probs(logits_of, last, 1), K, axis=1),
+                       limit[:, None], alpha, stop_table)
+  rows = (slot[:, None] * K + jnp.arange(K)).reshape(-1)  # >= G*K: dropped.
+  put = lambda big, new: big.at[rows, :P].set(
+      jnp.repeat(new, K, axis=0).astype(big.dtype), mode='drop')
+  cache = dict(b.cache)
+  for name in (k for k in cache if k.startswith('layer_')):
+    layer, new = cache[name], small[name]
+    cache[name] = {'k': put(layer['k'], new['k']), 'v': put(layer['v'], new['v'])}
+  cache['positions'] = put(cache['positions'],
+                           jnp.broadcast_to(jnp.arange(P)[None], (I, P)))
+  at = lambda x, v: x.at[slot].set(v, mode='drop')
+  beam = BeamState(
+      at(b.step, first.step + jnp.zeros(I, jnp.int32)),
+      b.token.at[rows].set(first.token, mode='drop'), cache,
+      *(at(x, v) for x, v in zip(b[3:], first[3:])))
+  return BeamSlots(beam, at(state.prompt_len, prompt_len),
+                   at(state.limit, limit[:, None]),
+                   at(state.done, beam_final(first, limit[:, None], alpha)))
+
+
+def beam_chunk(params, state: BeamSlots, length_penalty, stop_table, *,
+               model, steps: int = CHUNK_STEPS) -> BeamSlots:
+  """Up to `steps` beam steps of every unfinished group; a final group's
+  state stays as it is (no later step could change its K best)."""
+  G, K, _ = state.beam.alive_seq.shape
+  S = state.beam.cache['positions'].shape[1]
+  apply, logits_of = model_fns(model, params)
+  alpha = jnp.asarray(length_penalty, jnp.float32)
+
+  def body(carry):
+    n, s = carry
+    b, live = s.beam, ~s.done
+    # The fed token is token i-1: slot and position prompt_len + i - 1.
+    length = jnp.repeat(s.prompt_len + b.step - 1, K)
+    seen = jnp.arange(S)[None] < length[:, None] + 1
+    hidden, cache = apply(b.token[:, None], length[:, None], seen[:, None, :],
+                          dict(b.cache, end_index=length))
+    new, parent = beam_step(b, log_probs(logits_of, hidden[:, 0], K), s.limit,
+                            alpha, stop_table)
+    keep = lambda x, y: jnp.where(
+        jnp.reshape(live, (-1,) + (1,) * (x.ndim - 1)), x, y)
+    new = BeamState(keep(new.step, b.step),
+                    jnp.where(jnp.repeat(live, K), new.token, b.token), None,
+                    *(keep(x, y) for x, y in zip(new[3:], b[3:])))
+    parent = jnp.where(live[:, None], parent, jnp.arange(K))
+    rows = (jnp.arange(G)[:, None] * K + parent).reshape(-1)
+    new = new._replace(cache=reorder_rows(cache, rows))
+    return n + 1, BeamSlots(new, s.prompt_len, s.limit,
+                            s.done | beam_final(new, s.limit, alpha))
+
+  cond = lambda carry: (carry[0] < steps) & ~jnp.all(carry[1].done)
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+def call_shapes(prompts, limits) -> dict:
+  """Budget, cache length and insert widths of a decoder for these prompts:
+  two widths, the bucket of the 90th-percentile prompt and the widest
+  one's (MTNT: 64 and 512), so a few long prompts neither add executables
+  nor pad every insert."""
+  budget = next_pow2(int(limits.max()), 16)
+  buckets = sorted(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
+  P = buckets[-1]
+  return dict(budget=budget, cache_len=max(MIN_CACHE_LEN, next_pow2(P + budget)),
+              prompt_widths={buckets[int(0.9 * (len(buckets) - 1))], P})
+
+
 class ContinuousDecoder:
   """Prompts through `slots` rows with refills (module docstring).
 
@@ -146,6 +251,8 @@ class ContinuousDecoder:
   None: to its longest prompt's bucket (any width).
   """
 
+  EMPTY, INSERT, CHUNK = 'empty', 'insert', 'chunk'  # Executable names.
+
   def __init__(self, sampler, slots: int, mode: SamplingMode,
                sampling: SamplingParams, budget: int, cache_len: int | None = None,
                prompt_widths: Sequence[int] | None = None):
@@ -154,27 +261,45 @@ class ContinuousDecoder:
     self.cache_len = cache_len or MIN_CACHE_LEN
     self.prompt_widths = None if prompt_widths is None else sorted(prompt_widths)
     self.width = min(slots, max(INSERT_WIDTH, slots // 8))
-    self._kw = dict(model=sampler.model, mode=mode, pad_id=sampler.pad_id)
     # One executable (kept in the store) rather than a dozen small array
     # ops, each of which a new process would fetch from XLA's cache.
-    self._state = sampler.compiled(
-        ('empty', slots, self.cache_len, self.budget),
-        lambda: functools.partial(empty, sampler.model, slots, self.cache_len,
-                                  self.budget, sampler.pad_id), ())()
+    self._state = sampler.compiled(self._key(self.EMPTY), self._empty, ())()
     self._owner: list = [None] * slots  # (row id, callback) per slot.
     self._queue: list = []
 
   @classmethod
   def for_prompts(cls, sampler, slots, mode, sampling, prompts, limits):
-    """A decoder for these prompts: two insert widths, the bucket of the
-    90th-percentile prompt and the widest one's (MTNT: 64 and 512), so a
-    few long prompts neither add executables nor pad every insert."""
-    budget = next_pow2(int(limits.max()), 16)
-    buckets = sorted(next_pow2(len(p), MIN_PROMPT_BUCKET) for p in prompts)
-    P = buckets[-1]
-    return cls(sampler, slots, mode, sampling, budget,
-               max(MIN_CACHE_LEN, next_pow2(P + budget)),
-               prompt_widths={buckets[int(0.9 * (len(buckets) - 1))], P})
+    """A decoder for these prompts (`call_shapes`)."""
+    return cls(sampler, slots, mode, sampling, **call_shapes(prompts, limits))
+
+  # What a beam decoder changes: the device functions and their extra
+  # arguments, and what a finished slot hands back.
+  def _key(self, name, *shape):
+    return (name, self.slots, self.cache_len, self.budget, *shape, self.mode)
+
+  def _empty(self):
+    sp = self.sampler
+    return functools.partial(empty, sp.model, self.slots, self.cache_len,
+                             self.budget, sp.pad_id)
+
+  def _insert(self, tokens, lens, slot, ids, lim):
+    sp = self.sampler
+    args = (sp.params, self._state, tokens, lens, slot, ids, lim,
+            self.sampling, sp.stop_table)
+    return sp.compiled(self._key(self.INSERT, *tokens.shape), lambda: functools.partial(
+        insert, model=sp.model, mode=self.mode, pad_id=sp.pad_id), args, (1,))(*args)
+
+  def _chunk(self):
+    sp = self.sampler
+    args = (sp.params, self._state, self.sampling, sp.stop_table)
+    return sp.compiled(self._key(self.CHUNK), lambda: functools.partial(
+        chunk, model=sp.model, mode=self.mode, pad_id=sp.pad_id), args, (1,))(*args)
+
+  def _finished(self):
+    """(done [slots], the result of slot r)."""
+    done, count, out = jax.device_get(
+        (self._state.done, self._state.count, self._state.out))
+    return done, lambda r: out[r, :count[r]].copy()
 
   def fits(self, prompt_len: int, limit: int) -> bool:
     P = next_pow2(prompt_len, MIN_PROMPT_BUCKET)
@@ -186,7 +311,7 @@ class ContinuousDecoder:
     return bool(self._queue) or any(o is not None for o in self._owner)
 
   def add(self, prompt: np.ndarray, limit: int, row_id: int, on_done) -> None:
-    """Queues a prompt; `on_done(ids)` gets its generated ids."""
+    """Queues a prompt; `on_done(result)` gets its generated ids."""
     if not self.fits(len(prompt), limit):
       raise ValueError(f'a {len(prompt)}-token prompt with {limit} new tokens '
                        f'does not fit this decoder (budget {self.budget}, '
@@ -194,7 +319,7 @@ class ContinuousDecoder:
     self._queue.append((prompt, int(limit), int(row_id), on_done))
 
   def step(self) -> None:
-    sp, N, pad = self.sampler, self.slots, self.sampler.pad_id
+    N, pad = self.slots, self.sampler.pad_id
     free = [r for r in range(N) if self._owner[r] is None]
     W = self.width
     while self._queue and free:
@@ -210,22 +335,14 @@ class ContinuousDecoder:
         self._owner[r] = (row_id, on_done)
         tokens[j, :len(prompt)] = prompt
         lens[j], lim[j], slot[j], ids[j] = len(prompt), limit, r, row_id
-      args = (sp.params, self._state, tokens, lens, slot, ids, lim,
-              self.sampling, sp.stop_table)
-      exe = sp.compiled(('insert', N, self.cache_len, self.budget, W, P, self.mode),
-                        lambda: functools.partial(insert, **self._kw), args, (1,))
-      self._state = exe(*args)
-    args = (sp.params, self._state, self.sampling, sp.stop_table)
-    exe = sp.compiled(('chunk', N, self.cache_len, self.budget, self.mode),
-                      lambda: functools.partial(chunk, **self._kw), args, (1,))
-    self._state = exe(*args)
-    done, count, out = jax.device_get(
-        (self._state.done, self._state.count, self._state.out))
+      self._state = self._insert(tokens, lens, slot, ids, lim)
+    self._state = self._chunk()
+    done, result = self._finished()
     for r in range(N):
       if self._owner[r] is not None and done[r]:
         _, on_done = self._owner[r]
         self._owner[r] = None
-        on_done(out[r, :count[r]].copy())
+        on_done(result(r))
 
   def generate(self, prompts: Sequence[np.ndarray], limits: np.ndarray,
                progress=None, row_ids: Sequence[int] | None = None) -> list:
@@ -270,3 +387,65 @@ def generate(sampler, prompts: Sequence[np.ndarray], *,
       sampler, slots or sampler.batch_size, mode, sampling, prompts, limits)
   with progress_bar(len(prompts), sampler.progress) as bar:
     return decoder.generate(prompts, limits, bar, row_ids)
+
+
+class BeamDecoder(ContinuousDecoder):
+  """Beam search through `groups` refilled groups of K rows: a prompt's
+  K beams are one group, which the next prompt takes as soon as its K
+  best are final (`beam_chunk`), so a long beam holds only its own group.
+  `add`'s callback gets the K `Hypothesis`es, best first; they equal
+  static `beam_decode`'s."""
+
+  EMPTY, INSERT, CHUNK = 'beam_empty', 'beam_insert', 'beam_chunk'
+
+  def __init__(self, sampler, groups: int, beam_size: int,
+               length_penalty: float, budget: int, cache_len: int | None = None,
+               prompt_widths: Sequence[int] | None = None):
+    self.K, self.length_penalty = beam_size, np.float32(length_penalty)
+    super().__init__(sampler, groups, ('beam', beam_size), None, budget,
+                     cache_len, prompt_widths)
+
+  def _empty(self):
+    sp = self.sampler
+    return functools.partial(beam_empty, sp.model, self.slots, self.K,
+                             self.cache_len, self.budget, sp.pad_id)
+
+  def _insert(self, tokens, lens, slot, ids, lim):
+    sp = self.sampler
+    args = (sp.params, self._state, tokens, lens, slot, lim,
+            self.length_penalty, sp.stop_table)
+    return sp.compiled(self._key(self.INSERT, *tokens.shape), lambda: functools.partial(
+        beam_insert, model=sp.model, pad_id=sp.pad_id), args, (1,))(*args)
+
+  def _chunk(self):
+    sp = self.sampler
+    args = (sp.params, self._state, self.length_penalty, sp.stop_table)
+    return sp.compiled(self._key(self.CHUNK), lambda: functools.partial(
+        beam_chunk, model=sp.model), args, (1,))(*args)
+
+  def _finished(self):
+    b = self._state.beam
+    done, seq, n, logp, score = jax.device_get(
+        (self._state.done, b.fin_seq, b.fin_len, b.fin_logp, b.fin_score))
+    return done, lambda r: [
+        Hypothesis(seq[r, k, :n[r, k]].copy(), float(logp[r, k]),
+                   float(score[r, k])) for k in range(self.K)]
+
+
+def beam_search(sampler, prompts: Sequence[np.ndarray], *,
+                max_new_tokens: int | Sequence[int], beam_size: int,
+                length_penalty: float = 0.0,
+                groups: int | None = None) -> list[list[Hypothesis]]:
+  """`sampler.beam_search`'s result through `groups` (default the
+  sampler's batch size // beam_size) refilled groups of beams."""
+  if beam_size < 1:
+    raise ValueError(f'beam_size must be >= 1, got {beam_size}')
+  if sampler.mesh is not None and sampler.mesh.size > 1:
+    raise ValueError('continuous batching runs on one device; drop the mesh')
+  limits = sampler.limits(prompts, max_new_tokens)
+  if not len(prompts):
+    return []
+  decoder = BeamDecoder(sampler, groups or max(1, sampler.batch_size // beam_size),
+                        beam_size, length_penalty, **call_shapes(prompts, limits))
+  with progress_bar(len(prompts), sampler.progress) as bar:
+    return decoder.generate(prompts, limits, bar)

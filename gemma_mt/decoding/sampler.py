@@ -201,7 +201,7 @@ class Hypothesis(NamedTuple):
 class BeamState(NamedTuple):
   """The beam search carry, per row b and beam k (alive and finished)."""
 
-  step: jax.Array           # i: tokens generated so far by alive beams
+  step: jax.Array           # i: tokens generated so far by alive beams ([] or [B])
   token: jax.Array          # [B*K] the alive beams' last tokens
   cache: dict               # KV cache of the B*K alive beams
   alive_seq: jax.Array      # [B, K, budget]
@@ -212,6 +212,80 @@ class BeamState(NamedTuple):
   fin_len: jax.Array        # [B, K] tokens, stop token included
 
 
+def beam_start(B: int, K: int, budget: int, pad_id: int, cache=None,
+               step=None) -> BeamState:
+  """No token yet: one live beam per row (K copies of a prompt: one counts)."""
+  neg = jnp.float32(-jnp.inf)
+  empty = jnp.full((B, K, budget), pad_id, jnp.int32)
+  return BeamState(
+      jnp.int32(0) if step is None else step, jnp.zeros(B * K, jnp.int32),
+      cache, empty, jnp.full((B, K), neg).at[:, 0].set(0.0), empty,
+      jnp.full((B, K), neg), jnp.full((B, K), neg), jnp.zeros((B, K), jnp.int32))
+
+
+def beam_step(state: BeamState, logp, limit, alpha, stop_table
+              ) -> tuple[BeamState, jax.Array]:
+  """One step of every row: logp [B, K, V] of the alive beams' next tokens
+  (`state.step` i, one for all rows or one per row; `limit` [B, 1]).
+
+  Keeps the 2K best continuations by log-prob: those among the K best that
+  end on a stop token (or at the row's limit) join the finished set (as
+  fairseq; with K = 1 this is greedy), ranked by log-prob / GNMT length
+  penalty; the K best that go on stay alive. Returns (the state, its cache
+  untouched, and the parent beam [B, K] of each new alive beam: the caller
+  reorders the cache's rows)."""
+  B, K, V = logp.shape
+  neg = jnp.float32(-jnp.inf)
+  i = state.step  # The new token is token i (0-based), length i + 1.
+  at_i = jnp.arange(state.alive_seq.shape[-1]) == jnp.reshape(i, (-1, 1, 1))
+  # The 2K best of each beam hold the 2K best of the row: a top-k over K*V
+  # is then one over 2K*K.
+  n = min(2 * K, V)
+  top, idx = jax.lax.top_k(state.alive_logp[..., None] + logp, n)
+  top, pick = jax.lax.top_k(top.reshape(B, K * n), 2 * K)
+  beam = pick // n
+  tok = jnp.take_along_axis(idx.reshape(B, -1), pick, axis=1).astype(jnp.int32)
+  seqs = jnp.take_along_axis(state.alive_seq, beam[..., None], axis=1)
+  seqs = jnp.where(at_i, tok[..., None], seqs)
+  length = jnp.reshape(i + 1, (-1, 1))
+  ends = stop_table[tok] | (length >= limit)
+  done = ends & (jnp.arange(2 * K) < K) & (top > neg)
+  score = jnp.where(done, top / length_penalty_of(length, alpha), neg)
+  all_score = jnp.concatenate([state.fin_score, score], 1)
+  all_logp = jnp.concatenate([state.fin_logp, top], 1)
+  all_len = jnp.concatenate(
+      [state.fin_len, jnp.broadcast_to(length, (B, 2 * K)).astype(jnp.int32)], 1)
+  all_seq = jnp.concatenate([state.fin_seq, seqs], 1)
+  fin_score, fin = jax.lax.top_k(all_score, K)
+  take = lambda x: jnp.take_along_axis(x, fin, axis=1)
+  alive_logp, keep = jax.lax.top_k(jnp.where(ends, neg, top), K)
+  return BeamState(
+      i + 1, jnp.take_along_axis(tok, keep, axis=1).reshape(-1), state.cache,
+      jnp.take_along_axis(seqs, keep[..., None], axis=1), alive_logp,
+      jnp.take_along_axis(all_seq, fin[..., None], axis=1), take(all_logp),
+      fin_score, take(all_len)), jnp.take_along_axis(beam, keep, axis=1)
+
+
+def beam_final(state: BeamState, limit, alpha) -> jax.Array:
+  """[B] rows whose K finished hypotheses no alive beam can still beat: its
+  log-prob only falls, and the penalty is largest at the row's limit."""
+  best_alive = state.alive_logp[:, 0] / length_penalty_of(limit[:, 0], alpha)
+  return ((state.fin_score[:, -1] > best_alive) |
+          (state.alive_logp[:, 0] == -jnp.inf))
+
+
+def reorder_rows(cache, rows):
+  """The cache with its rows taken from `rows` (end_index kept)."""
+  return {k: v if k == 'end_index' else jax.tree.map(lambda x: x[rows], v)
+          for k, v in cache.items()}
+
+
+def log_probs(logits_of, hidden, K):
+  """[B*K, D] hidden states -> [B, K, V] float32 log-probs."""
+  logits = logits_of(hidden).astype(jnp.float32)
+  return jax.nn.log_softmax(logits, -1).reshape(-1, K, logits.shape[-1])
+
+
 def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
                 stop_table, length_penalty, *, model,
                 beam_size: int, budget: int, pad_id: int,
@@ -219,88 +293,34 @@ def beam_decode(params, prompt, prompt_len, active, max_new_tokens,
   """Beam search: the K best hypotheses of each row, one jit.
 
   As `decode`, but each row keeps `beam_size` K alive beams (the KV cache
-  holds B*K rows, reordered after every step) and K finished hypotheses.
-  Each step extends every alive beam by every token and keeps the 2K best
-  continuations by log-prob: those among the K best that end on a stop
-  token (or at the row's limit) join the finished set, ranked by log-prob
-  / ((5 + length) / 6) ** alpha (GNMT; alpha = `length_penalty`, 0 = raw
-  log-prob); the K best that go on stay alive. With K = 1 this is greedy.
-  A row is final when its K-th finished score beats what any alive beam
-  could still reach (its log-prob only falls, and the penalty
-  is largest at the row's limit); the loop ends when every row is final.
+  holds B*K rows, reordered after every step) and K finished hypotheses
+  (`beam_step`; alpha = `length_penalty`, 0 = raw log-prob). With K = 1
+  this is greedy. The loop ends when every row is final (`beam_final`).
   Returns (tokens [B, K, budget], lengths [B, K], logp [B, K],
   scores [B, K]), best first.
   """
   B, P = prompt.shape
   K, S = beam_size, P + budget
   apply, logits_of = model_fns(model, params)
-  neg = jnp.float32(-jnp.inf)
   alpha = jnp.asarray(length_penalty, jnp.float32)
-
-  def log_probs(hidden):  # [B*K, D] -> [B, K, V] float32
-    logits = logits_of(hidden)
-    return jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(B, K, -1)
-
   len_bk = jnp.repeat(prompt_len, K)  # K rows per prompt, beam-major.
   last, cache = prefill(apply, model, jnp.repeat(prompt, K, axis=0), len_bk,
                          S, row_sharding)
   limit = jnp.where(active, max_new_tokens, 1)[:, None]  # [B, 1]
-
-  def extend(state: BeamState, logp) -> BeamState:
-    """One step: logp [B, K, V] of the alive beams' next tokens."""
-    i = state.step  # The new token is token i (0-based), length i + 1.
-    V = logp.shape[-1]
-    cand = (state.alive_logp[..., None] + logp).reshape(B, K * V)
-    top, idx = jax.lax.top_k(cand, 2 * K)
-    beam, tok = idx // V, (idx % V).astype(jnp.int32)
-    seqs = jnp.take_along_axis(state.alive_seq, beam[..., None], axis=1)
-    seqs = seqs.at[:, :, i].set(tok)
-    length = i + 1
-    ends = stop_table[tok] | (length >= limit)
-    # Finished: the ending candidates among the K best (as fairseq; with
-    # K = 1 this is greedy), merged into the K best finished so far.
-    done = ends & (jnp.arange(2 * K) < K) & (top > neg)
-    score = jnp.where(done, top / length_penalty_of(length, alpha), neg)
-    all_score = jnp.concatenate([state.fin_score, score], 1)
-    all_logp = jnp.concatenate([state.fin_logp, top], 1)
-    all_len = jnp.concatenate(
-        [state.fin_len, jnp.full((B, 2 * K), length, jnp.int32)], 1)
-    all_seq = jnp.concatenate([state.fin_seq, seqs], 1)
-    fin_score, pick = jax.lax.top_k(all_score, K)
-    take = lambda x: jnp.take_along_axis(x, pick, axis=1)
-    fin = dict(fin_score=fin_score, fin_logp=take(all_logp),
-               fin_len=take(all_len),
-               fin_seq=jnp.take_along_axis(all_seq, pick[..., None], axis=1))
-    # Alive: the K best candidates that go on.
-    alive_logp, keep = jax.lax.top_k(jnp.where(ends, neg, top), K)
-    parent = jnp.take_along_axis(beam, keep, axis=1)   # [B, K]
-    rows = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
-    cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, state.cache)
-    return BeamState(
-        i + 1, jnp.take_along_axis(tok, keep, axis=1).reshape(-1),
-        constrain(cache, row_sharding),
-        jnp.take_along_axis(seqs, keep[..., None], axis=1), alive_logp, **fin)
-
-  first = jnp.full((B, K), neg).at[:, 0].set(0.0)  # K copies: one counts.
-  empty = jnp.full((B, K, budget), pad_id, jnp.int32)
-  state = BeamState(
-      jnp.int32(0), jnp.zeros(B * K, jnp.int32), cache, empty, first, empty,
-      jnp.full((B, K), neg), jnp.full((B, K), neg),
-      jnp.zeros((B, K), jnp.int32))
-  state = extend(state, log_probs(last))
-
-  def final(state: BeamState):
-    best_alive = state.alive_logp[:, 0] / length_penalty_of(limit[:, 0], alpha)
-    worst_fin = state.fin_score[:, -1]
-    return ~active | (worst_fin > best_alive) | (state.alive_logp[:, 0] == neg)
+  # The K rows of a prompt hold the same cache: no reordering yet.
+  state, _ = beam_step(beam_start(B, K, budget, pad_id, cache),
+                       log_probs(logits_of, last, K), limit, alpha, stop_table)
 
   def cond(state: BeamState):
-    return (state.step < budget) & ~jnp.all(final(state))
+    return (state.step < budget) & ~jnp.all(~active | beam_final(state, limit, alpha))
 
   def body(state: BeamState) -> BeamState:
     hidden, cache = _step(apply, state.token, state.cache, state.step, P,
                           len_bk, None)  # Constrained after reordering.
-    return extend(state._replace(cache=cache), log_probs(hidden))
+    state, parent = beam_step(state, log_probs(logits_of, hidden, K), limit,
+                              alpha, stop_table)
+    rows = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
+    return state._replace(cache=constrain(reorder_rows(cache, rows), row_sharding))
 
   state = jax.lax.while_loop(cond, body, state)
   return state.fin_seq, state.fin_len, state.fin_logp, state.fin_score

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma_mt.decoding import continuous
 from gemma_mt.decoding import sampler as S
 from gemma_mt.models import gemma as M
 from gemma_mt.models import layers  # noqa: E402
@@ -31,6 +32,17 @@ def setup():
 def sampler(setup, **kw):
   model, params = setup
   return S.Sampler(model, params, pad_id=0, stop_ids=[STOP], **kw)
+
+
+def search(s, engine, prompts, **kw):
+  """Static batches, or refilled groups (one group: every prompt after the
+  first is a refill)."""
+  if engine == 'static':
+    return s.beam_search(prompts, **kw)
+  return continuous.beam_search(s, prompts, groups=1, **kw)
+
+
+ENGINES = pytest.mark.parametrize('engine', ['static', 'continuous'])
 
 
 PROMPTS = [np.array([1, 2, 3, 4], np.int32), np.array([1, 4], np.int32),
@@ -61,13 +73,14 @@ def test_beam_1_is_greedy(setup):
   assert [b[0].ids.tolist() for b in beam] == [g.tolist() for g in greedy]
 
 
+@ENGINES
 @pytest.mark.parametrize('alpha', [0.0, 1.0])
-def test_beam_equals_brute_force(setup, alpha):
+def test_beam_equals_brute_force(setup, alpha, engine):
   """With K >= every possible output, beam search is exhaustive search."""
   limit = 3
   s = sampler(setup)
-  beams = s.beam_search(PROMPTS[:2], max_new_tokens=limit, beam_size=64,
-                        length_penalty=alpha)
+  beams = search(s, engine, PROMPTS[:2], max_new_tokens=limit, beam_size=64,
+                 length_penalty=alpha)
   for prompt, nbest in zip(PROMPTS[:2], beams):
     # Every output: ends at the first STOP, or is cut at the limit.
     outs = {tuple(seq[:seq.index(STOP) + 1] if STOP in seq else seq)
@@ -79,10 +92,11 @@ def test_beam_equals_brute_force(setup, alpha):
     np.testing.assert_allclose(got, [sc for sc, _ in scored[:64]], rtol=1e-4)
 
 
-def test_scores_are_the_models_log_probs_and_sorted(setup):
+@ENGINES
+def test_scores_are_the_models_log_probs_and_sorted(setup, engine):
   s = sampler(setup)
-  beams = s.beam_search(PROMPTS, max_new_tokens=5, beam_size=4,
-                        length_penalty=0.6)
+  beams = search(s, engine, PROMPTS, max_new_tokens=5, beam_size=4,
+                 length_penalty=0.6)
   for prompt, nbest in zip(PROMPTS, beams):
     scores = [h.score for h in nbest]
     assert scores == sorted(scores, reverse=True)

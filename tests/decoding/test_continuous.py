@@ -138,6 +138,43 @@ def test_a_whole_evaluation_compiles_a_fixed_set(params, tokenizer, mtnt_dir):
   assert tr.num_compiles == n
 
 
+@pytest.mark.parametrize('alpha', [0.0, 0.6])
+def test_beam_groups_equal_static_beam_search(params, alpha):
+  """Groups refilled as beams end, in any order and any number of groups:
+  the K hypotheses, log-probs and scores of static beam search (itself
+  checked against brute force in test_beam)."""
+  prompts, limits = _prompts(13, seed=1)
+  sp = _sampler(params, False, stop=list(range(0, 262144, 7))).sampler
+  kw = dict(beam_size=3, length_penalty=alpha)
+  want = sp.beam_search(prompts, max_new_tokens=limits, batch_size=4, **kw)
+  assert len({len(h.ids) for w in want for h in w}) > 5  # Ends vary.
+  order = np.random.default_rng(int(10 * alpha)).permutation(len(prompts))
+  for groups, idx in ((2, np.arange(len(prompts))), (5, order)):
+    got = continuous.beam_search(sp, [prompts[i] for i in idx],
+                                 max_new_tokens=limits[idx], groups=groups, **kw)
+    for j, i in enumerate(idx):
+      assert [h.ids.tolist() for h in got[j]] == [h.ids.tolist() for h in want[i]]
+      np.testing.assert_allclose([h.score for h in got[j]],
+                                 [h.score for h in want[i]], rtol=1e-5)
+      np.testing.assert_allclose([h.logp for h in got[j]],
+                                 [h.logp for h in want[i]], rtol=1e-5)
+
+
+def test_translator_beam_search_refills_groups(params, tokenizer):
+  """More sentences than groups: the Translator's beam search runs on
+  refilled groups, with static batching's n-best."""
+  sources = [f'sentence {i} ' + 'x ' * (i % 5) for i in range(7)]
+  kw = dict(max_new_tokens=5, beam_size=2, guard=False, batch_size=3)
+  static = Translator(CFG, params, tokenizer, continuous=False)
+  tr = Translator(CFG, params, tokenizer)
+  want, got = (t.generate(sources, **kw) for t in (static, tr))
+  assert [[h.ids.tolist() for h in b] for b in got.nbest] == \
+      [[h.ids.tolist() for h in b] for b in want.nbest]
+  kinds = [k[0] for k in tr.compiled_shapes]
+  assert kinds.count('beam_chunk') == kinds.count('beam_empty') == 1
+  assert not any(k[0] == 'beam_chunk' for k in static.compiled_shapes)
+
+
 def test_static_batching_is_still_there(params, tokenizer):
   tr = Translator(CFG, params, tokenizer, batch_size=2, continuous=False)
   tr.translate(['a', 'b', 'c'], max_new_tokens=3)
@@ -154,3 +191,8 @@ def test_real_270m_continuous_equals_static(tokenizer, mtnt_dir):
   cont = Translator(cfg, weights, tokenizer).translate(sources, **kw)
   assert cont == static
   assert continuous.MIN_CACHE_LEN >= 512
+  kw = dict(kw, batch_size=3, beam_size=2)  # 3 groups of 2 beams, refilled.
+  static = Translator(cfg, weights, tokenizer, continuous=False).translate(sources, **kw)
+  tr = Translator(cfg, weights, tokenizer)
+  assert tr.translate(sources, **kw) == static
+  assert any(k[0] == 'beam_chunk' for k in tr.compiled_shapes)
