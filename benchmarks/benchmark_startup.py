@@ -61,7 +61,13 @@ def row(name, wall, summary, **extra):
   return dict(run=name, wall_s=round(wall, 2), translating_s=secs,
               sentences_per_s=summary['sentences_per_second'],
               generated_tokens_per_s=round(summary['output_tokens'] / secs),
-              bleu=summary.get('bleu'), **extra)
+              bleu=summary.get('bleu'),
+              # Where the wall time went: the backend and weights, decoders
+              # loaded or compiled (within translating), scoring; the rest is
+              # the interpreter, imports, reading data and writing outputs.
+              setup_s=summary.get('setup_seconds'),
+              decoders_ready_s=summary['decoders_ready_seconds'],
+              scoring_s=summary['scoring_seconds'], **extra)
 
 
 def main():
@@ -132,11 +138,20 @@ def main():
         f'{"gen tok/s":>11}{"loaded":>8}{"xla hit":>8}{"compiled":>9}'
         f'{"vs in-proc":>11}')
   for r in rows:
+    if r.get('setup_s') is not None:
+      r['other_s'] = round(r['wall_s'] - r['setup_s'] - r['translating_s']
+                           - r['scoring_s'], 2)
     ratio = f'{r["translating_s"] / best:.2f}x' if best else '-'
     print(f'{r["run"]:<14}{r["wall_s"]:>8.2f}{r["translating_s"]:>10.2f}'
           f'{r["sentences_per_s"]:>9.1f}{r["generated_tokens_per_s"]:>11}'
           f'{r.get("loaded", "-"):>8}{r.get("xla_hits", "-"):>8}'
           f'{r.get("decoders_compiled", 0) + r.get("xla_compiled", 0) if "xla_compiled" in r else r["compiled"]:>9}{ratio:>11}')
+  print('\nwhere the time went (s): setup, decoders ready, decoding (the rest '
+        'of translating), scoring, other')
+  for r in rows:
+    print(f'{r["run"]:<14}{r.get("setup_s") or 0:>8.2f}{r["decoders_ready_s"]:>8.2f}'
+          f'{r["translating_s"] - r["decoders_ready_s"]:>8.2f}{r["scoring_s"]:>8.2f}'
+          f'{r.get("other_s", 0):>8.2f}')
   common.write_json(args.out, {'rows': rows, 'args': vars(args)})
 
 

@@ -128,7 +128,9 @@ def run(argv=None) -> int:
 
 
 def _evaluate(args, pairs, where, output: Path, summary_path: Path) -> int:
+  t0 = time.perf_counter()
   translator = cli.build_translator(args)
+  setup = time.perf_counter() - t0  # The backend, the weights, their placing.
   translator_rows = translator.sampler.batch_size
   log.info('translating %d pairs from %s, %d rows at a time', len(pairs),
            where, translator_rows)
@@ -150,7 +152,8 @@ def _evaluate(args, pairs, where, output: Path, summary_path: Path) -> int:
   summary = {'data': where, 'lang_pair': args.lang_pair,
              'model': args.model, 'checkpoint': args.checkpoint,
              'batch_size': translator_rows,
-             'data_parallel': args.data_parallel, **summary,
+             'data_parallel': args.data_parallel,
+             'setup_seconds': round(setup, 3), **summary,
              'hypotheses': str(output)}
   if hyps_b is not None:
     summary['compare'] = {'checkpoint': args.compare_checkpoint,

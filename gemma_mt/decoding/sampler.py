@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -397,6 +398,7 @@ class Sampler:
     self._executables: collections.OrderedDict = collections.OrderedDict()
     self.num_compiles = 0
     self.compiled_shapes: list[tuple] = []  # (B, P, budget, mode) per compile
+    self.ready_seconds = 0.0  # spent loading and compiling executables
     # Device batches run and tokens of their longest rows (the loop's steps).
     self.batches_run = 0
     self.loop_steps = 0
@@ -530,6 +532,7 @@ class Sampler:
     if exe is not None:
       self._executables.move_to_end(key)
       return exe
+    t0 = time.perf_counter()
     if jax.default_backend() == 'cpu':
       donate = ()  # CPU buffers cannot be donated (and it warns).
     path = None
@@ -550,6 +553,7 @@ class Sampler:
       self.compiled_shapes.append(key)
     else:
       self.num_loaded += 1
+    self.ready_seconds += time.perf_counter() - t0
     self._executables[key] = exe
     if len(self._executables) > self._cache_size:
       self._executables.popitem(last=False)

@@ -64,6 +64,7 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
   sources = [s for s, _ in pairs]
   refs = [r for _, r in pairs]
   compiles = translator.num_compiles
+  ready = translator.sampler.ready_seconds
   t0 = time.perf_counter()
   results = []
   if partial is not None:
@@ -80,16 +81,22 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
       except OSError as e:
         raise fs.failed(partial, e) from e
   seconds = time.perf_counter() - t0
+  ready = translator.sampler.ready_seconds - ready
   hyps = [r.text for r in results]
+  t1 = time.perf_counter()
+  scores = score(hyps, refs)
   long_ = [postprocess.too_long(h, r) for h, r in zip(hyps, refs)]
   loops = [postprocess.repeats_itself(h) for h in hyps]
   failed = failures(pairs, hyps, translator.lang_pair)
   summary = {
       'num_sentences': len(pairs),
-      **score(hyps, refs),
+      **scores,
       'seconds': round(seconds, 3),
       'sentences_per_second': round(len(pairs) / seconds, 3) if seconds else None,
       'num_compiles': translator.num_compiles - compiles,
+      # Of `seconds`: getting decoders ready (loaded from the store, or
+      # compiled); the rest is decoding, the guard and detokenising.
+      'decoders_ready_seconds': round(ready, 3),
       'runaway': sum(a or b for a, b in zip(long_, loops)),
       'runaway_too_long': sum(long_),
       'runaway_repeating': sum(loops),
@@ -100,6 +107,7 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
       'output_tokens': sum(r.output_tokens for r in results),
       'options': dataclasses.asdict(options),
   }
+  summary['scoring_seconds'] = round(time.perf_counter() - t1, 3)
   return hyps, summary
 
 

@@ -207,3 +207,9 @@ def test_startup_benchmark_runs_tiny(tmp_path, mtnt_dir):
   assert miss['loaded'] == 0 and miss['decoders_compiled'] == cold['decoders_compiled']
   assert rows['in_process_2']['compiled'] == 0
   assert len({r['bleu'] for r in rows.values()}) == 1
+  # The time split: decoders ready within translating, and nothing to get
+  # ready in process the second time.
+  for r in (cold, warm, miss):
+    assert 0 < r['decoders_ready_s'] <= r['translating_s']
+    assert r['setup_s'] > 0 and r['other_s'] > 0
+  assert rows['in_process_2']['decoders_ready_s'] == 0
