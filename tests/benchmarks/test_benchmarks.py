@@ -213,3 +213,26 @@ def test_startup_benchmark_runs_tiny(tmp_path, mtnt_dir):
     assert 0 < r['decoders_ready_s'] <= r['translating_s']
     assert r['setup_s'] > 0 and r['other_s'] > 0
   assert rows['in_process_2']['decoders_ready_s'] == 0
+
+
+def test_hf_peer_benchmark_runs_tiny(tmp_path, mtnt_dir):
+  """Our export in transformers (.venv-hf) against ours, on the same prompt
+  ids: both engines stop at the same ids and budget, and agree where the
+  random tiny model has no near-ties (float32 on both sides here)."""
+  hf_py = ROOT / '.venv-hf/bin/python'
+  if not hf_py.exists():
+    pytest.skip('.venv-hf missing: run scripts/setup_interop_env.sh')
+  from benchmarks.benchmark_translate import load_model
+  from gemma_mt import weights
+  import argparse
+  cfg, params, tok = load_model(argparse.Namespace(
+      random_init=True, checkpoint=None, model='tiny'))
+  ckpt = weights.save(tmp_path / 'model', cfg, params, tok)
+  out = tmp_path / 'peer.json'
+  run_module('benchmark_hf_peer', '--checkpoint', ckpt, '--model', 'tiny',
+             '--mtnt_dir', mtnt_dir, '--limit', 8, '--max_new_tokens', 6,
+             '--hf_batch', 4, '--hf_python', hf_py, '--out', out, timeout=600)
+  r = json.loads(out.read_text())
+  assert r['sentences'] == 8 and [x['engine'] for x in r['rows']] == ['ours', 'hf']
+  assert all(x['sentences_per_s'] > 0 for x in r['rows'])
+  assert r['identical_outputs'] >= 6
