@@ -6,7 +6,9 @@ BLEU is reported with sacreBLEU's default tokenizer (13a) and with
 its signature. Also: sentences/s (wall time of the translate calls, compiles
 included, their count reported) and runaway outputs, i.e. hypotheses that
 
-* are more than 3x the reference's length in characters, or
+* are more than 3x the length of both the reference and the source in
+  characters (a reference that is not a translation of its source, as in
+  some MTNT rows, is counted apart: `reference_outliers`), or
 * repeat themselves: some word 4-gram occurs 3 or more times (whitespace
   words, case-sensitive; `postprocess.is_runaway`);
 

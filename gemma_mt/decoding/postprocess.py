@@ -5,7 +5,8 @@ The decode loop stops on EOS, `<end_of_turn>` and every newline piece
 it starts looping (`cut_repetition`), and a chatty preamble ("Here is the
 translation:") and quotes wrapping the whole output are dropped
 (`clean_translation`). Evaluation counts what is left as a runaway if it is
-far longer than the reference or still repeats a phrase (`is_runaway`).
+far longer than both the reference and the source, or still repeats a
+phrase (`is_runaway`).
 """
 
 from __future__ import annotations
@@ -128,5 +129,14 @@ def too_long(hyp: str, ref: str, ratio: float = RUNAWAY_LENGTH_RATIO) -> bool:
   return len(hyp) > ratio * max(len(ref), 1)
 
 
-def is_runaway(hyp: str, ref: str) -> bool:
-  return too_long(hyp, ref) or repeats_itself(hyp)
+def is_runaway(hyp: str, ref: str, source: str | None = None) -> bool:
+  """A looping phrase, or more than 3x the reference's length and, given
+  the source, 3x the source's too.
+
+  With the source, a reference that is not a translation of it (MTNT's
+  valid split has such misaligned rows: a 90-character source whose
+  "reference" is "Hellish Flames : Cool concept !") no longer makes a
+  faithful translation count as a runaway: no translation is 3x its
+  source, and a runaway is 3x both."""
+  long_ = too_long(hyp, ref) and (source is None or too_long(hyp, source))
+  return long_ or repeats_itself(hyp)

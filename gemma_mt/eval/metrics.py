@@ -41,7 +41,7 @@ def failures(pairs: Sequence[tuple[str, str]], hyps: Sequence[str],
   in another language than the target (a copy is not also off-target)."""
   out = {'runaway': [], 'copied': [], 'off_target': []}
   for i, ((src, ref), hyp) in enumerate(zip(pairs, hyps)):
-    if postprocess.too_long(hyp, ref) or postprocess.repeats_itself(hyp):
+    if postprocess.is_runaway(hyp, ref, src):
       out['runaway'].append(i)
     verdict = language.judge(hyp, src, lang_pair)
     if verdict.copied:
@@ -85,7 +85,9 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
   hyps = [r.text for r in results]
   t1 = time.perf_counter()
   scores = score(hyps, refs)
-  long_ = [postprocess.too_long(h, r) for h, r in zip(hyps, refs)]
+  by_ref = [postprocess.too_long(h, r) for h, r in zip(hyps, refs)]
+  long_ = [b and postprocess.too_long(h, s)
+           for h, s, b in zip(hyps, sources, by_ref)]
   loops = [postprocess.repeats_itself(h) for h in hyps]
   failed = failures(pairs, hyps, translator.lang_pair)
   summary = {
@@ -97,9 +99,12 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
       # Of `seconds`: getting decoders ready (loaded from the store, or
       # compiled); the rest is decoding, the guard and detokenising.
       'decoders_ready_seconds': round(ready, 3),
-      'runaway': sum(a or b for a, b in zip(long_, loops)),
+      'runaway': len(failed['runaway']),
       'runaway_too_long': sum(long_),
       'runaway_repeating': sum(loops),
+      # 3x the reference but not 3x the source: mostly a reference that is
+      # not a translation of its source (misaligned rows), not a runaway.
+      'reference_outliers': sum(b and not l for b, l in zip(by_ref, long_)),
       'copied': len(failed['copied']),
       'off_target': len(failed['off_target']),
       'hit_max_new_tokens': sum(r.stop_reason == 'max_tokens' for r in results),

@@ -33,6 +33,11 @@ def test_runaway_by_length():
   assert not postprocess.is_runaway('x' * 30, 'y' * 10)
   assert postprocess.is_runaway('x' * 31, 'y' * 10)
   assert postprocess.is_runaway('xxxx', '')  # empty reference counts as length 1
+  # Given the source, 3x a reference that is not 3x the source is the
+  # reference's fault (a misaligned row), not the output's.
+  assert not postprocess.is_runaway('x' * 31, 'y' * 10, 'z' * 11)
+  assert postprocess.is_runaway('x' * 31, 'y' * 10, 'z' * 10)
+  assert postprocess.is_runaway('a b c d ' * 3, 'y' * 10, 'a b c d ' * 3)  # Loops.
 
 
 def test_score_fields_and_signatures():
@@ -70,8 +75,11 @@ def test_evaluate_cli_end_to_end(mtnt_dir, tokenizer, tmp_path, monkeypatch, cap
   assert {k: summary[k] for k in ('bleu', 'bleu_intl', 'chrf')} == {
       k: v for k, v in metrics.score(hyps[:3], refs).items()
       if not k.endswith('signature')}
-  assert summary['runaway'] == sum(postprocess.is_runaway(h, r)
-                                   for h, r in zip(hyps, refs))
+  assert summary['runaway'] == sum(postprocess.is_runaway(h, r, s)
+                                   for h, r, (s, _) in zip(hyps, refs, pairs))
+  assert summary['reference_outliers'] == sum(
+      postprocess.too_long(h, r) and not postprocess.too_long(h, s)
+      for h, r, (s, _) in zip(hyps, refs, pairs))
   assert summary['output_tokens'] == sum(t.output_tokens for t in gen)
 
 
