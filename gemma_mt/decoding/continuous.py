@@ -283,17 +283,30 @@ class ContinuousDecoder:
                              self.budget, sp.pad_id)
 
   def _insert(self, tokens, lens, slot, ids, lim):
+    """(key, make, args, donate) of an insert (`Sampler.compiled`)."""
     sp = self.sampler
     args = (sp.params, self._state, tokens, lens, slot, ids, lim,
             self.sampling, sp.stop_table)
-    return sp.compiled(self._key(self.INSERT, *tokens.shape), lambda: functools.partial(
-        insert, model=sp.model, mode=self.mode, pad_id=sp.pad_id), args, (1,))(*args)
+    return (self._key(self.INSERT, *tokens.shape), lambda: functools.partial(
+        insert, model=sp.model, mode=self.mode, pad_id=sp.pad_id), args, (1,))
 
   def _chunk(self):
     sp = self.sampler
     args = (sp.params, self._state, self.sampling, sp.stop_table)
-    return sp.compiled(self._key(self.CHUNK), lambda: functools.partial(
-        chunk, model=sp.model, mode=self.mode, pad_id=sp.pad_id), args, (1,))(*args)
+    return (self._key(self.CHUNK), lambda: functools.partial(
+        chunk, model=sp.model, mode=self.mode, pad_id=sp.pad_id), args, (1,))
+
+  def _run(self, job):
+    key, make, args, donate = job
+    return self.sampler.compiled(key, make, args, donate)(*args)
+
+  def ready(self) -> None:
+    """The chunk and, with fixed prompt widths, every insert, made ready
+    side by side (`Sampler.ready`) before the first step needs them."""
+    W, z = self.width, np.zeros(self.width, np.int32)
+    inserts = [self._insert(np.zeros((W, P), np.int32), z, z, z, z)
+               for P in self.prompt_widths or ()]
+    self.sampler.ready([self._chunk(), *inserts])
 
   def _finished(self):
     """(done [slots], the result of slot r)."""
@@ -335,8 +348,8 @@ class ContinuousDecoder:
         self._owner[r] = (row_id, on_done)
         tokens[j, :len(prompt)] = prompt
         lens[j], lim[j], slot[j], ids[j] = len(prompt), limit, r, row_id
-      self._state = self._insert(tokens, lens, slot, ids, lim)
-    self._state = self._chunk()
+      self._state = self._run(self._insert(tokens, lens, slot, ids, lim))
+    self._state = self._run(self._chunk())
     done, result = self._finished()
     for r in range(N):
       if self._owner[r] is not None and done[r]:
@@ -362,6 +375,7 @@ class ContinuousDecoder:
     for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
       self.add(prompts[i], limits[i], i if row_ids is None else row_ids[i],
                setter(i))
+    self.ready()
     while self.busy:
       self.step()
     self.sampler.batches_run += 1
@@ -414,14 +428,14 @@ class BeamDecoder(ContinuousDecoder):
     sp = self.sampler
     args = (sp.params, self._state, tokens, lens, slot, lim,
             self.length_penalty, sp.stop_table)
-    return sp.compiled(self._key(self.INSERT, *tokens.shape), lambda: functools.partial(
-        beam_insert, model=sp.model, pad_id=sp.pad_id), args, (1,))(*args)
+    return (self._key(self.INSERT, *tokens.shape), lambda: functools.partial(
+        beam_insert, model=sp.model, pad_id=sp.pad_id), args, (1,))
 
   def _chunk(self):
     sp = self.sampler
     args = (sp.params, self._state, self.length_penalty, sp.stop_table)
-    return sp.compiled(self._key(self.CHUNK), lambda: functools.partial(
-        beam_chunk, model=sp.model), args, (1,))(*args)
+    return (self._key(self.CHUNK), lambda: functools.partial(
+        beam_chunk, model=sp.model), args, (1,))
 
   def _finished(self):
     b = self._state.beam

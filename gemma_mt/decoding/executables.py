@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import jax
@@ -110,6 +111,11 @@ class ExecutableStore:
     self.compiled = 0  # compiled here (then written, where they can be)
     self.written = 0
     self._warned = False
+    self._lock = threading.Lock()  # Counts: executables load side by side.
+
+  def _count(self, name: str) -> None:
+    with self._lock:
+      setattr(self, name, getattr(self, name) + 1)
 
   def path(self, static: str, args, donate: tuple[int, ...] = ()) -> Path:
     """Where the executable of (`static`, `args`, `donate`) lives."""
@@ -143,7 +149,7 @@ class ExecutableStore:
       log.info('executable %s does not load (%s): compiling it again',
                path.name, e)
       return None
-    self.loaded += 1
+    self._count('loaded')
     return exe
 
   def compile(self, fn, args, donate: tuple[int, ...] = ()
@@ -156,11 +162,11 @@ class ExecutableStore:
     for every decoder, so the store would never fill again. JAX has no
     public switch for one compile; where its private one is gone, the
     store keeps only compiles the cache did not answer."""
-    hits = _xla_cache_hits[0]
+    hits = _hits_here()
     with _past_xla_cache():
       exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-    self.compiled += 1
-    return exe, _xla_cache_hits[0] == hits
+    self._count('compiled')
+    return exe, _hits_here() == hits
 
   def save(self, path: Path, exe: jax.stages.Compiled) -> bool:
     """Writes `exe` to `path`; False (and one warning) if it cannot be."""
@@ -180,36 +186,56 @@ class ExecutableStore:
                     self.directory, e)
         self._warned = True
       return False
-    self.written += 1
+    self._count('written')
     return True
+
+
+_past = {'depth': 0, 'before': None}  # Compiles inside `_past_xla_cache`.
+_past_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def _past_xla_cache():
   """Within the block, compiles neither read nor write XLA's persistent
-  cache (private jax state, saved and restored; absent: no effect)."""
+  cache (private jax state; absent: no effect). Blocks may overlap (the
+  decoders of a call compile side by side): the first one in switches the
+  cache off, the last one out restores it."""
   try:
     from jax._src import compilation_cache as cc
-    lock, before = cc._cache_initialized_mutex, (cc._cache_checked, cc._cache_used)
+    lock = cc._cache_initialized_mutex
+    cc._cache_checked, cc._cache_used  # noqa: B018 - both must exist.
   except (ImportError, AttributeError):
     yield
     return
-  with lock:
-    cc._cache_checked, cc._cache_used = True, False
+  with _past_lock:
+    if not _past['depth']:
+      with lock:
+        _past['before'] = cc._cache_checked, cc._cache_used
+        cc._cache_checked, cc._cache_used = True, False
+    _past['depth'] += 1
   try:
     yield
   finally:
-    with lock:
-      cc._cache_checked, cc._cache_used = before
+    with _past_lock:
+      _past['depth'] -= 1
+      if not _past['depth']:
+        with lock:
+          cc._cache_checked, cc._cache_used = _past['before']
 
 
 _default: ExecutableStore | None = None
-_xla_cache_hits = [0]
+_xla_cache_hits = threading.local()  # Per thread: compiles run side by side.
+
+
+def _hits_here() -> int:
+  """XLA cache hits of this thread's compiles so far (events fire in the
+  compiling thread)."""
+  return getattr(_xla_cache_hits, 'n', 0)
 
 
 def _count_hits(event: str, **kw) -> None:
   if event == '/jax/compilation_cache/cache_hits':
-    _xla_cache_hits[0] += 1
+    _xla_cache_hits.n = _hits_here() + 1
 
 
 jax.monitoring.register_event_listener(_count_hits)

@@ -26,7 +26,9 @@ batch-sharded. A bucket too small to split runs replicated.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -399,6 +401,7 @@ class Sampler:
     self.num_compiles = 0
     self.compiled_shapes: list[tuple] = []  # (B, P, budget, mode) per compile
     self.ready_seconds = 0.0  # spent loading and compiling executables
+    self._lock = threading.Lock()  # The LRU and counts: `ready` runs threads.
     # Device batches run and tokens of their longest rows (the loop's steps).
     self.batches_run = 0
     self.loop_steps = 0
@@ -528,10 +531,11 @@ class Sampler:
     """The executable of `key` from the LRU, else from the executable store
     (`executables`), else jit(make()) compiled for `args` (`donate`:
     argument numbers whose buffers it may reuse) and kept in both."""
-    exe = self._executables.get(key)
-    if exe is not None:
-      self._executables.move_to_end(key)
-      return exe
+    with self._lock:
+      exe = self._executables.get(key)
+      if exe is not None:
+        self._executables.move_to_end(key)
+        return exe
     t0 = time.perf_counter()
     if jax.default_backend() == 'cpu':
       donate = ()  # CPU buffers cannot be donated (and it warns).
@@ -542,6 +546,7 @@ class Sampler:
       static = f'{key!r}|{self.model!r}|{self.pad_id}|{mesh!r}'
       path = self.store.path(static, args, donate)
       exe = self.store.load(path)
+    compiled = exe is None
     if exe is None:
       if path is None:
         exe = jax.jit(make(), donate_argnums=donate).lower(*args).compile()
@@ -549,12 +554,26 @@ class Sampler:
         exe, fresh = self.store.compile(make(), args, donate)
         if fresh:
           self.store.save(path, exe)
-      self.num_compiles += 1
-      self.compiled_shapes.append(key)
-    else:
-      self.num_loaded += 1
-    self.ready_seconds += time.perf_counter() - t0
-    self._executables[key] = exe
-    if len(self._executables) > self._cache_size:
-      self._executables.popitem(last=False)
+    with self._lock:
+      if compiled:
+        self.num_compiles += 1
+        self.compiled_shapes.append(key)
+      else:
+        self.num_loaded += 1
+      self.ready_seconds += time.perf_counter() - t0
+      self._executables[key] = exe
+      if len(self._executables) > self._cache_size:
+        self._executables.popitem(last=False)
     return exe
+
+  def ready(self, jobs) -> None:
+    """Gets executables ready side by side: `jobs` are (key, make, args,
+    donate) as `compiled` takes them. XLA compiles (and the store loads)
+    outside the GIL, so a call's few decoders take about as long as the
+    slowest one where the host has the cores."""
+    jobs = [j for j in jobs if j[0] not in self._executables]
+    t0, before = time.perf_counter(), self.ready_seconds
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
+      for f in [pool.submit(self.compiled, *job) for job in jobs]:
+        f.result()
+    self.ready_seconds = before + time.perf_counter() - t0  # Wall time.

@@ -123,3 +123,49 @@ def test_the_store_never_stops_a_decode(tmp_path, caplog):
       assert f.stat().st_uid != os.getuid() and f.read_bytes() == good
   ids, s = run(store)  # Replaced by the last compile.
   assert ids == want and (s.num_loaded, s.num_compiles) == (1, 0)
+
+
+def test_overlapping_compiles_restore_the_xla_cache_once():
+  """The decoders of a call compile side by side, each past XLA's cache:
+  the cache stays off until the last one ends, then is as it was."""
+  import threading
+  from jax._src import compilation_cache as cc
+  before = cc._cache_checked, cc._cache_used
+  entered, leave_a, leave_b = threading.Barrier(3), threading.Event(), threading.Event()
+
+  def block(leave):
+    with executables._past_xla_cache():
+      entered.wait()
+      leave.wait()
+
+  threads = [threading.Thread(target=block, args=(e,)) for e in (leave_a, leave_b)]
+  for t in threads:
+    t.start()
+  entered.wait()
+  assert (cc._cache_checked, cc._cache_used) == (True, False)
+  leave_a.set()
+  threads[0].join()
+  assert (cc._cache_checked, cc._cache_used) == (True, False)  # B still in.
+  leave_b.set()
+  threads[1].join()
+  assert (cc._cache_checked, cc._cache_used) == before
+
+
+def test_ready_compiles_side_by_side_as_one_by_one(tmp_path):
+  """`Sampler.ready` (threads) keeps every executable it compiles, and a
+  decoder made ready that way decodes as one compiled on demand."""
+  p = params()
+  sp = S.Sampler(MODEL, p, pad_id=0, stop_ids=[1], batch_size=2,
+                 store=executables.ExecutableStore(tmp_path))
+  limits = np.full(len(PROMPTS), 6)
+  mode, sampling = sp.sampling_args()
+  dec = continuous.ContinuousDecoder.for_prompts(sp, 2, mode, sampling, PROMPTS, limits)
+  dec.ready()
+  assert sp.num_compiles == 1 + 1 + len(dec.prompt_widths)  # empty, chunk, inserts
+  assert len(list(tmp_path.glob('*.exe'))) == sp.num_compiles  # All kept.
+  got = dec.generate(PROMPTS, limits)
+  assert sp.num_compiles == 1 + 1 + len(dec.prompt_widths)  # Nothing more.
+  want = S.Sampler(MODEL, p, pad_id=0, stop_ids=[1], batch_size=2,
+                   store=None).generate(PROMPTS, max_new_tokens=6)
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(g, w)
