@@ -60,7 +60,8 @@ def run_hf(args, request: Path, out: Path) -> None:
   import transformers
   req = json.loads(request.read_text())
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  dtype = torch.bfloat16 if device == 'cuda' else torch.float32
+  dtype = getattr(torch, args.dtype) if args.dtype else (
+      torch.bfloat16 if device == 'cuda' else torch.float32)  # As ours.
   model = transformers.AutoModelForCausalLM.from_pretrained(
       args.hf_dir, dtype=dtype).to(device).eval()
   prompts, stop = req['prompts'], req['stop_ids']
@@ -109,7 +110,9 @@ def main(argv=None):
   p.add_argument('--limit', type=int, default=256, help='first N valid sentences')
   p.add_argument('--max_new_tokens', type=int, default=256)
   p.add_argument('--hf_batch', type=int, default=64)
-  p.add_argument('--dtype', default=None, help='ours: compute dtype')
+  p.add_argument('--dtype', default=None,
+                 help='both engines\' compute dtype (default: bf16 on a GPU, '
+                      'float32 on a CPU)')
   p.add_argument('--hf_python', default=sys.executable,
                  help='the interpreter with torch and transformers')
   p.add_argument('--out', default=None, help='JSON results')
@@ -124,14 +127,19 @@ def main(argv=None):
   if args.engine == 'hf':
     return run_hf(args, Path(args.request), Path(args.result))
 
-  work = Path(tempfile.mkdtemp(prefix='hf-peer-'))
+  with tempfile.TemporaryDirectory(prefix='hf-peer-') as work:
+    return compare(args, Path(work))
+
+
+def compare(args, work: Path) -> dict:
+  """Exports, runs each engine in its own process, prints the table."""
   here = Path(__file__).resolve()
   common = ['--checkpoint', args.checkpoint, '--model', args.model,
             '--mtnt_dir', args.mtnt_dir, '--limit', str(args.limit),
             '--max_new_tokens', str(args.max_new_tokens),
             '--hf_batch', str(args.hf_batch)]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(here.parents[1]), os.environ.get('PYTHONPATH', '')]))
+      p for p in [str(here.parents[1]), os.environ.get('PYTHONPATH')] if p))
 
   def child(cmd):
     t0 = time.perf_counter()
@@ -149,7 +157,8 @@ def main(argv=None):
                      *(['--dtype', args.dtype] if args.dtype else [])])
   hf_wall = child([args.hf_python, str(here), '--engine', 'hf', '--hf_dir',
                    str(hf_dir), '--request', str(work / 'ours.json'),
-                   '--result', str(work / 'hf.json'), *common])
+                   '--result', str(work / 'hf.json'), *common,
+                   *(['--dtype', args.dtype] if args.dtype else [])])
   ours, hf = (json.loads((work / f).read_text()) for f in ('ours.json', 'hf.json'))
   n = len(ours['outputs'])
   agree = sum(a == b for a, b in zip(ours['outputs'], hf['outputs']))

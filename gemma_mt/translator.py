@@ -181,9 +181,9 @@ class Translator:
   each batch split by rows; a `batch_size` divisible by the device count
   keeps full batches split. None: one device. `progress`: a tqdm bar over
   the sentences of each call. `continuous`: more sentences than
-  `batch_size` run through `batch_size` refilled slots (`continuous`; same
-  output; one device: off under a mesh of several); beam search then
-  refills groups of `beam` rows.
+  a batch holds run through refilled slots (`continuous`; the same output
+  up to float rounding; one device: off under a mesh of several): rows for
+  greedy and sampling, groups of `beam` rows for beam search.
   """
 
   def __init__(self, model_or_config, params: Any, tokenizer,
@@ -343,23 +343,25 @@ class Translator:
   def decode(self, prep: Prepared, *, batch_size: int | None = None
              ) -> Generation:
     """Runs the model on `prep`: beam search when its options search
-    (beam/MBR), sampled MBR candidates as rows of their own, else continuous
-    batching for more prompts than a batch, else static batches; then the
+    (beam/MBR), sampled MBR candidates as rows of their own, else greedy or
+    sampled rows; continuous batching (refilled rows, or groups of beams)
+    for more prompts than a batch holds, else static batches; then the
     guard (`guard`)."""
     if batch_size is not None:
       check_batch_size(batch_size)
     opts, prompts, limits = prep.options, prep.prompts, prep.limits
     nbest = None
     if opts.search_width > 1:
-      if batch_size is None and self.rows_by_memory:  # K rows a prompt,
+      groups = batch_size  # Prompts at a time, each with K rows.
+      if groups is None and self.rows_by_memory:  # The rows memory holds,
         n = 1 if self._mesh is None else self._mesh.size  # split evenly.
-        batch_size = self.sampler.batch_size // opts.search_width // n * n or n
+        groups = self.sampler.batch_size // opts.search_width // n * n or n
+      groups = groups or self.sampler.batch_size
       kw = dict(max_new_tokens=limits, beam_size=opts.search_width,
                 length_penalty=opts.length_penalty)
-      groups = batch_size or self.sampler.batch_size  # Prompts, as static.
       beams = (continuous.beam_search(self.sampler, prompts, groups=groups, **kw)
                if self.continuous and len(prompts) > groups else
-               self.sampler.beam_search(prompts, batch_size=batch_size, **kw))
+               self.sampler.beam_search(prompts, batch_size=groups, **kw))
       outs = [b[0].ids for b in beams]
       nbest = [list(b) for b in beams]
     elif not opts.mbr_samples:

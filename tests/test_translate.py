@@ -653,5 +653,8 @@ def test_rows_by_memory_default(tokenizer):
   tr = Translator(CFG, tiny_params(), tokenizer)
   assert tr.rows_by_memory and tr.sampler.batch_size == 32
   tr.translate(['a b c'] * 9, beam_size=4, max_new_tokens=2, guard=False)
-  assert max(k[0] for k in tr.compiled_shapes) == 8
+  chunk = next(k for k in tr.compiled_shapes if k[0] == 'beam_chunk')
+  assert chunk[1] == 8  # 8 groups of 4 beams (9 prompts: one refill).
+  tr.translate(['a b c'] * 3, beam_size=4, max_new_tokens=2, guard=False)
+  assert max(k[0] for k in tr.compiled_shapes if isinstance(k[0], int)) == 4
   assert not Translator(CFG, tiny_params(), tokenizer, batch_size=5).rows_by_memory

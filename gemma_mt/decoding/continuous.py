@@ -22,8 +22,9 @@ as there.
 Beam search runs the same way (`BeamDecoder`): a prompt's K beams are a
 group of K rows, reordered within the group after each step; a group
 whose K best are final (`sampler.beam_final`) takes the next prompt, so a
-long beam no longer holds a whole static batch. Its hypotheses equal
-static `beam_decode`'s (one `sampler.beam_step` serves both).
+long beam no longer holds a whole static batch. Its hypotheses are
+static `beam_decode`'s up to float rounding (one `sampler.beam_step`
+serves both; equal in float32 in the tests).
 
 Executables for a whole call: one `empty`, one `chunk` (slots, S, sampling
 mode) and an `insert` per prompt width. A decoder made for a known set of
@@ -46,6 +47,7 @@ import numpy as np
 
 from gemma_mt.decoding.sampler import (MIN_PROMPT_BUCKET, BeamState,
                                        Hypothesis, beam_final, beam_start,
+                                       check_beam_args,
                                        beam_step, log_probs, model_fns,
                                        prefill, progress_bar, reorder_rows)
 from gemma_mt.decoding.sampling import (SamplingMode, SamplingParams,
@@ -407,8 +409,8 @@ class BeamDecoder(ContinuousDecoder):
   """Beam search through `groups` refilled groups of K rows: a prompt's
   K beams are one group, which the next prompt takes as soon as its K
   best are final (`beam_chunk`), so a long beam holds only its own group.
-  `add`'s callback gets the K `Hypothesis`es, best first; they equal
-  static `beam_decode`'s."""
+  `add`'s callback gets the K `Hypothesis`es, best first: static
+  `beam_decode`'s, up to float rounding."""
 
   EMPTY, INSERT, CHUNK = 'beam_empty', 'beam_insert', 'beam_chunk'
 
@@ -450,16 +452,16 @@ def beam_search(sampler, prompts: Sequence[np.ndarray], *,
                 max_new_tokens: int | Sequence[int], beam_size: int,
                 length_penalty: float = 0.0,
                 groups: int | None = None) -> list[list[Hypothesis]]:
-  """`sampler.beam_search`'s result through `groups` (default the
-  sampler's batch size // beam_size) refilled groups of beams."""
-  if beam_size < 1:
-    raise ValueError(f'beam_size must be >= 1, got {beam_size}')
+  """`sampler.beam_search`'s result through `groups` (default, as there,
+  the sampler's batch size: prompts, each with `beam_size` rows) refilled
+  groups of beams."""
+  check_beam_args(beam_size, length_penalty)
   if sampler.mesh is not None and sampler.mesh.size > 1:
     raise ValueError('continuous batching runs on one device; drop the mesh')
   limits = sampler.limits(prompts, max_new_tokens)
   if not len(prompts):
     return []
-  decoder = BeamDecoder(sampler, groups or max(1, sampler.batch_size // beam_size),
+  decoder = BeamDecoder(sampler, groups or sampler.batch_size,
                         beam_size, length_penalty, **call_shapes(prompts, limits))
   with progress_bar(len(prompts), sampler.progress) as bar:
     return decoder.generate(prompts, limits, bar)

@@ -152,9 +152,9 @@ class ExecutableStore:
     self._count('loaded')
     return exe
 
-  def compile(self, fn, args, donate: tuple[int, ...] = ()
+  def compile(self, lowered: jax.stages.Lowered
               ) -> tuple[jax.stages.Compiled, bool]:
-    """(jit(fn) compiled for `args`, whether the store may keep it).
+    """(`lowered` compiled, whether the store may keep it).
 
     Compiled past XLA's persistent cache: an executable that cache returns
     serialises without its code on the CPU (the next process fails with
@@ -163,8 +163,8 @@ class ExecutableStore:
     public switch for one compile; where its private one is gone, the
     store keeps only compiles the cache did not answer."""
     hits = _hits_here()
-    with _past_xla_cache():
-      exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    with past_xla_cache():
+      exe = lowered.compile()
     self._count('compiled')
     return exe, _hits_here() == hits
 
@@ -190,12 +190,12 @@ class ExecutableStore:
     return True
 
 
-_past = {'depth': 0, 'before': None}  # Compiles inside `_past_xla_cache`.
+_past = {'depth': 0, 'before': None}  # Compiles inside `past_xla_cache`.
 _past_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _past_xla_cache():
+def past_xla_cache():
   """Within the block, compiles neither read nor write XLA's persistent
   cache (private jax state; absent: no effect). Blocks may overlap (the
   decoders of a call compile side by side): the first one in switches the

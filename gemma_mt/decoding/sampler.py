@@ -7,10 +7,12 @@ whole batch costs one dispatch and one transfer back.
 
 Shapes are bucketed so that compiled executables are reused: prompt width and
 the generation budget round up to powers of two, the batch to a power of two
-(at most `batch_size`). Executables live in a small LRU keyed by
-(batch, prompt width, budget, sampling mode); a miss reads the executable
-store (`executables`: what an earlier process compiled) before compiling;
-`num_compiles` and `num_loaded` count the two.
+(at most `batch_size`). Executables live in a small LRU keyed by their
+shapes and mode ((batch, prompt width, budget, sampling mode) here;
+`continuous` keys its own); a miss reads the executable store
+(`executables`: what an earlier process compiled) before compiling, and
+`ready` gets several at once, side by side; `num_compiles`, `num_loaded`
+and `ready_seconds` count the two and the time they took.
 
 Cache layout (`ModelConfig.init_cache`): right-padded prompts fill slots
 [0, P); generated token j is written at slot P + j with position
@@ -269,6 +271,15 @@ def beam_step(state: BeamState, logp, limit, alpha, stop_table
       fin_score, take(all_len)), jnp.take_along_axis(beam, keep, axis=1)
 
 
+def check_beam_args(beam_size: int, length_penalty: float) -> None:
+  """K >= 1, and alpha >= 0: `beam_final`'s bound (the penalty is largest
+  at the limit) needs it."""
+  if beam_size < 1:
+    raise ValueError(f'beam_size must be >= 1, got {beam_size}')
+  if not length_penalty >= 0:
+    raise ValueError(f'length_penalty must be >= 0, got {length_penalty}')
+
+
 def beam_final(state: BeamState, limit, alpha) -> jax.Array:
   """[B] rows whose K finished hypotheses no alive beam can still beat: its
   log-prob only falls, and the penalty is largest at the row's limit."""
@@ -447,8 +458,7 @@ class Sampler:
     """The `beam_size` best hypotheses of each prompt, best first
     (`beam_decode`); batching as in `generate` (`batch_size` prompts, each
     with `beam_size` rows)."""
-    if beam_size < 1:
-      raise ValueError(f'beam_size must be >= 1, got {beam_size}')
+    check_beam_args(beam_size, length_penalty)
 
     def run(batch, B, P, budget):
       tokens, lens, active, _, limits = batch
@@ -525,55 +535,70 @@ class Sampler:
   def executables(self) -> dict:
     """The compiled executables held now, by key (e.g. to read their
     shardings or cost analysis)."""
-    return dict(self._executables)
+    with self._lock:
+      return dict(self._executables)
 
   def compiled(self, key, make, args, donate=()):
     """The executable of `key` from the LRU, else from the executable store
     (`executables`), else jit(make()) compiled for `args` (`donate`:
     argument numbers whose buffers it may reuse) and kept in both."""
     with self._lock:
-      exe = self._executables.get(key)
-      if exe is not None:
+      if key in self._executables:
         self._executables.move_to_end(key)
-        return exe
-    t0 = time.perf_counter()
-    if jax.default_backend() == 'cpu':
-      donate = ()  # CPU buffers cannot be donated (and it warns).
-    path = None
-    if self.store is not None:  # What `make` closes over, then the args.
-      mesh = None if self.mesh is None else (
-          self.mesh, [d.id for d in self.mesh.devices.flat])
-      static = f'{key!r}|{self.model!r}|{self.pad_id}|{mesh!r}'
-      path = self.store.path(static, args, donate)
-      exe = self.store.load(path)
-    compiled = exe is None
-    if exe is None:
-      if path is None:
-        exe = jax.jit(make(), donate_argnums=donate).lower(*args).compile()
-      else:
-        exe, fresh = self.store.compile(make(), args, donate)
-        if fresh:
-          self.store.save(path, exe)
-    with self._lock:
-      if compiled:
-        self.num_compiles += 1
-        self.compiled_shapes.append(key)
-      else:
-        self.num_loaded += 1
-      self.ready_seconds += time.perf_counter() - t0
-      self._executables[key] = exe
-      if len(self._executables) > self._cache_size:
-        self._executables.popitem(last=False)
-    return exe
+        return self._executables[key]
+    self.ready([(key, make, args, donate)])
+    return self._executables[key]
 
   def ready(self, jobs) -> None:
     """Gets executables ready side by side: `jobs` are (key, make, args,
-    donate) as `compiled` takes them. XLA compiles (and the store loads)
-    outside the GIL, so a call's few decoders take about as long as the
-    slowest one where the host has the cores."""
-    jobs = [j for j in jobs if j[0] not in self._executables]
-    t0, before = time.perf_counter(), self.ready_seconds
-    with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
-      for f in [pool.submit(self.compiled, *job) for job in jobs]:
-        f.result()
-    self.ready_seconds = before + time.perf_counter() - t0  # Wall time.
+    donate) as `compiled` takes them. The store's loads and XLA's compiles
+    run in threads (both outside the GIL), so a call's few decoders take
+    about as long as the slowest one where the host has the cores; tracing
+    and lowering stay in this thread, under the caller's jax settings
+    (precision, device, mesh contexts are per thread)."""
+    with self._lock:
+      jobs = [j for j in jobs if j[0] not in self._executables]
+    if not jobs:
+      return
+    t0 = time.perf_counter()
+    if jax.default_backend() == 'cpu':  # CPU buffers cannot be donated
+      jobs = [(k, m, a, ()) for k, m, a, _ in jobs]  # (and it warns).
+    paths = [self._path(*job) for job in jobs]
+    pool = concurrent.futures.ThreadPoolExecutor(len(jobs))
+    try:
+      exes = list(pool.map(lambda p: p and self.store.load(p), paths))
+      lowered = {i: jax.jit(make(), donate_argnums=donate).lower(*args)
+                 for i, ((_, make, args, donate), exe) in enumerate(zip(jobs, exes))
+                 if exe is None}
+      built = dict(zip(lowered, pool.map(
+          lambda i: self._compile(lowered[i], paths[i]), lowered)))
+    finally:
+      pool.shutdown()
+    with self._lock:
+      for i, (key, *_) in enumerate(jobs):
+        if i in built:
+          self.num_compiles += 1
+          self.compiled_shapes.append(key)
+        else:
+          self.num_loaded += 1
+        self._executables[key] = built.get(i) or exes[i]
+        while len(self._executables) > max(self._cache_size, len(jobs)):
+          self._executables.popitem(last=False)
+      self.ready_seconds += time.perf_counter() - t0
+
+  def _path(self, key, make, args, donate):
+    """Where the store keeps `key`'s executable (None: no store)."""
+    if self.store is None:
+      return None
+    mesh = None if self.mesh is None else (  # What `make` closes over,
+        self.mesh, [d.id for d in self.mesh.devices.flat])  # then the args.
+    static = f'{key!r}|{self.model!r}|{self.pad_id}|{mesh!r}'
+    return self.store.path(static, args, donate)
+
+  def _compile(self, lowered, path):
+    if path is None:
+      return lowered.compile()
+    exe, fresh = self.store.compile(lowered)
+    if fresh:
+      self.store.save(path, exe)
+    return exe

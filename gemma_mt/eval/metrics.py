@@ -104,7 +104,8 @@ def evaluate(translator, pairs: Sequence[tuple[str, str]],
       'runaway_repeating': sum(loops),
       # 3x the reference but not 3x the source: mostly a reference that is
       # not a translation of its source (misaligned rows), not a runaway.
-      'reference_outliers': sum(b and not l for b, l in zip(by_ref, long_)),
+      'reference_outliers': sum(b and not l and not r
+                                for b, l, r in zip(by_ref, long_, loops)),
       'copied': len(failed['copied']),
       'off_target': len(failed['off_target']),
       'hit_max_new_tokens': sum(r.stop_reason == 'max_tokens' for r in results),

@@ -134,7 +134,7 @@ def test_overlapping_compiles_restore_the_xla_cache_once():
   entered, leave_a, leave_b = threading.Barrier(3), threading.Event(), threading.Event()
 
   def block(leave):
-    with executables._past_xla_cache():
+    with executables.past_xla_cache():
       entered.wait()
       leave.wait()
 
