@@ -80,6 +80,23 @@ def empty(model, slots: int, cache_len: int, budget: int, pad_id: int) -> Slots:
                jnp.full((slots, budget), pad_id, jnp.int32))
 
 
+def put_prompts(cache, small, rows, repeat: int = 1):
+  """`cache` with the prefilled prompts of `small` ([I, P] slots) in rows
+  `rows` ([I * repeat]: each prompt `repeat` times; rows past the cache are
+  dropped), at slots [0, P). Slots [prompt_len, P) get padding's keys:
+  unseen, and overwritten by the row's own tokens before it reaches them."""
+  I, P = small['positions'].shape
+  put = lambda big, new: big.at[rows, :P].set(
+      jnp.repeat(new, repeat, axis=0).astype(big.dtype), mode='drop')
+  cache = dict(cache)
+  for name in (k for k in cache if k.startswith('layer_')):  # (Gemma 4's
+    layer, new = cache[name], small[name]  # KV-sharing layers own none.)
+    cache[name] = {'k': put(layer['k'], new['k']), 'v': put(layer['v'], new['v'])}
+  cache['positions'] = put(cache['positions'],
+                           jnp.broadcast_to(jnp.arange(P)[None], (I, P)))
+  return cache
+
+
 def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
            sampling: SamplingParams, stop_table, *, model, mode: SamplingMode,
            pad_id: int) -> Slots:
@@ -90,16 +107,7 @@ def insert(params, state: Slots, prompt, prompt_len, slot, row_id, limit,
   last, small = prefill(apply, model, prompt, prompt_len, P, None)
   tok = sample_logits(logits_of(last), row_keys(sampling.seed, row_id, 0),
                       sampling, mode)
-  # Slots [prompt_len, P) get padding's keys: unseen, and overwritten by
-  # the row's own tokens before it reaches them.
-  put = lambda big, new: big.at[slot, :P].set(new.astype(big.dtype),
-                                              mode='drop')
-  cache = dict(state.cache)
-  for name in (k for k in cache if k.startswith('layer_')):  # (Gemma 4's
-    layer, new = cache[name], small[name]  # KV-sharing layers own none.)
-    cache[name] = {'k': put(layer['k'], new['k']), 'v': put(layer['v'], new['v'])}
-  cache['positions'] = put(cache['positions'],
-                           jnp.broadcast_to(jnp.arange(P)[None], (I, P)))
+  cache = put_prompts(state.cache, small, slot)
   at = lambda x, v: x.at[slot].set(v, mode='drop')
   done = stop_table[tok] | (limit <= 1)
   budget = state.out.shape[1]
@@ -176,14 +184,7 @@ def beam_insert(params, state: BeamSlots, prompt, prompt_len, slot, limit,
                        jnp.repeat(log_probs(logits_of, last, 1), K, axis=1),
                        limit[:, None], alpha, stop_table)
   rows = (slot[:, None] * K + jnp.arange(K)).reshape(-1)  # >= G*K: dropped.
-  put = lambda big, new: big.at[rows, :P].set(
-      jnp.repeat(new, K, axis=0).astype(big.dtype), mode='drop')
-  cache = dict(b.cache)
-  for name in (k for k in cache if k.startswith('layer_')):
-    layer, new = cache[name], small[name]
-    cache[name] = {'k': put(layer['k'], new['k']), 'v': put(layer['v'], new['v'])}
-  cache['positions'] = put(cache['positions'],
-                           jnp.broadcast_to(jnp.arange(P)[None], (I, P)))
+  cache = put_prompts(b.cache, small, rows, repeat=K)
   at = lambda x, v: x.at[slot].set(v, mode='drop')
   beam = BeamState(
       at(b.step, first.step + jnp.zeros(I, jnp.int32)),
